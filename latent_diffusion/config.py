@@ -1,0 +1,295 @@
+"""Model shapes as data.
+
+Every network in the package is built from one of these frozen dataclasses. Field names follow the
+CompVis / Stable Diffusion YAML configs (``unet_config.params``, ``first_stage_config.params``...)
+so that such a YAML maps onto them one to one (see :func:`from_mapping`), and the named presets at
+the bottom describe the families whose released checkpoints we load.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a model (unknown key, wrong type, impossible shape)."""
+
+
+def from_mapping(cls: type[T], values: Mapping[str, Any], *, ignore: tuple[str, ...] = ()) -> T:
+    """Build dataclass ``cls`` from a mapping; unknown keys are errors that name them.
+
+    Lists become tuples so that the result stays hashable and comparable.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(k for k in values if k not in names and k not in ignore)
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The CompVis ``openaimodel.UNetModel`` (SD 1.x/2.x and the latent-diffusion paper models)."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    # Downsampling factors (1 = full latent resolution) at which attention blocks are placed.
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)
+    num_heads: int = 8  # -1: derive from num_head_channels
+    num_head_channels: int = -1  # -1: derive from num_heads
+    # True: SpatialTransformer (self + cross attention, GEGLU); False: the older AttentionBlock.
+    use_spatial_transformer: bool = True
+    transformer_depth: int = 1
+    context_dim: int | None = 768
+    use_linear_in_transformer: bool = False  # SD 2: linear proj_in/proj_out instead of 1x1 conv
+    # Class-conditional UNet (label_emb); the SD x4 upscaler uses it for its noise level.
+    num_classes: int | None = None
+    disable_self_attentions: tuple[bool, ...] | None = None  # per level; x4 upscaler
+    disable_middle_self_attn: bool = False
+    use_scale_shift_norm: bool = False
+    resblock_updown: bool = False
+    conv_resample: bool = True
+    # CompVis' "legacy" head-count rule for SpatialTransformer (see models/unet.py).
+    legacy: bool = True
+    dropout: float = 0.0
+    dims: int = 2
+
+    def __post_init__(self) -> None:
+        if self.num_heads == -1 and self.num_head_channels == -1:
+            raise ConfigError("UNetConfig: set num_heads or num_head_channels")
+        if self.use_spatial_transformer and self.context_dim is None:
+            # Self-attention only transformer blocks are legal: context defaults to the input.
+            pass
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """First stage: the CompVis ``AutoencoderKL`` (kind="kl") or ``VQModel`` (kind="vq")."""
+
+    kind: Literal["kl", "vq"] = "kl"
+    embed_dim: int = 4
+    z_channels: int = 4
+    double_z: bool = True
+    resolution: int = 256
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = ()
+    attn_type: Literal["vanilla", "none"] = "vanilla"
+    dropout: float = 0.0
+    # VQ only.
+    n_embed: int = 0
+    beta: float = 0.25
+    remap: str | None = None
+    sane_index_shape: bool = False
+    legacy: bool = True
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("kl", "vq"):
+            raise ConfigError(f"AutoencoderConfig: unknown kind {self.kind!r} (expected 'kl' or 'vq')")
+        if self.kind == "vq" and self.n_embed <= 0:
+            raise ConfigError("AutoencoderConfig: a VQ autoencoder needs n_embed > 0")
+
+
+@dataclass(frozen=True)
+class CLIPTextConfig:
+    """CLIP text transformer: OpenAI ViT-L/14 (SD 1.x) or OpenCLIP ViT-H/14 (SD 2.x)."""
+
+    layout: Literal["openai", "openclip"] = "openai"
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
+    # Number of final layers to skip: 0 = last layer + final LayerNorm (SD 1), 1 = penultimate
+    # layer without the final LayerNorm (SD 2, as FrozenOpenCLIPEmbedder(layer="penultimate")).
+    skip_last_layers: int = 0
+    pad_with_eos: bool = True  # SD 1 (transformers' tokenizer) pads with <|endoftext|>; OpenCLIP with 0
+
+
+@dataclass(frozen=True)
+class BERTTextConfig:
+    """The latent-diffusion paper's text transformer (``BERTEmbedder``, x-transformers layout)."""
+
+    vocab_size: int = 30522
+    max_seq_len: int = 77
+    n_embed: int = 1280
+    n_layer: int = 32
+    heads: int = 8
+    dim_head: int = 64
+    ff_mult: int = 4
+
+
+@dataclass(frozen=True)
+class ClassEmbedderConfig:
+    n_classes: int = 1000
+    embed_dim: int = 512
+
+
+ConditionerConfig = CLIPTextConfig | BERTTextConfig | ClassEmbedderConfig | None
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The training noise schedule (``linear_start``/``linear_end`` as in the CompVis YAMLs)."""
+
+    kind: Literal["linear", "scaled_linear", "cosine"] = "scaled_linear"
+    timesteps: int = 1000
+    linear_start: float = 0.00085
+    linear_end: float = 0.012
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to build and run one family of latent diffusion model."""
+
+    family: str
+    unet: UNetConfig
+    autoencoder: AutoencoderConfig
+    conditioner: ConditionerConfig = None
+    # How the condition reaches the UNet: cross-attention context, channel concatenation, both
+    # (SD inpainting / upscaler: text by cross-attention, image by concatenation), or nothing.
+    conditioning: Literal["crossattn", "concat", "hybrid", "none"] = "crossattn"
+    prediction: Literal["eps", "v", "x0"] = "eps"
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    scale_factor: float = 0.18215
+    # SD x4 upscaler: noise augmentation schedule of the low-res image (ImageConcatWithNoiseAugmentation).
+    noise_augmentation: ScheduleConfig | None = None
+    max_noise_level: int | None = None
+
+    @property
+    def latent_channels(self) -> int:
+        return self.autoencoder.embed_dim
+
+    @property
+    def downsampling_factor(self) -> int:
+        return self.autoencoder.downsampling_factor
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets: the released families. Values from the public CompVis / Stability YAML configs.
+
+SD_VAE = AutoencoderConfig(kind="kl", embed_dim=4, z_channels=4, ch=128, ch_mult=(1, 2, 4, 4))
+CLIP_L = CLIPTextConfig(layout="openai", width=768, layers=12, heads=12, activation="quick_gelu")
+OPENCLIP_H = CLIPTextConfig(
+    layout="openclip", width=1024, layers=24, heads=16, activation="gelu",
+    skip_last_layers=1, pad_with_eos=False,
+)
+
+SD1_UNET = UNetConfig(context_dim=768, num_heads=8)
+SD2_UNET = UNetConfig(
+    context_dim=1024, num_heads=-1, num_head_channels=64, use_linear_in_transformer=True, legacy=False
+)
+
+SD1 = ModelSpec("sd1", SD1_UNET, SD_VAE, CLIP_L)
+SD1_INPAINT = ModelSpec(
+    "sd1-inpaint", dataclasses.replace(SD1_UNET, in_channels=9), SD_VAE, CLIP_L, conditioning="hybrid"
+)
+SD2 = ModelSpec("sd2", SD2_UNET, SD_VAE, OPENCLIP_H)
+SD2_V = ModelSpec("sd2-v", SD2_UNET, SD_VAE, OPENCLIP_H, prediction="v")
+SD2_INPAINT = ModelSpec(
+    "sd2-inpaint", dataclasses.replace(SD2_UNET, in_channels=9), SD_VAE, OPENCLIP_H, conditioning="hybrid"
+)
+SD2_X4_UPSCALER = ModelSpec(
+    "sd2-x4-upscaler",
+    UNetConfig(
+        in_channels=7, out_channels=4, model_channels=256, channel_mult=(1, 2, 2, 4),
+        attention_resolutions=(2, 4, 8), num_heads=8, context_dim=1024,
+        use_linear_in_transformer=True, legacy=False, num_classes=1000,
+        disable_self_attentions=(True, True, True, False),
+    ),
+    AutoencoderConfig(kind="kl", embed_dim=4, z_channels=4, ch=128, ch_mult=(1, 2, 4)),
+    OPENCLIP_H,
+    conditioning="hybrid",
+    prediction="v",
+    schedule=ScheduleConfig(kind="scaled_linear", linear_start=0.0001, linear_end=0.02),
+    scale_factor=0.08333,
+    noise_augmentation=ScheduleConfig(kind="scaled_linear", linear_start=0.0001, linear_end=0.02),
+    max_noise_level=350,
+)
+
+# The latent-diffusion paper's released models (CompVis/latent-diffusion models/ldm/*/config.yaml).
+_LDM_SCHEDULE = ScheduleConfig(kind="scaled_linear", linear_start=0.0015, linear_end=0.0195)
+_VQ_F4 = AutoencoderConfig(
+    kind="vq", embed_dim=3, z_channels=3, double_z=False, ch_mult=(1, 2, 4), n_embed=8192
+)
+LDM_CIN256 = ModelSpec(
+    "ldm-cin256",
+    UNetConfig(
+        in_channels=4, out_channels=4, model_channels=256, channel_mult=(1, 2, 4),
+        num_heads=-1, num_head_channels=32, context_dim=512,
+    ),
+    AutoencoderConfig(
+        kind="vq", embed_dim=4, z_channels=4, double_z=False, ch_mult=(1, 2, 2, 4),
+        attn_resolutions=(32,), n_embed=16384,
+    ),
+    ClassEmbedderConfig(n_classes=1000, embed_dim=512),
+    schedule=_LDM_SCHEDULE,
+    scale_factor=1.0,
+)
+LDM_TEXT2IMG256 = ModelSpec(
+    "ldm-text2img256",
+    UNetConfig(
+        in_channels=3, out_channels=3, model_channels=192, channel_mult=(1, 2, 3, 5),
+        attention_resolutions=(8, 4, 2), num_heads=-1, num_head_channels=32, context_dim=640,
+    ),
+    _VQ_F4,
+    BERTTextConfig(n_embed=640, n_layer=32),
+    schedule=_LDM_SCHEDULE,
+    scale_factor=1.0,
+)
+LDM_BSR_SR = ModelSpec(
+    "ldm-sr",
+    UNetConfig(
+        in_channels=6, out_channels=3, model_channels=160, channel_mult=(1, 2, 2, 4),
+        attention_resolutions=(16, 8), num_heads=-1, num_head_channels=32,
+        use_spatial_transformer=False, context_dim=None,
+    ),
+    _VQ_F4,
+    None,
+    conditioning="concat",
+    schedule=ScheduleConfig(kind="scaled_linear", linear_start=0.0015, linear_end=0.0155),
+    scale_factor=1.0,
+)
+LDM_INPAINT = ModelSpec(
+    "ldm-inpaint",
+    UNetConfig(
+        in_channels=7, out_channels=3, model_channels=256, channel_mult=(1, 2, 3, 4),
+        attention_resolutions=(8, 4, 2), num_heads=8, use_spatial_transformer=False,
+        context_dim=None, resblock_updown=True,
+    ),
+    dataclasses.replace(_VQ_F4, attn_type="none"),
+    None,
+    conditioning="concat",
+    schedule=ScheduleConfig(kind="scaled_linear", linear_start=0.0015, linear_end=0.0205),
+    scale_factor=1.0,
+)
+
+PRESETS: dict[str, ModelSpec] = {
+    spec.family: spec
+    for spec in (
+        SD1, SD1_INPAINT, SD2, SD2_V, SD2_INPAINT, SD2_X4_UPSCALER,
+        LDM_CIN256, LDM_TEXT2IMG256, LDM_BSR_SR, LDM_INPAINT,
+    )
+}
+
+
+def preset(name: str) -> ModelSpec:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown model family {name!r}; known: {sorted(PRESETS)}") from None
