@@ -1,0 +1,79 @@
+"""The ``ldm`` command.
+
+Each sub-command is one small function; heavy imports happen inside them so that ``ldm --help``
+answers at once. User errors (bad file, bad option) end as one clear line and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable, Sequence
+
+
+class UsageError(Exception):
+    """An error in what the user asked for; printed as one line, no traceback."""
+
+
+def _cmd_info(args: argparse.Namespace) -> None:
+    from latent_diffusion.checkpoints.load import describe_checkpoint, format_description
+
+    description = describe_checkpoint(args.checkpoint, prediction=args.prediction)
+    print(json.dumps(description, indent=2, default=str) if args.json else format_description(description))
+
+
+def _cmd_samplers(args: argparse.Namespace) -> None:
+    from latent_diffusion.diffusion.registry import SAMPLERS
+
+    width = max(len(name) for name in SAMPLERS)
+    for name, entry in SAMPLERS.items():
+        print(f"{name:<{width}}  {entry.describe()}")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ldm",
+        description="Latent Diffusion / Stable Diffusion in plain PyTorch.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], None], help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name, help=help_text, description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
+        sub.set_defaults(func=func)
+        return sub
+
+    info = add("info", _cmd_info, "Say what a checkpoint file is: family, parameter counts, dtype, EMA.")
+    info.add_argument("checkpoint", help=".safetensors / .ckpt file or diffusers folder")
+    info.add_argument(
+        "--prediction", choices=["eps", "v", "x0"], default=None,
+        help="override the prediction type where keys cannot tell (SD 2 512 eps vs 768 v)",
+    )
+    info.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+    add("samplers", _cmd_samplers, "List the samplers with the names A1111/ComfyUI users know.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (UsageError, ValueError, FileNotFoundError) as error:
+        # Our loaders and validators raise ValueError subclasses with a message meant for users.
+        if os.environ.get("LDM_DEBUG"):
+            raise
+        print(f"ldm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ldm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
