@@ -1,0 +1,174 @@
+"""Attention for the UNet: the transformer blocks of Stable Diffusion and the older AttentionBlock.
+
+Every attention product in the package goes through :func:`attention`, so the kernel is chosen in
+one place. Attribute names follow CompVis ``ldm/modules/attention.py`` and ``openaimodel.py``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from latent_diffusion.nn.layers import normalization, zero_init
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over tensors shaped [batch, heads, tokens, head_dim]."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    # [B, N, heads * d] -> [B, heads, N, d] as a view; SDPA accepts the strides.
+    batch, tokens, width = x.shape
+    return x.view(batch, tokens, heads, width // heads).transpose(1, 2)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of ``x`` over ``context`` (over ``x`` itself when context is None)."""
+
+    def __init__(
+        self, query_dim: int, context_dim: int | None = None, heads: int = 8, dim_head: int = 64,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        inner_dim = heads * dim_head
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
+        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if context is None:
+            context = x
+        q = _split_heads(self.to_q(x), self.heads)
+        k = _split_heads(self.to_k(context), self.heads)
+        v = _split_heads(self.to_v(context), self.heads)
+        out = attention(q, k, v)
+        batch, heads, tokens, dim_head = out.shape
+        return self.to_out(out.transpose(1, 2).reshape(batch, tokens, heads * dim_head))
+
+
+class GEGLU(nn.Module):
+    """GELU-gated linear unit (Shazeer 2020): one projection gives both value and gate."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """The transformer MLP of Stable Diffusion: GEGLU to ``mult * dim`` then back (keys net.0/net.2)."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        inner_dim = dim * mult
+        self.net = nn.Sequential(GEGLU(dim, inner_dim), nn.Dropout(dropout), nn.Linear(inner_dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention and feed-forward, each residual.
+
+    With ``disable_self_attn`` the first attention also attends to the context (SD x4 upscaler).
+    """
+
+    def __init__(
+        self, dim: int, heads: int, dim_head: int, dropout: float = 0.0, context_dim: int | None = None,
+        disable_self_attn: bool = False,
+    ):
+        super().__init__()
+        self.disable_self_attn = disable_self_attn
+        self.attn1 = CrossAttention(
+            dim, context_dim if disable_self_attn else None, heads=heads, dim_head=dim_head, dropout=dropout
+        )
+        self.ff = FeedForward(dim, dropout=dropout)
+        self.attn2 = CrossAttention(dim, context_dim, heads=heads, dim_head=dim_head, dropout=dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.attn1(self.norm1(x), context if self.disable_self_attn else None) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the pixels of a feature map (Rombach et al. 2022, Sec. 3.3).
+
+    ``use_linear`` (SD 2) projects with nn.Linear instead of 1x1 convolutions; both are evaluated
+    as matrix products on the [B, HW, C] token view, so the two layouts share one code path.
+    """
+
+    def __init__(
+        self, in_channels: int, heads: int, dim_head: int, depth: int = 1, dropout: float = 0.0,
+        context_dim: int | None = None, disable_self_attn: bool = False, use_linear: bool = False,
+    ):
+        super().__init__()
+        inner_dim = heads * dim_head
+        self.in_channels = in_channels
+        self.use_linear = use_linear
+        self.norm = normalization(in_channels, eps=1e-6)
+        if use_linear:
+            self.proj_in: nn.Module = nn.Linear(in_channels, inner_dim)
+        else:
+            self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(
+                inner_dim, heads, dim_head, dropout=dropout, context_dim=context_dim,
+                disable_self_attn=disable_self_attn,
+            )
+            for _ in range(depth)
+        )
+        if use_linear:
+            self.proj_out: nn.Module = zero_init(nn.Linear(inner_dim, in_channels))
+        else:
+            self.proj_out = zero_init(nn.Conv2d(inner_dim, in_channels, kernel_size=1))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if x.ndim != 4:
+            raise ValueError(f"SpatialTransformer expects [B, C, H, W] features, got shape {tuple(x.shape)}")
+        batch, channels, height, width = x.shape
+        # A 1x1 convolution is the same matrix product as a linear layer on the token view.
+        tokens = self.norm(x).flatten(2).transpose(1, 2)
+        tokens = F.linear(tokens, self.proj_in.weight.flatten(1), self.proj_in.bias)
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context)
+        tokens = F.linear(tokens, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        return tokens.transpose(1, 2).reshape(batch, channels, height, width) + x
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over all positions of an N-d feature map (the pre-SD LDM / ADM block).
+
+    The fused ``qkv`` projection is laid out head by head ([q_h, k_h, v_h] for each head h), the
+    reference's "legacy" order that the released LDM checkpoints were trained with.
+    """
+
+    def __init__(self, channels: int, heads: int):
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"AttentionBlock: {channels} channels do not split into {heads} heads")
+        self.channels = channels
+        self.heads = heads
+        self.norm = normalization(channels)
+        self.qkv = nn.Conv1d(channels, channels * 3, 1)
+        self.proj_out = zero_init(nn.Conv1d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, *spatial = x.shape
+        qkv = F.conv1d(self.norm(x).reshape(batch, channels, -1), self.qkv.weight, self.qkv.bias)
+        tokens = qkv.shape[-1]
+        q, k, v = qkv.view(batch, self.heads, 3, channels // self.heads, tokens).transpose(-1, -2).unbind(2)
+        out = attention(q, k, v)  # [B, heads, T, d]
+        out = out.transpose(-1, -2).reshape(batch, channels, tokens)
+        out = F.conv1d(out, self.proj_out.weight, self.proj_out.bias)
+        return x + out.view(batch, channels, *spatial)
