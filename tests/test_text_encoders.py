@@ -80,6 +80,10 @@ def _sd2_reference(ours: CLIPTextEncoder, layers: int):
     return reference
 
 
+def _final_layer_norm(reference):
+    return getattr(reference, "text_model", reference).final_layer_norm
+
+
 def _build(config, seed=0):
     torch.manual_seed(seed)
     encoder = build_condition_encoder(config).eval()
@@ -138,7 +142,10 @@ def test_bert_keys_and_parameter_count_match_diffusers_ldmbert():
     assert sum(p.numel() for p in encoder.parameters()) == sum(p.numel() for p in reference.parameters())
 
 
-@pytest.mark.parametrize("tiny", [TINY_OPENAI, TINY_OPENCLIP, TINY_BERT, ClassEmbedderConfig(n_classes=10, embed_dim=8)])
+TINY_CLASSES = ClassEmbedderConfig(n_classes=10, embed_dim=8)
+
+
+@pytest.mark.parametrize("tiny", [TINY_OPENAI, TINY_OPENCLIP, TINY_BERT, TINY_CLASSES])
 def test_meta_construction_then_assign_load(tiny):
     source = _build(tiny)
     with torch.device("meta"):
@@ -176,7 +183,7 @@ def test_sd1_clip_matches_transformers():
     assert_close_to_reference(encoding.pooled, expected.pooler_output)
     assert encoding.projected is None
     # A1111 "clip skip 2" on SD 1: the penultimate layer's output through the final LayerNorm.
-    final_norm = reference.final_layer_norm if hasattr(reference, "final_layer_norm") else reference.text_model.final_layer_norm
+    final_norm = _final_layer_norm(reference)
     penultimate = final_norm(expected.hidden_states[-2])
     assert_close_to_reference(ours(tokens, clip_skip=2), penultimate)
     assert_close_to_reference(ours.encode(tokens, clip_skip=2).hidden_states, penultimate)
@@ -311,7 +318,7 @@ def test_full_size_clip_l_matches_transformers():
     tokens = _tokens(CLIP_L)
     expected = reference(input_ids=tokens, output_hidden_states=True)
     assert_close_to_reference(ours(tokens), expected.last_hidden_state)
-    final_norm = reference.final_layer_norm if hasattr(reference, "final_layer_norm") else reference.text_model.final_layer_norm
+    final_norm = _final_layer_norm(reference)
     assert_close_to_reference(ours(tokens, clip_skip=2), final_norm(expected.hidden_states[-2]))
 
 

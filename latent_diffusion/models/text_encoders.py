@@ -246,7 +246,9 @@ class CLIPTextEncoder(nn.Module):
         if config.layout not in ("openai", "openclip"):
             raise ValueError(f"CLIPTextConfig.layout must be 'openai' or 'openclip', got {config.layout!r}")
         if config.activation not in _ACTIVATIONS:
-            raise ValueError(f"CLIPTextConfig.activation must be one of {sorted(_ACTIVATIONS)}, got {config.activation!r}")
+            raise ValueError(
+                f"CLIPTextConfig.activation must be one of {sorted(_ACTIVATIONS)}, got {config.activation!r}"
+            )
         if config.width % config.heads:
             raise ValueError(f"CLIPTextConfig: width {config.width} is not divisible by heads {config.heads}")
         if not 0 <= config.skip_last_layers < config.layers:
@@ -289,7 +291,7 @@ class CLIPTextEncoder(nn.Module):
         return TextEncoding(hidden_states=context, pooled=pooled, projected=projected)
 
     def forward(self, tokens: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
-        """Cross-attention context ``[B, N, width]``: the output of the last layer that is run, after the final LayerNorm.
+        """Cross-attention context ``[B, N, width]``: the last layer run, through the final LayerNorm.
 
         ``clip_skip=None`` follows ``config.skip_last_layers`` (0 for SD 1; 1 for SD 2, matching
         ``FrozenOpenCLIPEmbedder(layer="penultimate")``, which also applies ``ln_final``).
@@ -342,7 +344,8 @@ class _XAttentionLayers(nn.Module):
         # parameters, so [norm, block] gives the same keys.
         pairs = []
         for _ in range(config.n_layer):
-            pairs.append(nn.ModuleList([nn.LayerNorm(config.n_embed), _XAttention(config.n_embed, config.heads, config.dim_head)]))
+            attention = _XAttention(config.n_embed, config.heads, config.dim_head)
+            pairs.append(nn.ModuleList([nn.LayerNorm(config.n_embed), attention]))
             pairs.append(nn.ModuleList([nn.LayerNorm(config.n_embed), _XFeedForward(config.n_embed, config.ff_mult)]))
         self.layers = nn.ModuleList(pairs)
 
@@ -394,11 +397,15 @@ class ClassEmbedder(nn.Module):
 
     def forward(self, class_ids: torch.Tensor) -> torch.Tensor:
         if class_ids.dim() != 1 or class_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"ClassEmbedder: expected integer class ids [batch], got {tuple(class_ids.shape)} {class_ids.dtype}")
+            raise ValueError(
+                f"ClassEmbedder: expected integer class ids [batch], got {tuple(class_ids.shape)} {class_ids.dtype}"
+            )
         if class_ids.device.type != "meta" and class_ids.numel():
             low, high = class_ids.min().item(), class_ids.max().item()
             if low < 0 or high >= self.config.n_classes:
-                raise ValueError(f"ClassEmbedder: class ids must lie in [0, {self.config.n_classes}), got [{low}, {high}]")
+                raise ValueError(
+                    f"ClassEmbedder: class ids must lie in [0, {self.config.n_classes}), got [{low}, {high}]"
+                )
         return self.embedding(class_ids)[:, None, :]
 
 
