@@ -115,8 +115,8 @@ class CLIPTextConfig:
     layers: int = 12
     heads: int = 12
     activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
-    # Number of final layers to skip: 0 = last layer + final LayerNorm (SD 1), 1 = penultimate
-    # layer without the final LayerNorm (SD 2, as FrozenOpenCLIPEmbedder(layer="penultimate")).
+    # Number of final layers to skip before the final LayerNorm: 0 = last layer (SD 1), 1 = the
+    # penultimate layer (SD 2, as FrozenOpenCLIPEmbedder(layer="penultimate"), which still applies ln_final).
     skip_last_layers: int = 0
     pad_with_eos: bool = True  # SD 1 (transformers' tokenizer) pads with <|endoftext|>; OpenCLIP with 0
 
