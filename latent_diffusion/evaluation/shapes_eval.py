@@ -1,0 +1,232 @@
+"""Score a text-to-image generator on the shapes world.
+
+A fixed prompt set (one-object scenes with seen colour-shape pairs, two-object scenes with seen
+pairs, and one-object scenes with held-out pairs) is generated, the shapes classifier reads each
+image back, and the readings are compared with the prompts attribute by attribute. A Fréchet
+distance on the classifier's features compares generated images with renders of the same scenes.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from latent_diffusion.data.shapes import (
+    BACKGROUNDS,
+    POSITIONS,
+    RELATIONS,
+    SIZES,
+    RenderJitter,
+    Scene,
+    ShapeObject,
+    allowed_pairs,
+    caption_for,
+    image_to_tensor,
+    parse_caption,
+    render_scene,
+)
+from latent_diffusion.evaluation.frechet import frechet_distance
+from latent_diffusion.evaluation.shapes_classifier import (
+    SceneReading,
+    ShapesClassifier,
+    extract_features,
+    load_shapes_classifier,
+    read_scenes,
+)
+
+GROUPS = ("single_seen", "two_seen", "held_out")
+OBJECT_ATTRIBUTES = ("shape", "colour", "size", "position")
+IMAGE_ATTRIBUTES = ("background", "count", "scene")
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    """One prompt of the fixed set: its caption, the scene it asks for, and its group."""
+
+    caption: str
+    scene: Scene
+    group: str
+
+
+def fixed_prompt_set(single_seen: int = 40, two_seen: int = 40, held_out: int = 24, seed: int = 2024) -> list[EvalPrompt]:
+    """The evaluation prompts: colour-shape pairs and sizes cycle, positions, relations and backgrounds are drawn."""
+    rng = np.random.default_rng(seed)
+    prompts: list[EvalPrompt] = []
+
+    def one_object(pairs: list[tuple[str, str]], index: int) -> Scene:
+        colour, shape = pairs[index % len(pairs)]
+        size = SIZES[(index // len(pairs)) % len(SIZES)]
+        position = POSITIONS[rng.integers(len(POSITIONS))]
+        return Scene.single(shape, colour, size, position, BACKGROUNDS[rng.integers(len(BACKGROUNDS))])
+
+    seen_pairs = allowed_pairs("train")
+    for index in range(single_seen):
+        prompts.append(_prompt(one_object(seen_pairs, index), "single_seen"))
+    for index in range(two_seen):
+        objects = []
+        for _ in range(2):
+            colour, shape = seen_pairs[rng.integers(len(seen_pairs))]
+            objects.append(ShapeObject(shape, colour, SIZES[rng.integers(len(SIZES))], "center"))
+        relation = RELATIONS[index % len(RELATIONS)]
+        scene = Scene.pair(objects[0], relation, objects[1], BACKGROUNDS[rng.integers(len(BACKGROUNDS))])
+        prompts.append(_prompt(scene, "two_seen"))
+    held_out_pairs = allowed_pairs("held_out")
+    for index in range(held_out):
+        prompts.append(_prompt(one_object(held_out_pairs, index), "held_out"))
+    return prompts
+
+
+def _prompt(scene: Scene, group: str) -> EvalPrompt:
+    return EvalPrompt(caption_for(scene, "natural"), scene, group)
+
+
+def _object_agreement(wanted: ShapeObject, seen: ShapeObject | None) -> dict[str, bool]:
+    return {name: seen is not None and getattr(seen, name) == getattr(wanted, name) for name in OBJECT_ATTRIBUTES}
+
+
+def score_reading(reading: SceneReading, scene: Scene) -> dict[str, list[bool]]:
+    """Per-attribute hits of one reading against the scene asked for.
+
+    Each wanted object is matched to a distinct found object so that the total number of agreeing
+    attributes is largest; a wanted object with no partner misses every attribute. 'scene' is the
+    exact match of everything, count and background included.
+    """
+    found: list[ShapeObject | None] = list(reading.objects)
+    found += [None] * max(len(scene.objects) - len(found), 0)
+    best: list[dict[str, bool]] = []
+    best_total = -1
+    for chosen in itertools.permutations(range(len(found)), len(scene.objects)):
+        agreements = [_object_agreement(wanted, found[slot]) for wanted, slot in zip(scene.objects, chosen)]
+        total = sum(sum(agreement.values()) for agreement in agreements)
+        if total > best_total:
+            best, best_total = agreements, total
+    hits = {name: [agreement[name] for agreement in best] for name in OBJECT_ATTRIBUTES}
+    hits["background"] = [reading.background == scene.background]
+    hits["count"] = [reading.count == len(scene.objects)]
+    hits["scene"] = [hits["count"][0] and hits["background"][0] and all(all(a.values()) for a in best)]
+    return hits
+
+
+def score_readings(readings: Sequence[SceneReading], prompts: Sequence[EvalPrompt]) -> dict[str, dict[str, float]]:
+    """Accuracy per group and attribute (object attributes averaged over objects, the rest over images)."""
+    if len(readings) != len(prompts):
+        raise ValueError(f"{len(readings)} readings for {len(prompts)} prompts")
+    hits: dict[str, dict[str, list[bool]]] = {}
+    for reading, prompt in zip(readings, prompts):
+        group_hits = hits.setdefault(prompt.group, {name: [] for name in OBJECT_ATTRIBUTES + IMAGE_ATTRIBUTES})
+        for name, values in score_reading(reading, prompt.scene).items():
+            group_hits[name].extend(values)
+    return {
+        group: {name: float(np.mean(values)) for name, values in group_hits.items()}
+        for group, group_hits in hits.items()
+    }
+
+
+def as_image_tensor(image: object) -> torch.Tensor:
+    """Accept a (3, H, W) tensor in [-1, 1], an (H, W, 3) uint8 array or a PIL image; return (3, H, W) float32."""
+    if isinstance(image, torch.Tensor):
+        tensor = image.detach().float().cpu()
+        if tensor.ndim == 4 and tensor.shape[0] == 1:
+            tensor = tensor[0]
+        if tensor.ndim != 3 or tensor.shape[0] != 3:
+            raise ValueError(f"a generated image tensor must be (3, H, W) in [-1, 1], got shape {tuple(tensor.shape)}")
+        return tensor
+    array = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"a generated image array must be (H, W, 3) uint8, got {array.shape} {array.dtype}")
+    return image_to_tensor(array)
+
+
+def _stack_same_size(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    sizes = {tuple(image.shape) for image in images}
+    if len(sizes) != 1:
+        raise ValueError(f"generated images differ in size: {sorted(sizes)}")
+    return torch.stack(list(images))
+
+
+def score_images(
+    images: torch.Tensor | Sequence[object], prompts: Sequence[EvalPrompt], classifier: ShapesClassifier | None = None
+) -> dict[str, dict[str, float]]:
+    """Read generated images (one per prompt) with the classifier and score them against their prompts."""
+    classifier = classifier if classifier is not None else load_shapes_classifier()
+    batch = images if isinstance(images, torch.Tensor) else _stack_same_size([as_image_tensor(i) for i in images])
+    return score_readings(read_scenes(classifier, batch), prompts)
+
+
+@dataclass(frozen=True)
+class ShapesEvaluation:
+    """Accuracy per group and attribute, and the Fréchet distance of classifier features to renders."""
+
+    accuracy: dict[str, dict[str, float]]
+    frechet_distance: float
+    image_count: int
+    reference_count: int
+
+
+def render_reference(prompts: Sequence[EvalPrompt], per_prompt: int = 4, resolution: int = 64, seed: int = 0) -> torch.Tensor:
+    """Renders of the prompts' scenes with the dataset's jitter: the 'real' side of the Fréchet distance."""
+    rng = np.random.default_rng(seed)
+    return torch.stack([
+        image_to_tensor(render_scene(prompt.scene, resolution, seed=int(rng.integers(2**63 - 1)), jitter=RenderJitter()))
+        for prompt in prompts
+        for _ in range(per_prompt)
+    ])
+
+
+def evaluate_generator(
+    generate_fn: Callable[[str], object],
+    *,
+    prompts: Sequence[EvalPrompt] | None = None,
+    classifier: ShapesClassifier | None = None,
+    images_per_prompt: int = 1,
+    reference_per_prompt: int = 4,
+    seed: int = 0,
+) -> ShapesEvaluation:
+    """Generate `images_per_prompt` images per prompt with `generate_fn(caption)` and score the lot.
+
+    `generate_fn` returns a (3, H, W) tensor in [-1, 1], an (H, W, 3) uint8 array or a PIL image;
+    it is called once per image, so a stochastic generator gives different samples of one prompt.
+    The Fréchet distance of small sets is biased upwards by covariance estimation, so compare
+    models only at equal prompt and image counts.
+    """
+    if images_per_prompt < 1 or reference_per_prompt < 1:
+        raise ValueError("images_per_prompt and reference_per_prompt must be at least 1")
+    base_prompts = list(prompts) if prompts is not None else fixed_prompt_set()
+    if not base_prompts:
+        raise ValueError("the prompt set is empty")
+    prompts = [prompt for prompt in base_prompts for _ in range(images_per_prompt)]
+    classifier = classifier if classifier is not None else load_shapes_classifier()
+    images = _stack_same_size([as_image_tensor(generate_fn(prompt.caption)) for prompt in prompts])
+    accuracy = score_readings(read_scenes(classifier, images), prompts)
+    reference = render_reference(base_prompts, reference_per_prompt * images_per_prompt, seed=seed)
+    distance = frechet_distance(extract_features(classifier, images), extract_features(classifier, reference))
+    return ShapesEvaluation(accuracy, distance, len(images), len(reference))
+
+
+def rendering_generator(seed: int = 0, resolution: int = 64) -> Callable[[str], torch.Tensor]:
+    """A perfect 'generator' that parses the caption and renders it: the ceiling any model is measured against."""
+    rng = np.random.default_rng(seed)
+
+    def generate(caption: str) -> torch.Tensor:
+        scene = parse_caption(caption)
+        return image_to_tensor(render_scene(scene, resolution, seed=int(rng.integers(2**63 - 1)), jitter=RenderJitter()))
+
+    return generate
+
+
+def format_report(evaluation: ShapesEvaluation) -> str:
+    """A plain-text table of the evaluation."""
+    columns = OBJECT_ATTRIBUTES + IMAGE_ATTRIBUTES
+    lines = [f"{'group':<12}" + "".join(f"{name:>11}" for name in columns)]
+    for group in GROUPS:
+        if group in evaluation.accuracy:
+            row = evaluation.accuracy[group]
+            lines.append(f"{group:<12}" + "".join(f"{row[name]:>11.3f}" for name in columns))
+    lines.append(
+        f"Fréchet distance (classifier features, {evaluation.image_count} generated vs "
+        f"{evaluation.reference_count} rendered): {evaluation.frechet_distance:.4f}"
+    )
+    return "\n".join(lines)
