@@ -51,17 +51,20 @@ TINY_DEEP = dataclasses.replace(TINY_SD1, transformer_depth=2, num_res_blocks=2)
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Fill every parameter with seeded random values of a sane scale (no zero-initialised outputs)."""
+    """Fill every parameter with seeded random values of a sane scale (no zero-initialised outputs).
+
+    In-place uniform draws (variance 1/fan_in for weights) keep full-size models quick to fill.
+    """
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=generator)
             if p.ndim >= 2:
-                p.copy_(noise / math.sqrt(p[0].numel()))
+                bound = math.sqrt(3.0 / p[0].numel())
+                p.uniform_(-bound, bound, generator=generator)
             elif name.endswith("weight"):  # normalisation gains
-                p.copy_(1 + 0.1 * noise)
+                p.uniform_(0.8, 1.2, generator=generator)
             else:
-                p.copy_(0.1 * noise)
+                p.uniform_(-0.2, 0.2, generator=generator)
     return model
 
 

@@ -137,13 +137,19 @@ class SpatialTransformer(nn.Module):
         if x.ndim != 4:
             raise ValueError(f"SpatialTransformer expects [B, C, H, W] features, got shape {tuple(x.shape)}")
         batch, channels, height, width = x.shape
-        # A 1x1 convolution is the same matrix product as a linear layer on the token view.
-        tokens = self.norm(x).flatten(2).transpose(1, 2)
-        tokens = F.linear(tokens, self.proj_in.weight.flatten(1), self.proj_in.bias)
+        # Both projections are batched products against the transposed [B, C, HW] view: bmm takes
+        # the transposition for free, where F.linear/matmul copy it (and a [B, HW, C] result
+        # viewed back as NCHW would be channels-last, making the next convolution reorder its
+        # weights on every call). A 1x1 convolution is the same product as a linear layer.
+        weight_in = self.proj_in.weight.flatten(1)
+        tokens = torch.bmm(self.norm(x).flatten(2).transpose(1, 2), weight_in.t().expand(batch, -1, -1))
+        tokens += self.proj_in.bias
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
-        tokens = F.linear(tokens, self.proj_out.weight.flatten(1), self.proj_out.bias)
-        return tokens.transpose(1, 2).reshape(batch, channels, height, width) + x
+        weight_out = self.proj_out.weight.flatten(1)
+        out = torch.bmm(weight_out.expand(batch, -1, -1), tokens.transpose(1, 2))
+        out += self.proj_out.bias[:, None]
+        return x + out.view(batch, channels, height, width)
 
 
 class AttentionBlock(nn.Module):
