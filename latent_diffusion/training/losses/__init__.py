@@ -1,0 +1,1 @@
+"""Stage-1 losses: perceptual (LPIPS or its documented fallback) and the PatchGAN discriminator."""
