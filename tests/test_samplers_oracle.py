@@ -40,6 +40,15 @@ SHAPE = (2, 4, 8, 8)
 DATA_STD = 0.5
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: on a loaded 2-core machine a second thread only adds waiting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 class TinyModel:
     """eps of N(0, DATA_STD^2) data at (x_vp, t), plus a small nonlinear term; or the same model as v."""
 

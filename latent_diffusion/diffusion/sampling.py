@@ -79,7 +79,7 @@ def sample(
     sampler: SamplerSpec | str,
     denoiser: DenoiserFn,
     sigmas: Tensor,
-    noise: BatchNoise,
+    noise: BatchNoise | NoiseSource,
     *,
     shape: Sequence[int] | None = None,
     cond: Conditioning | None = None,
@@ -93,6 +93,9 @@ def sample(
 ) -> Tensor:
     """Generate latents: txt2img from noise, img2img from ``init_latent`` at ``strength``, inpainting with ``keep_mask``.
 
+    ``noise`` draws all randomness (initial, ancestral, re-noising): a :class:`BatchNoise` for seeded
+    per-image noise, or any function returning standard normal noise shaped like its argument.
+
     txt2img starts from ``noise * sqrt(1 + sigma_max^2)``, the unit-variance latent that DDPM/DDIM
     start from, seen in the sigma frame. img2img runs the last ``int(n * strength)`` steps from
     ``init_latent + sigma * noise`` (diffusers' and CompVis' img2img). A sequence that ends above 0
@@ -104,7 +107,7 @@ def sample(
     if init_latent is None:
         if shape is None:
             raise ValueError("txt2img needs the latent shape")
-        x = noise.randn(shape, dtype=dtype, device=device) * (1 + float(sigmas[0]) ** 2) ** 0.5
+        x = noise(torch.zeros(shape, dtype=dtype, device=device)) * (1 + float(sigmas[0]) ** 2) ** 0.5
     else:
         sigmas = img2img_sigmas(sigmas, strength)
         x = init_latent + noise(init_latent) * float(sigmas[0])
