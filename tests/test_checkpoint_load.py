@@ -225,3 +225,43 @@ def test_config_yaml_unknown_keys_are_errors(tmp_path, sd1_file_state):
     yaml_path.write_text(TINY_SD1_YAML.replace("        legacy: False", "        use_new_attention_order: True"))
     with pytest.raises(ConfigError, match="use_new_attention_order"):
         load_checkpoint(path, config_yaml=yaml_path)
+
+
+_MEASURE_LOAD = """
+import resource, sys, torch
+from latent_diffusion.checkpoints.load import load_checkpoint
+def rss_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+before = rss_kib()
+loaded = load_checkpoint(sys.argv[1], dtype=torch.float16)
+with torch.no_grad():
+    total = sum(float(p.float().sum()) for p in loaded.model.parameters())  # touch every weight
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(peak - before, loaded.spec.family)
+"""
+
+
+@pytest.mark.slow
+def test_full_size_sd15_loads_strictly_without_doubling_memory(tmp_path):
+    import subprocess
+    import sys
+
+    from latent_diffusion.config import SD1
+    from latent_diffusion.models.ldm import LatentDiffusion
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in LatentDiffusion(SD1).state_dict().items()}
+    state = {k: torch.randn(s, dtype=torch.float16) for k, s in shapes.items()}
+    state.update(schedule_buffers(SD1.schedule))
+    path = tmp_path / "sd15_fp16.safetensors"
+    save_safetensors(state, path)
+    tensor_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    del state
+    result = subprocess.run([sys.executable, "-c", _MEASURE_LOAD, str(path)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    growth_kib, family = result.stdout.split()
+    assert family == "sd1"
+    assert int(growth_kib) * 1024 < 1.5 * tensor_bytes, (int(growth_kib) * 1024, tensor_bytes)

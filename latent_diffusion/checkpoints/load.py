@@ -289,3 +289,17 @@ def load_checkpoint(
         state_dict, source=path, family=family, prediction=prediction, spec=spec,
         use_ema=use_ema, dtype=dtype, device=device,
     )
+
+
+def describe_checkpoint(path: str | os.PathLike, **overrides: Any) -> dict[str, Any]:
+    """See :func:`latent_diffusion.checkpoints.describe.describe_checkpoint` (re-exported here for the CLI)."""
+    from latent_diffusion.checkpoints.describe import describe_checkpoint as describe
+
+    return describe(path, **overrides)
+
+
+def format_description(description: dict[str, Any]) -> str:
+    """See :func:`latent_diffusion.checkpoints.describe.format_description`."""
+    from latent_diffusion.checkpoints.describe import format_description as format_lines
+
+    return format_lines(description)
