@@ -159,7 +159,10 @@ def spaced_timesteps(
     else:
         raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of leading, trailing, linspace, uniform")
     if t.max() > T - 1:
-        raise ValueError(f"steps_offset={steps_offset} pushes timesteps past {T - 1}")
+        raise ValueError(
+            f"{spacing!r} spacing of {n} steps (steps_offset={steps_offset}) reaches timestep {int(t.max())}, "
+            f"past the last trained timestep {T - 1}"
+        )
     return t.sort(descending=True).values
 
 
