@@ -166,6 +166,25 @@ def test_integer_and_scalar_timesteps():
     torch.testing.assert_close(as_scalar, as_float)
 
 
+def test_half_precision_weights_run_and_stay_close():
+    """bf16 weights: GroupNorm runs in float32, the output comes back in the input's dtype."""
+    model = random_unet(TINY_X4)
+    x, t, context, y = inputs(TINY_X4)
+    with torch.no_grad():
+        reference = model(x, t, context, y)
+        low = model.to(torch.bfloat16)(x, t, context, y)
+    assert low.dtype == torch.float32
+    assert_close_to_reference(low, reference, rel=5e-2)
+
+
+def test_backward_reaches_every_parameter():
+    model = random_unet(TINY_X4).train()
+    x, t, context, y = inputs(TINY_X4)
+    model(x, t, context, y).square().mean().backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
 def test_timestep_embedding_matches_diffusers():
     from diffusers.models.embeddings import get_timestep_embedding
 

@@ -115,7 +115,6 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         inner_dim = heads * dim_head
         self.in_channels = in_channels
-        self.use_linear = use_linear
         self.norm = normalization(in_channels, eps=1e-6)
         if use_linear:
             self.proj_in: nn.Module = nn.Linear(in_channels, inner_dim)
