@@ -12,6 +12,7 @@ from conftest import assert_close_to_reference
 from latent_diffusion.config import LDM_CIN256, SD_VAE, AutoencoderConfig
 from latent_diffusion.models.autoencoder import AutoencoderKL, VQModel
 from latent_diffusion.models.distributions import DiagonalGaussianDistribution
+from latent_diffusion.models import quantize
 from latent_diffusion.models.quantize import VectorQuantizer
 
 diffusers = pytest.importorskip("diffusers")
@@ -142,7 +143,8 @@ def test_kl_matches_diffusers(config):
 
 def test_posterior_matches_diffusers_distribution():
     # Log-variances outside [-30, 20] exercise the clamp.
-    moments = torch.randn(2, 8, 4, 4) * torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 40.0, 1.0, 50.0]).view(1, 8, 1, 1)
+    spread = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 40.0, 1.0, 50.0]).view(1, 8, 1, 1)
+    moments = torch.randn(2, 8, 4, 4) * spread
     ours, reference = DiagonalGaussianDistribution(moments), RefGaussian(moments)
     other_moments = torch.randn(2, 8, 4, 4)
     assert_close_to_reference(ours.var, reference.var)
@@ -171,6 +173,28 @@ def test_kl_backward_reaches_every_parameter():
     loss.backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, missing
+
+
+def test_kl_gradients_match_diffusers():
+    """Training reuses these modules: in-place activations must not change any gradient."""
+    ours = perturb_norms(AutoencoderKL(TINY_KL))
+    reference = diffusers_kl(ours)
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    ours.decode(ours.encode(x).mean).square().mean().backward()
+    reference.decode(reference.encode(x).latent_dist.mean).sample.square().mean().backward()
+    ours_params = dict(ours.named_parameters())
+    pairs = {
+        "encoder.conv_in.weight": "encoder.conv_in.weight",
+        "encoder.down.0.block.0.norm1.weight": "encoder.down_blocks.0.resnets.0.norm1.weight",
+        "encoder.mid.attn_1.q.weight": "encoder.mid_block.attentions.0.to_q.weight",
+        "decoder.up.0.block.0.nin_shortcut.weight": "decoder.up_blocks.1.resnets.0.conv_shortcut.weight",
+        "decoder.mid.attn_1.proj_out.bias": "decoder.mid_block.attentions.0.to_out.0.bias",
+        "decoder.conv_out.weight": "decoder.conv_out.weight",
+    }
+    reference_params = dict(reference.named_parameters())
+    for ours_name, reference_name in pairs.items():
+        reference_grad = reference_params[reference_name].grad
+        assert_close_to_reference(ours_params[ours_name].grad.reshape(reference_grad.shape), reference_grad)
 
 
 @torch.no_grad()
@@ -264,6 +288,13 @@ def test_quantizer_nearest_code_and_loss_match_reference(legacy):
     assert_close_to_reference(z_q, ref_z_q)
     assert_close_to_reference(loss, ref_loss)
     assert perplexity is None and min_encodings is None
+
+
+def test_quantizer_blocked_search_matches_brute_force(monkeypatch):
+    monkeypatch.setattr(quantize, "DISTANCE_BLOCK_ELEMENTS", 100)  # 3 rows per block, ragged tail
+    ours, _ = _quantizer_pair()
+    z = torch.randn(50, 4)
+    assert torch.equal(ours.nearest_codes(z), torch.cdist(z, ours.embedding.weight).argmin(1))
 
 
 @pytest.mark.parametrize("legacy", [True, False])

@@ -117,9 +117,10 @@ class Level(nn.Module):
     ) -> None:
         super().__init__()
         self.block = nn.ModuleList(ResnetBlock(i, o, dropout) for i, o in widths)
-        self.attn = nn.ModuleList(make_attention(o, attn_type) for _, o in widths) if attention else nn.ModuleList()
+        self.attn = nn.ModuleList(make_attention(o, attn_type) for _, o in widths if attention)
         channels = widths[-1][1]
-        # Attribute names are the checkpoint's: encoder levels own a "downsample", decoder levels an "upsample".
+        # Attribute names are the checkpoint's: encoder levels own a "downsample", decoder levels
+        # an "upsample".
         self.downsample = Downsample(channels) if resample == "down" else None
         self.upsample = Upsample(channels) if resample == "up" else None
 
@@ -229,7 +230,9 @@ class _FirstStage(nn.Module):
     def __init__(self, config: AutoencoderConfig) -> None:
         super().__init__()
         if config.kind != self.kind:
-            raise ValueError(f"{type(self).__name__} needs an AutoencoderConfig with kind={self.kind!r}; got {config.kind!r}")
+            raise ValueError(
+                f"{type(self).__name__} needs an AutoencoderConfig with kind={self.kind!r}; got {config.kind!r}"
+            )
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
@@ -262,8 +265,8 @@ class _FirstStage(nn.Module):
     def _check_latent(self, z: torch.Tensor) -> None:
         if z.ndim != 4 or z.shape[1] != self.config.embed_dim:
             raise ValueError(
-                f"{type(self).__name__}.decode expects latents (batch, {self.config.embed_dim}, height, width); "
-                f"got shape {tuple(z.shape)}"
+                f"{type(self).__name__}.decode expects latents (batch, {self.config.embed_dim}, height, "
+                f"width); got shape {tuple(z.shape)}"
             )
 
 
@@ -330,9 +333,11 @@ class VQModel(_FirstStage):
     def decode_code(self, indices: torch.Tensor) -> torch.Tensor:
         """Image from code indices of shape (batch, height, width)."""
         if indices.ndim != 3:
-            raise ValueError(f"VQModel.decode_code expects indices (batch, height, width); got {tuple(indices.shape)}")
-        shape = (*indices.shape, self.config.embed_dim)
-        return self.decode(self.quantize.get_codebook_entry(indices.reshape(-1), shape), force_not_quantize=True)
+            raise ValueError(
+                f"VQModel.decode_code expects indices (batch, height, width); got {tuple(indices.shape)}"
+            )
+        codes = self.quantize.get_codebook_entry(indices.reshape(-1), (*indices.shape, self.config.embed_dim))
+        return self.decode(codes, force_not_quantize=True)
 
     def forward(self, x: torch.Tensor, return_pred_indices: bool = False) -> tuple[torch.Tensor, ...]:
         """(reconstruction, codebook loss[, code indices]) through the codebook, as CompVis VQModel."""

@@ -13,6 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
+# Distances computed at once in nearest_codes (64 MiB in fp32): a 128x128 latent against a
+# 16384-entry codebook would otherwise need a 1 GiB matrix.
+DISTANCE_BLOCK_ELEMENTS = 1 << 24
+
 
 class QuantizerInfo(NamedTuple):
     """Side outputs of quantisation, in the order of the reference's ``info`` tuple."""
@@ -45,7 +49,9 @@ class VectorQuantizer(nn.Module):
     ) -> None:
         super().__init__()
         if n_embed <= 0 or embed_dim <= 0:
-            raise ValueError(f"VectorQuantizer needs n_embed > 0 and embed_dim > 0; got {n_embed}, {embed_dim}")
+            raise ValueError(
+                f"VectorQuantizer needs n_embed > 0 and embed_dim > 0; got {n_embed}, {embed_dim}"
+            )
         self.n_embed = n_embed
         self.embed_dim = embed_dim
         self.beta = beta
@@ -65,7 +71,9 @@ class VectorQuantizer(nn.Module):
                 raise ValueError(f"VectorQuantizer: remap file {str(remap)!r} does not exist")
             used = np.load(remap)
             if used.ndim != 1 or used.size == 0:
-                raise ValueError(f"VectorQuantizer: remap file must hold a non-empty 1-D array; got shape {used.shape}")
+                raise ValueError(
+                    f"VectorQuantizer: remap file must hold a non-empty 1-D array; got shape {used.shape}"
+                )
             # Persistent, as in the reference: the used-code table is part of a remapped checkpoint.
             self.register_buffer("used", torch.as_tensor(used, dtype=torch.long))
             self.num_indices = len(used)
@@ -77,7 +85,8 @@ class VectorQuantizer(nn.Module):
                 self.unknown_index = unknown_index
             else:
                 raise ValueError(
-                    f"VectorQuantizer: unknown_index must be 'random', 'extra' or an int; got {unknown_index!r}"
+                    "VectorQuantizer: unknown_index must be 'random', 'extra' or an int; "
+                    f"got {unknown_index!r}"
                 )
 
     def remap_to_used(self, indices: torch.Tensor) -> torch.Tensor:
@@ -133,15 +142,22 @@ class VectorQuantizer(nn.Module):
     def nearest_codes(self, z_flat: torch.Tensor) -> torch.Tensor:
         """Index of the nearest codebook vector (Euclidean) for each row of ``z_flat``."""
         codebook = self.embedding.weight
-        # |z - e|^2 = |z|^2 + |e|^2 - 2 z.e; |z|^2 is the same for every code, so argmin needs only the rest.
-        distances = torch.addmm(codebook.square().sum(1), z_flat, codebook.t(), alpha=-2.0)
-        return distances.argmin(dim=1)
+        code_norms = codebook.square().sum(1)
+        # |z - e|^2 = |z|^2 + |e|^2 - 2 z.e; |z|^2 is the same for every code, so argmin needs only
+        # the rest. Rows go in blocks so that the distance matrix stays small for big latents.
+        rows_per_block = max(1, DISTANCE_BLOCK_ELEMENTS // codebook.shape[0])
+        blocks = z_flat.split(rows_per_block)
+        return torch.cat([torch.addmm(code_norms, block, codebook.t(), alpha=-2.0).argmin(1) for block in blocks])
 
-    def get_codebook_entry(self, indices: torch.Tensor, shape: tuple[int, int, int, int] | None) -> torch.Tensor:
+    def get_codebook_entry(
+        self, indices: torch.Tensor, shape: tuple[int, int, int, int] | None
+    ) -> torch.Tensor:
         """Code vectors for ``indices``; with ``shape`` = (B, H, W, C) returned as (B, C, H, W)."""
         if self.remap is not None:
             if shape is None:
-                raise ValueError("get_codebook_entry with remapped indices needs shape=(batch, height, width, channels)")
+                raise ValueError(
+                    "get_codebook_entry with remapped indices needs shape=(batch, height, width, channels)"
+                )
             indices = self.unmap_to_all(indices.reshape(shape[0], -1)).reshape(-1)
         z_q = self.embedding(indices)
         if shape is not None:
