@@ -26,9 +26,13 @@ def _cmd_info(args: argparse.Namespace) -> None:
 def _cmd_samplers(args: argparse.Namespace) -> None:
     from latent_diffusion.diffusion.registry import SAMPLERS
 
-    width = max(len(name) for name in SAMPLERS)
-    for name, entry in SAMPLERS.items():
-        print(f"{name:<{width}}  {entry.describe()}")
+    rows = [("NAME", "A1111 NAME", "STEPS", "SPACING", "KIND")]
+    for spec in SAMPLERS.values():
+        kind = "stochastic" if spec.stochastic else "deterministic"
+        rows.append((spec.name, spec.label, str(spec.default_steps), spec.spacing, kind))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -55,6 +59,8 @@ def _build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
     add("samplers", _cmd_samplers, "List the samplers with the names A1111/ComfyUI users know.")
+    from latent_diffusion.training.cli import add_cache_latents_parser, add_train_parser
+    add_train_parser(commands), add_cache_latents_parser(commands)
     return parser
 
 

@@ -157,6 +157,9 @@ def _train(config: ExperimentConfig, context: DistributedContext) -> Path:
     first_stage = model.first_stage_model.eval().requires_grad_(False)
     if model.cond_stage_model is not None and not encoder_trains:
         model.cond_stage_model.eval().requires_grad_(False)
+    if encoder_trains and hasattr(model.cond_stage_model, "transformer"):
+        # The BERTEmbedder's language-model head is never used for conditioning; DDP wants every trained weight used.
+        model.cond_stage_model.transformer.to_logits.requires_grad_(False)
     network = ConditionedUNet(model.unet, model.cond_stage_model if encoder_trains else None)
     if optim.gradient_checkpointing:
         enable_gradient_checkpointing([*model.unet.input_blocks, model.unet.middle_block, *model.unet.output_blocks])
