@@ -13,6 +13,7 @@ from torch import nn
 
 from latent_diffusion.config import AutoencoderConfig
 from latent_diffusion.models.distributions import DiagonalGaussianDistribution
+from latent_diffusion.nn.attention import attention
 from latent_diffusion.models.quantize import VectorQuantizer
 
 NORM_GROUPS = 32
@@ -67,7 +68,7 @@ class AttnBlock(nn.Module):
 
         q, k, v = (project(conv, tokens).unsqueeze(1) for conv in (self.q, self.k, self.v))
         # One head of width C; SDPA's default scale 1/sqrt(C) is the reference's.
-        out = project(self.proj_out, F.scaled_dot_product_attention(q, k, v).squeeze(1))
+        out = project(self.proj_out, attention(q, k, v).squeeze(1))
         # x first, so that the sum takes x's contiguous NCHW layout rather than the tokens' one.
         return x + out.transpose(1, 2).view(batch, channels, height, width)
 

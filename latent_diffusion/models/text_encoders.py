@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latent_diffusion.config import BERTTextConfig, ClassEmbedderConfig, CLIPTextConfig, ConditionerConfig
+from latent_diffusion.nn.attention import attention
 
 # SD 1 files written by transformers < 4.31 also store this buffer. It is always arange(77), and some
 # merged checkpoints carry it as float with rounding damage, so positions are computed instead and
@@ -45,7 +46,7 @@ def _multi_head_attention(
     def split(t: torch.Tensor) -> torch.Tensor:
         return t.view(batch, t.shape[1], heads, -1).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=causal)
+    out = attention(split(q), split(k), split(v), causal=causal)
     return out.transpose(1, 2).reshape(batch, tokens, -1)
 
 

@@ -12,9 +12,13 @@ from torch import nn
 from latent_diffusion.nn.layers import normalization, zero_init
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v over tensors shaped [batch, heads, tokens, head_dim]."""
-    return F.scaled_dot_product_attention(q, k, v)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over tensors shaped [batch, heads, tokens, head_dim].
+
+    Every attention in the package (UNet, VAE, text encoders) goes through here, so the kernel
+    choice lives in one place.
+    """
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
