@@ -1,0 +1,391 @@
+"""What every task shares: the loaded model, prompt encoding, one sampling core, decoding, results.
+
+A :class:`Pipeline` holds a loaded model with its tokenizer and noise schedule. The task modules
+(txt2img, img2img, inpaint, upscale, sample) build the conditioning and the starting latent for
+their task and call :meth:`Pipeline.sample_latents` and :meth:`Pipeline.decode`; seeding, guidance,
+progress and the half-precision guard live here once.
+
+Seeding: image ``i`` of a batch gets its own generator seeded ``seed + i``. Whatever a task draws
+for its input image (the VAE posterior sample, the upscaler's noise augmentation) is drawn from that
+generator first, then the sampler's noise; diffusers draws in the same order from a generator list.
+"""
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from latent_diffusion.checkpoints.io import CheckpointError, read_state_dict
+from latent_diffusion.checkpoints.load import LoadedModel
+from latent_diffusion.config import BERTTextConfig, ClassEmbedderConfig, CLIPTextConfig
+from latent_diffusion.diffusion.denoiser import Conditioning, Denoiser
+from latent_diffusion.diffusion.guidance import ClassifierFreeGuidance
+from latent_diffusion.diffusion.registry import SamplerSpec, get_sampler, sigmas_for
+from latent_diffusion.diffusion.sampling import BatchNoise, make_generators, sample
+from latent_diffusion.diffusion.schedules import NoiseSchedule
+from latent_diffusion.models.autoencoder import AutoencoderKL
+from latent_diffusion.pipelines.images import check_size, tensor_to_images
+from latent_diffusion.pipelines.png_info import format_parameters, model_hash
+from latent_diffusion.pipelines.prompts import chunk_prompt, encode_weighted_prompts
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+# File names the built-in model may ship under, first found wins.
+DEFAULT_MODEL_FILES = ("shapes-ldm.safetensors", "shapes.safetensors")
+MAX_SEED = 2**32 - 1
+
+
+def default_checkpoint_path() -> Path:
+    """The built-in model that commands use without ``--checkpoint`` (shipped in ``latent_diffusion/assets``)."""
+    for name in DEFAULT_MODEL_FILES:
+        if (ASSETS / name).is_file():
+            return ASSETS / name
+    raise FileNotFoundError(
+        "no built-in model is installed yet; pass --checkpoint PATH (a .safetensors/.ckpt file or a diffusers folder)"
+    )
+
+
+def resolve_seed(seed: int | None) -> int:
+    """A user's seed, or a fresh random one (-1 and None both mean random, as in A1111)."""
+    if seed is None or seed == -1:
+        return secrets.randbelow(MAX_SEED + 1)
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be in [0, {MAX_SEED}] (or -1 for random), got {seed}")
+    return int(seed)
+
+
+def check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+
+
+@dataclass
+class GenerationResult:
+    """Images of a task with the A1111 parameters text of each (what goes into the PNG)."""
+
+    images: list[Image.Image] = field(default_factory=list)
+    parameters: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def extend(self, other: GenerationResult) -> None:
+        self.images += other.images
+        self.parameters += other.parameters
+        self.seeds += other.seeds
+        self.warnings += [w for w in other.warnings if w not in self.warnings]
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """The sampler choices every task shares (validated once)."""
+
+    sampler: SamplerSpec
+    steps: int
+    guidance_scale: float
+
+    @classmethod
+    def make(cls, sampler: str, steps: int | None, guidance_scale: float) -> SamplingSettings:
+        spec = get_sampler(sampler)
+        steps = spec.default_steps if steps is None else steps
+        if not isinstance(steps, int) or not 1 <= steps <= 1000:
+            raise ValueError(f"steps must be a whole number in [1, 1000], got {steps!r}")
+        if not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance scale must be a finite number >= 0, got {guidance_scale}")
+        return cls(spec, steps, float(guidance_scale))
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled or not sys.stderr.isatty(), leave=False, unit="step")
+
+
+def load_vae_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Replace a model's autoencoder by a separate VAE file (SD ``vae-ft-mse`` style, bare or prefixed keys)."""
+    state = read_state_dict(path)
+    prefix = "first_stage_model."
+    if any(k.startswith(prefix) for k in state):
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    # Released VAE files carry their training loss (LPIPS, discriminator) and EMA bookkeeping.
+    state = {k: v for k, v in state.items() if not k.startswith(("loss.", "model_ema."))}
+    target = model.first_stage_model
+    expected = target.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        problems = [f"{name}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                    for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        raise CheckpointError(f"VAE file {path} does not fit this model's autoencoder ({'; '.join(problems)})")
+    dtype = next(iter(expected.values())).dtype
+    target.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
+
+
+class Pipeline:
+    """A loaded model ready for the tasks: ``txt2img``, ``img2img``, ``inpaint``, ``upscale``, ``sample``."""
+
+    def __init__(self, loaded: LoadedModel, *, name: str | None = None, hash_: str | None = None,
+                 progress: bool = True) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.spec = loaded.spec
+        self.schedule = NoiseSchedule.from_config(self.spec.schedule)
+        self.name = name or (loaded.source.stem if loaded.source else self.spec.family)
+        self.hash = hash_
+        self.progress = progress
+        self.tokenizer = self._make_tokenizer()
+        self.warnings: list[str] = []
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike | None = None,
+        *,
+        vae: str | os.PathLike | None = None,
+        half: bool = False,
+        family: str | None = None,
+        prediction: str | None = None,
+        use_ema: bool = False,
+        device: str | torch.device = "cpu",
+        progress: bool = True,
+    ) -> Pipeline:
+        """Load a single file or diffusers folder (the built-in model when ``path`` is None)."""
+        from latent_diffusion.checkpoints.convert import load_diffusers_folder
+        from latent_diffusion.checkpoints.load import load_checkpoint
+
+        path = Path(path) if path is not None else default_checkpoint_path()
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        if vae is not None and not Path(vae).is_file():
+            raise FileNotFoundError(f"VAE file not found: {vae}")
+        dtype = torch.float16 if half else torch.float32
+        if path.is_dir():
+            loaded = load_diffusers_folder(path, dtype=dtype, device=device)
+            hash_ = None
+        else:
+            loaded = load_checkpoint(path, family=family, prediction=prediction, use_ema=use_ema, dtype=dtype,
+                                     device=device)
+            hash_ = model_hash(path)
+        if vae is not None:
+            load_vae_weights(loaded.model, vae)
+        return cls(loaded, name=path.stem if path.is_file() else path.name, hash_=hash_, progress=progress)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.unet.parameters()).dtype
+
+    @property
+    def latent_factor(self) -> int:
+        return self.spec.downsampling_factor
+
+    @property
+    def takes_text(self) -> bool:
+        return isinstance(self.spec.conditioner, (CLIPTextConfig, BERTTextConfig))
+
+    @property
+    def takes_class(self) -> bool:
+        return isinstance(self.spec.conditioner, ClassEmbedderConfig)
+
+    @property
+    def concat_channels(self) -> int:
+        """Image channels the UNet takes besides the latent (5 for SD inpainting, 3 for upscalers)."""
+        return self.spec.unet.in_channels - self.spec.latent_channels
+
+    def _make_tokenizer(self):
+        from latent_diffusion.models.tokenizer import CLIPTokenizer
+
+        text = self.spec.conditioner
+        if isinstance(text, CLIPTextConfig):
+            return CLIPTokenizer(pad_with_eos=text.pad_with_eos, context_length=text.context_length,
+                                 normalization="transformers" if text.layout == "openai" else "openclip")
+        if isinstance(text, BERTTextConfig):
+            # Models trained here with a BERT-style encoder use the CLIP vocabulary (training/ldm_model.py).
+            return CLIPTokenizer(pad_with_eos=True, context_length=text.max_seq_len)
+        return None
+
+    # ------------------------------------------------------------------ conditioning
+    def encode_prompts(self, prompts: Sequence[str], clip_skip: int | None = None) -> Tensor:
+        """Cross-attention context [B, 77 * chunks, width] with A1111 emphasis and long-prompt chunking.
+
+        All prompts passed together get the same number of 77-token chunks, so encode a batch's
+        prompts and negative prompts in one call.
+        """
+        if not self.takes_text:
+            raise ValueError(f"this model ({self.spec.family}) takes no text prompt")
+        encoder = self.model.cond_stage_model
+        tokenizer = self.tokenizer
+        is_clip = isinstance(self.spec.conditioner, CLIPTextConfig)
+        if clip_skip is not None and not is_clip:
+            raise ValueError("clip skip applies to CLIP text encoders only")
+
+        def chunker(prompt: str):
+            return chunk_prompt(
+                prompt, tokenizer.encode, start_token=tokenizer.start_id, end_token=tokenizer.end_id,
+                pad_token=tokenizer.pad_id, comma_token=tokenizer.token_to_id.get(",</w>"),
+            )
+
+        def encode_tokens(tokens: Tensor) -> Tensor:
+            tokens = tokens.to(self.device)
+            return encoder(tokens, clip_skip=clip_skip) if is_clip else encoder(tokens)
+
+        with torch.no_grad():
+            return encode_weighted_prompts(list(prompts), chunker, encode_tokens).to(self.dtype)
+
+    def text_conditioning(self, prompt: str, negative_prompt: str, batch_size: int,
+                          clip_skip: int | None) -> tuple[Conditioning, Conditioning]:
+        """(cond, uncond) contexts for a batch of one prompt; an empty negative prompt encodes ``""`` (A1111)."""
+        both = self.encode_prompts([prompt, negative_prompt], clip_skip)
+        cond, uncond = both[:1], both[1:]
+        return (Conditioning(context=cond.expand(batch_size, -1, -1)),
+                Conditioning(context=uncond.expand(batch_size, -1, -1)))
+
+    # ------------------------------------------------------------------ latents <-> images
+    def encode_images(self, pixels: Tensor, generators: Sequence[torch.Generator] | None) -> Tensor:
+        """Scaled latents of images in [-1, 1]; a KL posterior is sampled with each image's generator."""
+        vae = self.model.first_stage_model
+        pixels = pixels.to(self.device, self.dtype)
+        with torch.no_grad():
+            if isinstance(vae, AutoencoderKL):
+                rows = []
+                for i in range(pixels.shape[0]):
+                    posterior = vae.encode(pixels[i:i + 1])
+                    rows.append(posterior.sample(generators[i]) if generators else posterior.mode())
+                latents = torch.cat(rows)
+            else:
+                latents = vae.encode(pixels)
+        return latents * self.spec.scale_factor
+
+    def decode(self, latents: Tensor, warnings: list[str] | None = None) -> Tensor:
+        """Images in [-1, 1] from scaled latents; a half-precision overflow is redone in fp32 (and reported)."""
+        vae = self.model.first_stage_model
+        with torch.no_grad():
+            z = latents.to(self.dtype) / self.spec.scale_factor
+            images = vae.decode(z)
+            if not torch.isfinite(images).all():
+                if self.dtype == torch.float32:
+                    raise FloatingPointError("the decoded image contains NaN/inf even in fp32; the weights are broken")
+                message = "the VAE overflowed in half precision; decoded this batch in fp32 instead"
+                if warnings is not None and message not in warnings:
+                    warnings.append(message)
+                images = _decode_fp32(vae, z.float())
+        return images.float()
+
+    def to_images(self, latents: Tensor, warnings: list[str]) -> list[Image.Image]:
+        return tensor_to_images(self.decode(latents, warnings))
+
+    # ------------------------------------------------------------------ the sampling core
+    def latent_shape(self, batch_size: int, width: int, height: int) -> tuple[int, int, int, int]:
+        check_size(width, height, self.latent_factor)
+        f = self.latent_factor
+        return (batch_size, self.spec.latent_channels, height // f, width // f)
+
+    def sample_latents(
+        self,
+        settings: SamplingSettings,
+        noise: BatchNoise,
+        cond: Conditioning,
+        uncond: Conditioning | None,
+        *,
+        shape: Sequence[int] | None = None,
+        init_latent: Tensor | None = None,
+        strength: float = 1.0,
+        keep_mask: Tensor | None = None,
+        description: str = "sampling",
+    ) -> Tensor:
+        """Run the sampler under classifier-free guidance (skipped when ``uncond`` is None or scale 1)."""
+        denoiser = Denoiser(self.model.unet, self.schedule, self.spec.prediction)
+        if uncond is not None and settings.guidance_scale != 1.0:
+            denoiser = ClassifierFreeGuidance(denoiser, uncond, settings.guidance_scale)
+        sigmas = sigmas_for(settings.sampler, self.schedule, settings.steps)
+        total = len(sigmas) - 1 if init_latent is None else max(int((len(sigmas) - 1) * strength), 0)
+        with _progress(total, description, self.progress) as bar, torch.no_grad():
+            latents = sample(
+                settings.sampler, denoiser, sigmas, noise, shape=shape, cond=cond, init_latent=init_latent,
+                strength=strength, keep_mask=keep_mask, callback=lambda step: bar.update(1),
+                dtype=self.dtype, device=self.device,
+            )
+        if not torch.isfinite(latents).all():
+            raise FloatingPointError(
+                "sampling produced NaN/inf latents" + (" (try without --half)" if self.dtype != torch.float32 else "")
+            )
+        return latents
+
+    def run_batches(self, seed: int | None, batch_size: int, batch_count: int,
+                    run_batch: Callable[[int, list[torch.Generator]], GenerationResult]) -> GenerationResult:
+        """Call ``run_batch(first_seed, generators)`` per batch; image k of the whole run has seed ``seed + k``."""
+        check_positive("batch size", batch_size)
+        check_positive("batch count", batch_count)
+        seed = resolve_seed(seed)
+        if seed + batch_size * batch_count - 1 > MAX_SEED:
+            seed = seed % (MAX_SEED + 1 - batch_size * batch_count)
+        result = GenerationResult()
+        from tqdm.auto import tqdm
+
+        batches = tqdm(range(batch_count), desc="batches", unit="batch",
+                       disable=batch_count == 1 or not self.progress or not sys.stderr.isatty())
+        for index in batches:
+            first = seed + index * batch_size
+            result.extend(run_batch(first, make_generators(first, batch_size)))
+        return result
+
+    # ------------------------------------------------------------------ parameters text
+    def parameters_text(self, prompt: str, negative_prompt: str, settings: SamplingSettings, seed: int,
+                        width: int, height: int, extra: dict[str, Any] | None = None) -> str:
+        """The A1111 ``parameters`` text for one image."""
+        values: dict[str, Any] = {
+            "Steps": settings.steps, "Sampler": settings.sampler.label, "CFG scale": _number(settings.guidance_scale),
+            "Seed": seed, "Size": f"{width}x{height}", "Model hash": self.hash, "Model": self.name,
+        }
+        values.update(extra or {})
+        return format_parameters(prompt, negative_prompt, values)
+
+    # ------------------------------------------------------------------ tasks
+    def txt2img(self, prompt: str = "", **options) -> GenerationResult:
+        from latent_diffusion.pipelines.txt2img import txt2img
+
+        return txt2img(self, prompt, **options)
+
+    def img2img(self, prompt: str = "", image: Image.Image | None = None, **options) -> GenerationResult:
+        from latent_diffusion.pipelines.img2img import img2img
+
+        return img2img(self, prompt, image, **options)
+
+    def inpaint(self, prompt: str = "", image: Image.Image | None = None, mask: Image.Image | None = None,
+                **options) -> GenerationResult:
+        from latent_diffusion.pipelines.inpaint import inpaint
+
+        return inpaint(self, prompt, image, mask, **options)
+
+    def upscale(self, image: Image.Image | None = None, prompt: str = "", **options) -> GenerationResult:
+        from latent_diffusion.pipelines.upscale import upscale
+
+        return upscale(self, image, prompt, **options)
+
+    def sample(self, **options) -> GenerationResult:
+        from latent_diffusion.pipelines.sample import sample_classes
+
+        return sample_classes(self, **options)
+
+
+def _decode_fp32(vae: torch.nn.Module, z: Tensor) -> Tensor:
+    """Decode with an fp32 copy of the VAE (the half-precision weights stay as they are)."""
+    import copy
+
+    return copy.deepcopy(vae).float().decode(z)
+
+
+def _number(value: float) -> str:
+    """7.0 -> "7", 7.5 -> "7.5" (as A1111 writes CFG scales)."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))

@@ -1,0 +1,52 @@
+"""Text to image: sample a latent from noise under the prompt, decode it."""
+from __future__ import annotations
+
+import torch
+
+from latent_diffusion.diffusion.sampling import BatchNoise
+from latent_diffusion.pipelines.common import GenerationResult, Pipeline, SamplingSettings
+
+
+def check_text_model(pipe: Pipeline, task: str) -> None:
+    """Refuse tasks that need a text-conditioned model with plain latent input (not inpainting/upscaler UNets)."""
+    if not pipe.takes_text:
+        raise ValueError(f"{task} needs a text-conditioned model; this is a {pipe.spec.family!r} model (try `ldm sample`)")
+    if pipe.concat_channels:
+        raise ValueError(f"{task} cannot run a {pipe.spec.family!r} model, whose UNet also takes an image "
+                         f"({pipe.concat_channels} extra channels); use inpaint or upscale")
+
+
+def txt2img(
+    pipe: Pipeline,
+    prompt: str = "",
+    *,
+    negative_prompt: str = "",
+    width: int = 512,
+    height: int = 512,
+    steps: int | None = None,
+    sampler: str = "euler_a",
+    guidance_scale: float = 7.5,
+    seed: int | None = None,
+    batch_size: int = 1,
+    batch_count: int = 1,
+    clip_skip: int | None = None,
+) -> GenerationResult:
+    """Generate ``batch_size * batch_count`` images of ``prompt``; image k has seed ``seed + k``."""
+    check_text_model(pipe, "txt2img")
+    settings = SamplingSettings.make(sampler, steps, guidance_scale)
+    pipe.latent_shape(1, width, height)  # validates the size before any work
+    extra = {"Clip skip": clip_skip}
+
+    def run_batch(first_seed: int, generators: list[torch.Generator]) -> GenerationResult:
+        batch = len(generators)
+        cond, uncond = pipe.text_conditioning(prompt, negative_prompt, batch, clip_skip)
+        latents = pipe.sample_latents(settings, BatchNoise(generators), cond, uncond,
+                                      shape=pipe.latent_shape(batch, width, height))
+        result = GenerationResult()
+        result.images = pipe.to_images(latents, result.warnings)
+        result.seeds = [first_seed + i for i in range(batch)]
+        result.parameters = [pipe.parameters_text(prompt, negative_prompt, settings, s, width, height, extra)
+                             for s in result.seeds]
+        return result
+
+    return pipe.run_batches(seed, batch_size, batch_count, run_batch)
