@@ -1,0 +1,131 @@
+"""End-to-end tasks against diffusers' Stable Diffusion pipelines built from the same random weights.
+
+Both sides get the same prompt strings (tokenised by our tokenizer and by transformers' on the same
+vocabulary), the same initial noise and generators seeded the same way; images must agree within
+2/255 per pixel.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from latent_diffusion.diffusion.sampling import BatchNoise, make_generators
+from latent_diffusion.pipelines.common import Pipeline
+from pipeline_tiny import (
+    SD_SCHEDULER, TINY_SD1, TINY_SD1_INPAINT, diffusers_components, diffusers_folder, write_checkpoint,
+)
+
+diffusers = pytest.importorskip("diffusers")
+TOLERANCE = 2 / 255
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd1")
+    path = write_checkpoint(TINY_SD1, folder / "tiny-sd1.safetensors")
+    return Pipeline.from_checkpoint(path, progress=False), diffusers_components(diffusers_folder(path, folder / "diffusers"))
+
+
+@pytest.fixture(scope="module")
+def sd1_inpaint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd1inpaint")
+    path = write_checkpoint(TINY_SD1_INPAINT, folder / "tiny-inpaint.safetensors", seed=1)
+    return Pipeline.from_checkpoint(path, progress=False), diffusers_components(diffusers_folder(path, folder / "diffusers"))
+
+
+def _as_array(images) -> np.ndarray:
+    return np.stack([np.asarray(image, dtype=np.float32) / 255 for image in images])
+
+
+def _assert_images_match(ours, reference: np.ndarray) -> None:
+    ours = _as_array(ours)
+    # diffusers returns unrounded floats; ours are 8-bit pixels (half a level of rounding).
+    assert ours.shape == reference.shape
+    assert np.abs(ours - reference).max() <= TOLERANCE, np.abs(ours - reference).max()
+    assert ours.std() > 0.02  # not a flat image that would match anything
+
+
+def _scheduler(name: str):
+    from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+
+    cls = {"euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler}[name]
+    # Our k-diffusion samplers default to "linspace" steps (A1111), which is diffusers' default too.
+    return cls(**SD_SCHEDULER, timestep_spacing="linspace")
+
+
+def _initial_noise(seed: int, batch: int, shape):
+    """Our seeded initial noise, and the generators left where our sampler continues drawing."""
+    generators = make_generators(seed, batch)
+    return BatchNoise(generators).randn((batch, *shape)), generators
+
+
+def _test_image(size: int, seed: int = 0) -> Image.Image:
+    generator = np.random.default_rng(seed)
+    base = np.linspace(0, 255, size)[None, :, None] * np.ones((size, 1, 3))
+    noise = generator.uniform(-40, 40, (size, size, 3))
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_a"])
+def test_txt2img_matches_stable_diffusion_pipeline(sd1, sampler):
+    from diffusers import StableDiffusionPipeline
+
+    pipe, components = sd1
+    reference = StableDiffusionPipeline(**components, scheduler=_scheduler(sampler), safety_checker=None,
+                                        feature_extractor=None, requires_safety_checker=False)
+    reference.set_progress_bar_config(disable=True)
+    seed, batch, size, steps = 11, 2, 32, 5
+    ours = pipe.txt2img("a red circle above a blue square", negative_prompt="blurry", width=size, height=size,
+                        steps=steps, sampler=sampler, guidance_scale=6.0, seed=seed, batch_size=batch)
+    latents, generators = _initial_noise(seed, batch, (4, size // 4, size // 4))
+    with torch.no_grad():
+        theirs = reference(["a red circle above a blue square"] * batch, negative_prompt=["blurry"] * batch,
+                           height=size, width=size, num_inference_steps=steps, guidance_scale=6.0,
+                           latents=latents, generator=generators, output_type="np").images
+    _assert_images_match(ours.images, theirs)
+    assert ours.seeds == [seed, seed + 1]
+
+
+def test_img2img_matches_stable_diffusion_img2img_pipeline(sd1):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe, components = sd1
+    reference = StableDiffusionImg2ImgPipeline(**components, scheduler=_scheduler("euler"), safety_checker=None,
+                                               feature_extractor=None, requires_safety_checker=False)
+    reference.set_progress_bar_config(disable=True)
+    image = _test_image(32)
+    seed, steps, strength = 5, 8, 0.6
+    ours = pipe.img2img("a green triangle", image, negative_prompt="", steps=steps, sampler="euler",
+                        guidance_scale=5.0, strength=strength, seed=seed, batch_size=2)
+    with torch.no_grad():
+        theirs = reference(["a green triangle"] * 2, image=image, negative_prompt=[""] * 2,
+                           num_inference_steps=steps, strength=strength, guidance_scale=5.0,
+                           generator=make_generators(seed, 2), output_type="np").images
+    _assert_images_match(ours.images, theirs)
+    assert "Denoising strength: 0.6" in ours.parameters[0]
+
+
+def test_inpaint_with_an_inpainting_model_matches_stable_diffusion_inpaint_pipeline(sd1_inpaint):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    pipe, components = sd1_inpaint
+    reference = StableDiffusionInpaintPipeline(**components, scheduler=_scheduler("euler"), safety_checker=None,
+                                               feature_extractor=None, requires_safety_checker=False)
+    reference.set_progress_bar_config(disable=True)
+    image = _test_image(32, seed=3)
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[8:24, 4:20] = 255
+    mask = Image.fromarray(mask)
+    seed, steps = 9, 5
+    ours = pipe.inpaint("a yellow star", image, mask, steps=steps, sampler="euler", guidance_scale=7.0, seed=seed)
+    # The masked image's posterior sample comes first from each generator, then the initial noise.
+    generators = make_generators(seed, 1)
+    torch.randn((1, 4, 8, 8), generator=generators[0])
+    latents = BatchNoise(generators).randn((1, 4, 8, 8))
+    with torch.no_grad():
+        theirs = reference("a yellow star", image=image, mask_image=mask, height=32, width=32,
+                           num_inference_steps=steps, guidance_scale=7.0, latents=latents,
+                           generator=make_generators(seed, 1), output_type="np").images
+    _assert_images_match(ours.images, theirs)
