@@ -77,6 +77,9 @@ def test_unknown_key_and_wrong_type_are_errors(tmp_path):
         load_experiment(bad)
     config = load_experiment(TINY / "autoencoder-kl.yaml", ["optim.betas=[0.5, 0.9]", "loss.lpips_weights=null"])
     assert config.optim.betas == (0.5, 0.9) and config.loss.lpips_weights is None
+    assert load_experiment(TINY / "autoencoder-kl.yaml", ["optim.lr=2e-3"]).optim.lr == 0.002
+    with pytest.raises(ConfigError, match="optim.lr: expected a number"):
+        load_experiment(TINY / "autoencoder-kl.yaml", ["optim.lr=fast"])
 
 
 def test_missing_folder_and_small_images_fail_before_training(tmp_path):
