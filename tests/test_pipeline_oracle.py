@@ -14,7 +14,7 @@ from PIL import Image
 from latent_diffusion.diffusion.sampling import BatchNoise, make_generators
 from latent_diffusion.pipelines.common import Pipeline
 from pipeline_tiny import (
-    SD_SCHEDULER, TINY_SD1, TINY_SD1_INPAINT, diffusers_components, diffusers_folder, write_checkpoint,
+    SD_SCHEDULER, TINY_SD1, TINY_SD1_INPAINT, TINY_X4, diffusers_components, diffusers_folder, write_checkpoint,
 )
 
 diffusers = pytest.importorskip("diffusers")
@@ -127,5 +127,39 @@ def test_inpaint_with_an_inpainting_model_matches_stable_diffusion_inpaint_pipel
     with torch.no_grad():
         theirs = reference("a yellow star", image=image, mask_image=mask, height=32, width=32,
                            num_inference_steps=steps, guidance_scale=7.0, latents=latents,
+                           generator=make_generators(seed, 1), output_type="np").images
+    _assert_images_match(ours.images, theirs)
+
+
+@pytest.fixture(scope="module")
+def x4(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("x4")
+    path = write_checkpoint(TINY_X4, folder / "tiny-x4.safetensors", seed=2)
+    components = diffusers_components(diffusers_folder(path, folder / "diffusers"))
+    # SD 2's tokenizer pads with "!" (id 0), as OpenCLIP does.
+    components["tokenizer"].pad_token = "!"
+    return Pipeline.from_checkpoint(path, progress=False), components
+
+
+def test_upscale_matches_stable_diffusion_upscale_pipeline(x4):
+    from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionUpscalePipeline
+
+    pipe, components = x4
+    schedule = dict(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02, num_train_timesteps=1000)
+    reference = StableDiffusionUpscalePipeline(
+        **components, scheduler=EulerDiscreteScheduler(**schedule, prediction_type="v_prediction", steps_offset=1),
+        low_res_scheduler=DDPMScheduler(**schedule), max_noise_level=350)
+    reference.set_progress_bar_config(disable=True)
+    image = _test_image(16, seed=4)
+    seed, steps = 21, 4
+    ours = pipe.upscale(image, "a sharp photo", negative_prompt="blurry", noise_level=40, steps=steps,
+                        sampler="euler", guidance_scale=4.0, seed=seed)
+    assert ours.images[0].size == (64, 64)
+    generators = make_generators(seed, 1)
+    torch.randn((1, 3, 16, 16), generator=generators[0])  # the low-res image's augmentation noise
+    latents = BatchNoise(generators).randn((1, 4, 16, 16))
+    with torch.no_grad():
+        theirs = reference("a sharp photo", image=image, negative_prompt="blurry", noise_level=40,
+                           num_inference_steps=steps, guidance_scale=4.0, latents=latents,
                            generator=make_generators(seed, 1), output_type="np").images
     _assert_images_match(ours.images, theirs)
