@@ -45,7 +45,7 @@ def random_state(spec: ModelSpec, seed: int = 0) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     for key, value in model.state_dict().items():
         if value.is_floating_point() and value.ndim >= 1 and key.endswith("weight") and value.abs().max() == 0:
-            value = torch.randn(value.shape, generator=generator) * 0.05
+            value = torch.randn(value.shape, generator=generator) * 0.3
         state[key] = value.detach().clone().contiguous()
     return state
 

@@ -86,6 +86,11 @@ def test_txt2img_matches_stable_diffusion_pipeline(sd1, sampler):
                            latents=latents, generator=generators, output_type="np").images
     _assert_images_match(ours.images, theirs)
     assert ours.seeds == [seed, seed + 1]
+    if sampler == "euler":
+        # The tolerance is tight enough to tell a one-word change of the prompt.
+        other = pipe.txt2img("a red circle above a green square", negative_prompt="blurry", width=size,
+                             height=size, steps=steps, sampler=sampler, guidance_scale=6.0, seed=seed)
+        assert np.abs(_as_array(other.images) - theirs[:1]).max() > 2 * TOLERANCE
 
 
 def test_img2img_matches_stable_diffusion_img2img_pipeline(sd1):
