@@ -149,6 +149,7 @@ class Pipeline:
         path: str | os.PathLike | None = None,
         *,
         vae: str | os.PathLike | None = None,
+        config_yaml: str | os.PathLike | None = None,
         half: bool = False,
         family: str | None = None,
         prediction: str | None = None,
@@ -156,13 +157,19 @@ class Pipeline:
         device: str | torch.device = "cpu",
         progress: bool = True,
     ) -> Pipeline:
-        """Load a single file or diffusers folder (the built-in model when ``path`` is None)."""
+        """Load a single file or diffusers folder (the built-in model when ``path`` is None).
+
+        A CompVis YAML next to the file (same name, ``.yaml``) describes it when ``config_yaml`` is
+        not given, as A1111 looks for one; models this package trains are exported that way.
+        """
         from latent_diffusion.checkpoints.convert import load_diffusers_folder
         from latent_diffusion.checkpoints.load import load_checkpoint
 
         path = Path(path) if path is not None else default_checkpoint_path()
         if not path.exists():
             raise FileNotFoundError(f"checkpoint not found: {path}")
+        if config_yaml is None and path.is_file() and path.with_suffix(".yaml").is_file():
+            config_yaml = path.with_suffix(".yaml")
         if vae is not None and not Path(vae).is_file():
             raise FileNotFoundError(f"VAE file not found: {vae}")
         dtype = torch.float16 if half else torch.float32
@@ -170,8 +177,8 @@ class Pipeline:
             loaded = load_diffusers_folder(path, dtype=dtype, device=device)
             hash_ = None
         else:
-            loaded = load_checkpoint(path, family=family, prediction=prediction, use_ema=use_ema, dtype=dtype,
-                                     device=device)
+            loaded = load_checkpoint(path, family=family, prediction=prediction, config_yaml=config_yaml,
+                                     use_ema=use_ema, dtype=dtype, device=device)
             hash_ = model_hash(path)
         if vae is not None:
             load_vae_weights(loaded.model, vae)
