@@ -228,17 +228,17 @@ def test_config_yaml_unknown_keys_are_errors(tmp_path, sd1_file_state):
 
 
 _MEASURE_LOAD = """
-import resource, sys, torch
+import sys, torch
 from latent_diffusion.checkpoints.load import load_checkpoint
-def rss_kib():
+def status_kib(field):
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
-before = rss_kib()
+before = status_kib("VmRSS")
 loaded = load_checkpoint(sys.argv[1], dtype=torch.float16)
 with torch.no_grad():
     total = sum(float(p.float().sum()) for p in loaded.model.parameters())  # touch every weight
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = status_kib("VmHWM")  # not ru_maxrss: Linux carries the parent's peak across fork+exec
 print(peak - before, loaded.spec.family)
 """
 
