@@ -143,7 +143,8 @@ def spaced_timesteps(
     config sets ``steps_offset = 1``), "trailing" ``round(T - k * T / n) - 1`` (starts at T-1),
     "linspace" ``linspace(T-1, 0, n)``, left fractional as in diffusers' Euler/Heun/LMS (its DDIM and
     PNDM round them). "uniform" is CompVis' DDIM/PLMS discretisation ``range(0, T, T // n) + 1``,
-    which gives more than n steps when n does not divide T, as the reference does.
+    which gives more than n steps when n does not divide T, as the reference does (it crashes where
+    T // n divides T - 1; we drop that step past the schedule).
     """
     if not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
@@ -156,6 +157,8 @@ def spaced_timesteps(
         t = torch.linspace(0, T - 1, n, dtype=torch.float64)
     elif spacing == "uniform":
         t = torch.arange(0, T, T // n, dtype=torch.float64) + 1
+        # Where T // n divides T - 1 (n = 9, 27, 37, ...) the last one is T, an IndexError in CompVis.
+        t = t[t <= T - 1]
     else:
         raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of leading, trailing, linspace, uniform")
     if t.max() > T - 1:
