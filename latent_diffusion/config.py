@@ -293,3 +293,38 @@ def preset(name: str) -> ModelSpec:
         return PRESETS[name]
     except KeyError:
         raise ConfigError(f"unknown model family {name!r}; known: {sorted(PRESETS)}") from None
+
+
+_CONDITIONER_TYPES = (CLIPTextConfig, BERTTextConfig, ClassEmbedderConfig)
+
+
+def spec_to_dict(spec: ModelSpec) -> dict[str, Any]:
+    """A ModelSpec as plain JSON/YAML-ready data (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(spec)
+
+
+def spec_from_dict(values: Mapping[str, Any]) -> ModelSpec:
+    """Inverse of :func:`spec_to_dict`; the conditioner's type is told by its field names."""
+    values = dict(values)
+    for name, cls in (("unet", UNetConfig), ("autoencoder", AutoencoderConfig)):
+        if name not in values:
+            raise ConfigError(f"model spec lacks {name!r}")
+        values[name] = from_mapping(cls, values[name])
+    for name in ("schedule", "noise_augmentation"):
+        if values.get(name) is not None:
+            values[name] = from_mapping(ScheduleConfig, values[name])
+    conditioner = values.get("conditioner")
+    if conditioner is not None:
+        fitting = [cls for cls in _CONDITIONER_TYPES if set(conditioner) <= {f.name for f in dataclasses.fields(cls)}]
+        if len(fitting) != 1:
+            raise ConfigError(f"model spec: cannot tell the conditioner type from keys {sorted(conditioner)}")
+        values["conditioner"] = from_mapping(fitting[0], conditioner)
+    return from_mapping(ModelSpec, values)

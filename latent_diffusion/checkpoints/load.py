@@ -9,6 +9,7 @@ that names the keys.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -285,10 +286,35 @@ def load_checkpoint(
     spec = None
     if config_yaml is not None:
         spec = spec_from_yaml(config_yaml, family=family or _detected_family_or_none(state_dict))
+    elif family is None:
+        spec = _spec_from_metadata(path)
     return load_state_dict_into_model(
         state_dict, source=path, family=family, prediction=prediction, spec=spec,
         use_ema=use_ema, dtype=dtype, device=device,
     )
+
+
+SPEC_METADATA_KEY = "latent_diffusion.spec"
+
+
+def _spec_from_metadata(path: Path) -> ModelSpec | None:
+    """The exact spec our own training stores in a .safetensors header, when present.
+
+    Small models of ours (the built-in one among them) have sizes that no preset has, and head
+    counts cannot be read from tensor shapes, so the file says what it is.
+    """
+    from latent_diffusion.checkpoints.io import read_safetensors_metadata, sniff_format
+    from latent_diffusion.config import spec_from_dict
+
+    if sniff_format(path) != "safetensors":
+        return None
+    text = read_safetensors_metadata(path).get(SPEC_METADATA_KEY)
+    if text is None:
+        return None
+    try:
+        return spec_from_dict(json.loads(text))
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{path}: the stored model spec ({SPEC_METADATA_KEY}) is unreadable: {error}") from None
 
 
 def describe_checkpoint(path: str | os.PathLike, **overrides: Any) -> dict[str, Any]:

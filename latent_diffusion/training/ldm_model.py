@@ -24,7 +24,7 @@ from latent_diffusion.models.ldm import LatentDiffusion
 from latent_diffusion.models.tokenizer import CLIPTokenizer
 from latent_diffusion.training.config import ExperimentConfig, LDMSettings, to_plain
 
-SPEC_METADATA_KEY = "latent_diffusion.spec"
+from latent_diffusion.checkpoints.load import SPEC_METADATA_KEY  # noqa: E402  (one name for writer and reader)
 CLIP_VOCAB_SIZE = 49408
 _CONDITIONING_FOR_TASK = {"txt2img": "crossattn", "class": "crossattn", "unconditional": "none",
                           "superres": "concat", "inpainting": "concat"}
