@@ -35,6 +35,38 @@ def _cmd_samplers(args: argparse.Namespace) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
+def _cmd_png_info(args: argparse.Namespace) -> None:
+    from latent_diffusion.pipelines.png_info import parse_parameters, read_png_parameters
+
+    text = read_png_parameters(args.file)
+    if text is None:
+        raise UsageError(f"{args.file} holds no generation parameters")
+    if args.json:
+        prompt, negative, settings = parse_parameters(text)
+        print(json.dumps({"prompt": prompt, "negative_prompt": negative, **settings}, indent=2, ensure_ascii=False))
+    else:
+        print(text)
+
+
+def _cmd_convert(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from latent_diffusion.checkpoints.convert import load_diffusers_folder, save_diffusers_folder, save_single_file
+    from latent_diffusion.checkpoints.load import load_checkpoint
+
+    source, target = Path(args.source), Path(args.target)
+    if not source.exists():
+        raise FileNotFoundError(f"no such checkpoint: {source}")
+    if target.exists() and not args.overwrite:
+        raise UsageError(f"{target} exists; pass --overwrite to replace it")
+    dtype = "float16" if args.half else "keep"
+    if source.is_dir():
+        save_single_file(load_diffusers_folder(source, dtype=dtype), target)
+    else:
+        save_diffusers_folder(load_checkpoint(source, config_yaml=args.config, dtype=dtype), target)
+    print(target)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ldm",
@@ -59,6 +91,22 @@ def _build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
     add("samplers", _cmd_samplers, "List the samplers with the names A1111/ComfyUI users know.")
+
+    from latent_diffusion.pipelines.commands import add_task_parsers
+
+    add_task_parsers(add)
+
+    png_info = add("png-info", _cmd_png_info, "Print the generation parameters stored in a PNG (A1111 format).")
+    png_info.add_argument("file", help="PNG file written by ldm, A1111 or a compatible tool")
+    png_info.add_argument("--json", action="store_true", help="print prompt, negative prompt and settings as JSON")
+
+    convert = add("convert", _cmd_convert,
+                  "Convert a single-file checkpoint to a diffusers folder, or a diffusers folder to a single file.")
+    convert.add_argument("source", help=".safetensors/.ckpt file, or diffusers folder")
+    convert.add_argument("target", help="diffusers folder (from a file) or .safetensors file (from a folder)")
+    convert.add_argument("--config", default=None, help="CompVis YAML describing the source file")
+    convert.add_argument("--half", action="store_true", help="store float16 weights; default: keep the source's")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing target")
     from latent_diffusion.training.cli import add_cache_latents_parser, add_train_parser
     add_train_parser(commands), add_cache_latents_parser(commands)
     return parser
@@ -69,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (UsageError, ValueError, FileNotFoundError) as error:
+    except (UsageError, ValueError, FileNotFoundError, FloatingPointError) as error:
         # Our loaders and validators raise ValueError subclasses with a message meant for users.
         if os.environ.get("LDM_DEBUG"):
             raise

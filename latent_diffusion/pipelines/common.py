@@ -294,7 +294,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------ the sampling core
     def latent_shape(self, batch_size: int, width: int, height: int) -> tuple[int, int, int, int]:
-        check_size(width, height, self.latent_factor)
+        check_size(width, height, max(8, self.latent_factor))
         f = self.latent_factor
         return (batch_size, self.spec.latent_channels, height // f, width // f)
 

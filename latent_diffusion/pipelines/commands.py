@@ -1,0 +1,305 @@
+"""The generation commands of ``ldm`` (txt2img, img2img, inpaint, upscale, sample): options and runners.
+
+Every input is read and checked before the model runs and before anything is written; images are
+written atomically with their A1111 ``parameters`` chunk as soon as each batch is done.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+DEFAULT_SAMPLER = "euler_a"
+
+
+# ---------------------------------------------------------------------------------------------- options
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--checkpoint", "-c", default=None,
+                       help="model file (.safetensors/.ckpt) or diffusers folder; default: the built-in model")
+    group.add_argument("--config", default=None,
+                       help="CompVis inference YAML describing the checkpoint; default: CHECKPOINT.yaml if present")
+    group.add_argument("--vae", default=None, help="separate VAE file that replaces the checkpoint's autoencoder")
+    group.add_argument("--half", action="store_true",
+                       help="keep the weights in float16 (decoding falls back to float32 on overflow); default fp32")
+    group.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
+
+
+def add_sampling_options(parser: argparse.ArgumentParser, *, guidance: float, sampler: str = DEFAULT_SAMPLER) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--sampler", default=sampler, help="sampler name or A1111 label; see `ldm samplers`")
+    group.add_argument("--steps", type=int, default=None, help="sampling steps; default: the sampler's (20, or 50 for ddim/plms)")
+    group.add_argument("--cfg-scale", "--guidance-scale", dest="guidance_scale", type=float, default=guidance,
+                       help="classifier-free guidance scale (1 = no guidance)")
+    group.add_argument("--seed", type=int, default=-1, help="seed of the first image (image k uses seed+k); -1 = random")
+    group.add_argument("--batch-size", type=int, default=1, help="images generated together")
+    group.add_argument("--batch-count", "--n-iter", dest="batch_count", type=int, default=1, help="batches per prompt")
+
+
+def add_output_options(parser: argparse.ArgumentParser, command: str) -> None:
+    group = parser.add_argument_group("output")
+    group.add_argument("--outdir", "-o", default=f"outputs/{command}", help="folder for the PNG files")
+    group.add_argument("--grid", action="store_true", help="also save a grid of all images")
+    group.add_argument("--quiet", "-q", action="store_true", help="no progress bars, no file list")
+
+
+def add_prompt_options(parser: argparse.ArgumentParser, *, clip_skip: bool = True) -> None:
+    group = parser.add_argument_group("prompt")
+    group.add_argument("--prompt", "-p", default="",
+                       help="prompt; A1111 emphasis: (word:1.3), (word) x1.1, [word] /1.1, BREAK; any length")
+    group.add_argument("--negative-prompt", "-n", default="", help="negative prompt (empty: the empty prompt)")
+    group.add_argument("--prompts-file", default=None, help="text file with one prompt per line (replaces --prompt)")
+    if clip_skip:
+        group.add_argument("--clip-skip", type=int, default=None,
+                           help="A1111 clip skip: 2 = penultimate CLIP layer; default: the model's own")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    if getattr(args, "prompts_file", None) is None:
+        return [args.prompt]
+    path = Path(args.prompts_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file not found: {path}")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {path} has no prompts")
+    return prompts
+
+
+def _load_image_arg(path: str | None, what: str):
+    from latent_diffusion.pipelines.images import load_image
+
+    if path is None:
+        raise ValueError(f"--{what.replace(' ', '-')} is required")
+    return load_image(path, what=what)
+
+
+def _next_index(outdir: Path) -> int:
+    numbers = [int(m.group(1)) for p in outdir.glob("*.png") if (m := re.match(r"(\d{5})-", p.name))]
+    return max(numbers, default=-1) + 1
+
+
+class Writer:
+    """Saves images as they come: ``OUTDIR/NNNNN-SEED.png``, numbered after the files already there."""
+
+    def __init__(self, outdir: str, quiet: bool) -> None:
+        self.outdir = Path(outdir)
+        self.quiet = quiet
+        self.images: list = []
+        self.first_parameters: str | None = None
+        self.index = None
+
+    def save(self, result) -> None:
+        from latent_diffusion.pipelines.png_info import save_png
+
+        if self.index is None:
+            self.outdir.mkdir(parents=True, exist_ok=True)
+            self.index = _next_index(self.outdir)
+        for image, parameters, seed in zip(result.images, result.parameters, result.seeds):
+            path = save_png(image, self.outdir / f"{self.index:05d}-{seed}.png", parameters)
+            self.index += 1
+            self.images.append(image)
+            self.first_parameters = self.first_parameters or parameters
+            if not self.quiet:
+                print(path)
+        for warning in result.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+
+    def save_grid(self) -> None:
+        from latent_diffusion.pipelines.images import make_grid
+        from latent_diffusion.pipelines.png_info import save_png
+
+        if len(self.images) > 1 and len({image.size for image in self.images}) == 1:
+            path = save_png(make_grid(self.images), self.outdir / f"grid-{self.index - 1:05d}.png",
+                            self.first_parameters or "")
+            if not self.quiet:
+                print(path)
+
+
+def _pipeline(args: argparse.Namespace):
+    from latent_diffusion.pipelines.common import Pipeline
+
+    return Pipeline.from_checkpoint(args.checkpoint, vae=args.vae, config_yaml=args.config, half=args.half,
+                                    use_ema=args.ema, progress=not args.quiet)
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance_scale,
+                batch_size=args.batch_size, batch_count=args.batch_count)
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    """Checks that need no model, so that bad options fail before a slow load."""
+    from latent_diffusion.diffusion.registry import get_sampler
+    from latent_diffusion.pipelines.common import resolve_seed
+
+    get_sampler(args.sampler)
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    for name in ("batch_size", "batch_count"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    args.seed = resolve_seed(args.seed)
+
+
+def _run_prompts(args: argparse.Namespace, task: Callable[..., Any], **inputs: Any) -> None:
+    """Run ``task(prompt, seed=...)`` for each prompt; prompt j continues the seeds where j-1 stopped."""
+    prompts = read_prompts(args)
+    writer = Writer(args.outdir, args.quiet)
+    per_prompt = args.batch_size * args.batch_count
+    for index, prompt in enumerate(prompts):
+        writer.save(task(prompt, seed=args.seed + index * per_prompt, **inputs))
+    if args.grid:
+        writer.save_grid()
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def cmd_txt2img(args: argparse.Namespace) -> None:
+    from latent_diffusion.pipelines.images import check_size
+
+    if args.from_png:
+        apply_png_parameters(args)
+    _check_common(args)
+    check_size(args.width, args.height)
+    read_prompts(args)
+    pipe = _pipeline(args)
+    _run_prompts(args, lambda prompt, **kw: pipe.txt2img(
+        prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
+        clip_skip=args.clip_skip, **_sampling_kwargs(args), **kw))
+
+
+def cmd_img2img(args: argparse.Namespace) -> None:
+    from latent_diffusion.pipelines.images import check_size, to_rgb
+
+    _check_common(args)
+    image = to_rgb(_load_image_arg(args.init_image, "init image"), what="init image")
+    if args.width or args.height:
+        check_size(args.width or image.width, args.height or image.height)
+    else:
+        check_size(*image.size)
+    read_prompts(args)
+    pipe = _pipeline(args)
+    _run_prompts(args, lambda prompt, **kw: pipe.img2img(
+        prompt, image, negative_prompt=args.negative_prompt, strength=args.strength, width=args.width,
+        height=args.height, clip_skip=args.clip_skip, **_sampling_kwargs(args), **kw))
+
+
+def cmd_inpaint(args: argparse.Namespace) -> None:
+    from latent_diffusion.pipelines.images import check_size, to_rgb
+    from latent_diffusion.pipelines.inpaint import prepare_mask
+
+    _check_common(args)
+    image = to_rgb(_load_image_arg(args.image, "image"), what="image")
+    mask = _load_image_arg(args.mask, "mask")
+    check_size(*image.size)
+    prepare_mask(mask, image.size, blur=args.mask_blur, padding=args.mask_padding)
+    read_prompts(args)
+    pipe = _pipeline(args)
+    _run_prompts(args, lambda prompt, **kw: pipe.inpaint(
+        prompt, image, mask, negative_prompt=args.negative_prompt, mask_blur=args.mask_blur,
+        mask_padding=args.mask_padding, keep_unmasked=args.keep_unmasked, strength=args.strength,
+        clip_skip=args.clip_skip, **_sampling_kwargs(args), **kw))
+
+
+def cmd_upscale(args: argparse.Namespace) -> None:
+    from latent_diffusion.pipelines.images import to_rgb
+
+    _check_common(args)
+    image = to_rgb(_load_image_arg(args.image, "image"), what="image")
+    read_prompts(args)
+    pipe = _pipeline(args)
+    _run_prompts(args, lambda prompt, **kw: pipe.upscale(
+        image, prompt, negative_prompt=args.negative_prompt, noise_level=args.noise_level,
+        tile_size=args.tile_size, tile_overlap=args.tile_overlap, clip_skip=args.clip_skip,
+        **_sampling_kwargs(args), **kw))
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from latent_diffusion.pipelines.images import check_size
+
+    _check_common(args)
+    check_size(args.width, args.height)
+    pipe = _pipeline(args)
+    writer = Writer(args.outdir, args.quiet)
+    writer.save(pipe.sample(class_ids=args.class_ids, width=args.width, height=args.height, seed=args.seed,
+                            **_sampling_kwargs(args)))
+    if args.grid:
+        writer.save_grid()
+
+
+def apply_png_parameters(args: argparse.Namespace) -> None:
+    """Take prompt, negative prompt, steps, sampler, CFG scale, seed, size and clip skip from a PNG."""
+    from latent_diffusion.pipelines.png_info import parse_parameters, read_png_parameters
+
+    text = read_png_parameters(args.from_png)
+    if not text:
+        raise ValueError(f"{args.from_png} holds no generation parameters")
+    prompt, negative, settings = parse_parameters(text)
+    args.prompt, args.negative_prompt, args.prompts_file = prompt, negative, None
+    try:
+        if "Size" in settings:
+            args.width, args.height = (int(v) for v in settings["Size"].split("x"))
+        args.steps = int(settings.get("Steps", args.steps or 0)) or None
+        args.sampler = settings.get("Sampler", args.sampler)
+        args.guidance_scale = float(settings.get("CFG scale", args.guidance_scale))
+        args.seed = int(settings.get("Seed", args.seed))
+        args.clip_skip = int(settings["Clip skip"]) if "Clip skip" in settings else args.clip_skip
+    except ValueError as error:
+        raise ValueError(f"{args.from_png}: unreadable generation parameters ({error})") from None
+
+
+def add_task_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """Register txt2img, img2img, inpaint, upscale and sample with ``add(name, func, help)``."""
+    p = add("txt2img", cmd_txt2img, "Generate images from a text prompt.")
+    add_prompt_options(p)
+    p.add_argument("--width", "-W", type=int, default=512, help="image width in pixels (multiple of 8)")
+    p.add_argument("--height", "-H", type=int, default=512, help="image height in pixels (multiple of 8)")
+    p.add_argument("--from-png", default=None,
+                   help="regenerate a PNG written by ldm/A1111: its prompt, seed, size, sampler, steps, CFG")
+    add_sampling_options(p, guidance=7.5)
+    add_model_options(p)
+    add_output_options(p, "txt2img")
+
+    p = add("img2img", cmd_img2img, "Redraw an image towards a prompt (SDEdit).")
+    add_prompt_options(p)
+    p.add_argument("--init-image", "-i", required=True, help="the starting image")
+    p.add_argument("--strength", type=float, default=0.75, help="denoising strength in (0, 1]: 1 ignores the image")
+    p.add_argument("--width", "-W", type=int, default=None, help="resize the image to this width; default: its own")
+    p.add_argument("--height", "-H", type=int, default=None, help="resize the image to this height; default: its own")
+    add_sampling_options(p, guidance=7.5)
+    add_model_options(p)
+    add_output_options(p, "img2img")
+
+    p = add("inpaint", cmd_inpaint, "Repaint the white part of a mask (inpainting or ordinary models).")
+    add_prompt_options(p)
+    p.add_argument("--image", "-i", required=True, help="the image to edit (sides multiples of 8)")
+    p.add_argument("--mask", "-m", required=True, help="mask of the same size: white = repaint (or transparent)")
+    p.add_argument("--mask-blur", type=float, default=4.0, help="Gaussian blur radius of the mask in pixels (A1111's 4)")
+    p.add_argument("--mask-padding", type=int, default=0, help="grow the mask by this many pixels first")
+    p.add_argument("--keep-unmasked", action="store_true",
+                   help="paste the original pixels back outside the (blurred) mask, so they stay exact")
+    p.add_argument("--strength", type=float, default=1.0, help="denoising strength in (0, 1]")
+    add_sampling_options(p, guidance=7.5)
+    add_model_options(p)
+    add_output_options(p, "inpaint")
+
+    p = add("upscale", cmd_upscale, "Upscale an image with the SD x4 upscaler or an LDM super-resolution model.")
+    add_prompt_options(p)
+    p.add_argument("--image", "-i", required=True, help="the low-resolution image")
+    p.add_argument("--noise-level", type=int, default=20, help="noise augmentation of the input (x4 upscaler), 0-350")
+    p.add_argument("--tile-size", type=int, default=None, help="process in tiles of this many input pixels; default: whole")
+    p.add_argument("--tile-overlap", type=int, default=16, help="overlap of neighbouring tiles in input pixels")
+    add_sampling_options(p, guidance=9.0)
+    add_model_options(p)
+    add_output_options(p, "upscale")
+
+    p = add("sample", cmd_sample, "Class-conditional or unconditional sampling (latent-diffusion models).")
+    p.add_argument("--class-ids", type=int, nargs="+", default=None, help="class id(s), cycled over the images")
+    p.add_argument("--width", "-W", type=int, default=256, help="image width in pixels (multiple of 8)")
+    p.add_argument("--height", "-H", type=int, default=256, help="image height in pixels (multiple of 8)")
+    add_sampling_options(p, guidance=1.0)
+    add_model_options(p)
+    add_output_options(p, "sample")
