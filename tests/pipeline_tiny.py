@@ -46,6 +46,9 @@ def random_state(spec: ModelSpec, seed: int = 0) -> dict[str, torch.Tensor]:
     for key, value in model.state_dict().items():
         if value.is_floating_point() and value.ndim >= 1 and key.endswith("weight") and value.abs().max() == 0:
             value = torch.randn(value.shape, generator=generator) * 0.3
+        elif key.endswith(("norm.bias", "ln_final.bias", "final_layer_norm.bias")):
+            # Trained text towers end in a biased LayerNorm; a zero-mean context would be untypical.
+            value = torch.randn(value.shape, generator=generator) * 0.3
         state[key] = value.detach().clone().contiguous()
     return state
 

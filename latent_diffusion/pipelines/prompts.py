@@ -158,7 +158,12 @@ def apply_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Scale each token's embedding by its factor, then restore the overall mean (A1111)."""
     original_mean = hidden.mean()
     scaled = hidden * weights.to(hidden.dtype).unsqueeze(-1)
-    return scaled * (original_mean / scaled.mean())
+    scaled_mean = scaled.mean()
+    # The ratio means nothing for embeddings centred on zero (an encoder whose final LayerNorm has no
+    # bias) and would blow up; real CLIP towers have a clearly non-zero mean.
+    if scaled_mean.abs() <= 1e-4 * scaled.abs().mean():
+        return scaled
+    return scaled * (original_mean / scaled_mean)
 
 
 def encode_weighted_prompts(
