@@ -86,7 +86,9 @@ class Denoiser:
     def __call__(self, x: Tensor, sigma: Tensor | float, cond: Conditioning | None = None) -> Tensor:
         sigma = torch.as_tensor(sigma, device=x.device)
         sigma = sigma.to(torch.float64 if x.device.type != "mps" else torch.float32).expand(x.shape[0])
-        c_skip, c_out, c_in = (c.to(x.dtype).view(-1, *[1] * (x.ndim - 1)) for c in prediction_scalings(self.prediction, sigma))
+        c_skip, c_out, c_in = (
+            c.to(x.dtype).view(-1, *[1] * (x.ndim - 1)) for c in prediction_scalings(self.prediction, sigma)
+        )
         t = self.schedule.timestep_at(sigma, quantize=self.quantize_timesteps).to(x.dtype)
         cond = cond or Conditioning()
         model_input = c_in * x

@@ -66,7 +66,10 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
     return (sigma_next**2 - sigma_up**2) ** 0.5, sigma_up
 
 
-def sample_euler(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *, cond=None, callback=None) -> Tensor:
+def sample_euler(
+    denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *,
+    cond: Conditioning | None = None, callback: Callback | None = None,
+) -> Tensor:
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 1 without churn)."""
     for i, sigma, sigma_next in _steps(sigmas):
         denoised = _denoise(denoiser, x, sigma, cond)
@@ -76,7 +79,9 @@ def sample_euler(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *, cond=None, 
 
 
 def sample_euler_ancestral(
-    denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *, cond=None, eta: float = 1.0, noise=None, callback=None
+    denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *,
+    cond: Conditioning | None = None, eta: float = 1.0, noise: NoiseSource | None = None,
+    callback: Callback | None = None,
 ) -> Tensor:
     """Euler step to ``sigma_down`` plus fresh noise of ``sigma_up`` (k-diffusion's "Euler a")."""
     noise = noise or torch.randn_like
@@ -91,18 +96,26 @@ def sample_euler_ancestral(
 
 
 def sample_ddim(
-    denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *, cond=None, eta: float = 0.0, noise=None, callback=None
+    denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *,
+    cond: Conditioning | None = None, eta: float = 0.0, noise: NoiseSource | None = None,
+    callback: Callback | None = None,
 ) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12): in sigma form exactly the ancestral Euler step with its eta."""
     return sample_euler_ancestral(denoiser, x, sigmas, cond=cond, eta=eta, noise=noise, callback=callback)
 
 
-def sample_ddpm(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *, cond=None, noise=None, callback=None) -> Tensor:
+def sample_ddpm(
+    denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *,
+    cond: Conditioning | None = None, noise: NoiseSource | None = None, callback: Callback | None = None,
+) -> Tensor:
     """DDPM ancestral sampling (Ho et al. 2020, Alg. 2): the posterior q(x_prev | x, x0) is DDIM with eta = 1."""
     return sample_euler_ancestral(denoiser, x, sigmas, cond=cond, eta=1.0, noise=noise, callback=callback)
 
 
-def sample_heun(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *, cond=None, callback=None) -> Tensor:
+def sample_heun(
+    denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *,
+    cond: Conditioning | None = None, callback: Callback | None = None,
+) -> Tensor:
     """Heun's second-order method (Karras et al. 2022, Alg. 1); the last step to sigma = 0 is Euler."""
     for i, sigma, sigma_next in _steps(sigmas):
         denoised = _denoise(denoiser, x, sigma, cond)
@@ -131,7 +144,10 @@ def _lagrange_weights(nodes: list[float], start: float, end: float) -> list[floa
     return result
 
 
-def sample_lms(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *, cond=None, order: int = 4, callback=None) -> Tensor:
+def sample_lms(
+    denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *,
+    cond: Conditioning | None = None, order: int = 4, callback: Callback | None = None,
+) -> Tensor:
     """Linear multistep (Adams-Bashforth with variable steps in sigma), as k-diffusion's and diffusers' LMS."""
     if order < 1:
         raise ValueError(f"LMS order must be >= 1, got {order}")
@@ -149,7 +165,10 @@ def sample_lms(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *, cond=None, or
 _ADAMS_BASHFORTH = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
 
 
-def sample_plms(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *, cond=None, callback=None) -> Tensor:
+def sample_plms(
+    denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *,
+    cond: Conditioning | None = None, callback: Callback | None = None,
+) -> Tensor:
     """Pseudo linear multistep (Liu et al. 2022): Adams-Bashforth on eps with DDIM as the transfer.
 
     The first step is the pseudo improved Euler (trapezoid) step with one extra evaluation, as in
@@ -173,7 +192,10 @@ def sample_plms(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *, cond=None, c
     return x
 
 
-def sample_dpmpp_2m(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *, cond=None, callback=None) -> Tensor:
+def sample_dpmpp_2m(
+    denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *,
+    cond: Conditioning | None = None, callback: Callback | None = None,
+) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): second-order multistep in lambda = -log sigma."""
     previous, h_previous = None, None
     for i, sigma, sigma_next in _steps(sigmas):
@@ -194,7 +216,9 @@ def sample_dpmpp_2m(denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *, cond=Non
 
 
 def sample_dpmpp_2m_sde(
-    denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *, cond=None, eta: float = 1.0, noise=None, callback=None
+    denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *,
+    cond: Conditioning | None = None, eta: float = 1.0, noise: NoiseSource | None = None,
+    callback: Callback | None = None,
 ) -> Tensor:
     """SDE-DPM-Solver++(2M) (Lu et al. 2022, appendix; midpoint variant as diffusers and k-diffusion)."""
     noise = noise or torch.randn_like
@@ -219,7 +243,9 @@ def sample_dpmpp_2m_sde(
 
 
 def sample_dpmpp_2s_ancestral(
-    denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *, cond=None, eta: float = 1.0, noise=None, callback=None
+    denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *,
+    cond: Conditioning | None = None, eta: float = 1.0, noise: NoiseSource | None = None,
+    callback: Callback | None = None,
 ) -> Tensor:
     """DPM-Solver++(2S) (Lu et al. 2022, Alg. 1, midpoint in lambda) to sigma_down, then ancestral noise."""
     noise = noise or torch.randn_like
@@ -286,14 +312,9 @@ def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float]:
 
 
 def sample_unipc(
-    denoiser: DenoiserFn,
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    cond=None,
-    order: int = 2,
-    variant: str = "bh2",
-    callback=None,
+    denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *,
+    cond: Conditioning | None = None, order: int = 2, variant: str = "bh2",
+    callback: Callback | None = None,
 ) -> Tensor:
     """UniPC (Zhao et al. 2023): multistep predictor plus a corrector that reuses the next evaluation.
 

@@ -91,7 +91,7 @@ def sample(
     device: str | torch.device = "cpu",
     **options,
 ) -> Tensor:
-    """Generate latents: txt2img from noise, img2img from ``init_latent`` at ``strength``, inpainting with ``keep_mask``.
+    """Generate latents: txt2img, img2img (``init_latent``, ``strength``), inpainting (``keep_mask``).
 
     ``noise`` draws all randomness (initial, ancestral, re-noising): a :class:`BatchNoise` for seeded
     per-image noise, or any function returning standard normal noise shaped like its argument.

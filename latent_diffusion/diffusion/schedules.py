@@ -69,7 +69,7 @@ def sigma_to_alpha_bar(sigma: Tensor) -> Tensor:
 
 
 def scale_to_vp(x: Tensor, sigma: float | Tensor) -> Tensor:
-    """A latent ``x0 + sigma * eps`` as the network and DDPM see it: ``sqrt(alpha_bar) * x0 + sqrt(1 - alpha_bar) * eps``."""
+    """``x0 + sigma * eps`` as the network and DDPM see it: ``sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps``."""
     return x / (1 + sigma**2) ** 0.5
 
 
