@@ -1,0 +1,154 @@
+"""The Python API: seeds, prompts, inpainting by blending, tiling, half precision, VAE files, bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from latent_diffusion.checkpoints.io import CheckpointError, save_safetensors
+from latent_diffusion.pipelines.common import Pipeline, default_checkpoint_path
+from latent_diffusion.pipelines.png_info import parse_parameters
+from pipeline_tiny import TINY_SD1, TINY_X4, random_state, write_checkpoint
+
+SMALL = dict(width=32, height=32, steps=3)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_checkpoint(TINY_SD1, tmp_path_factory.mktemp("sd1") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def pipe(checkpoint):
+    return Pipeline.from_checkpoint(checkpoint, progress=False)
+
+
+@pytest.fixture(scope="module")
+def x4(tmp_path_factory):
+    path = write_checkpoint(TINY_X4, tmp_path_factory.mktemp("x4") / "x4.safetensors")
+    return Pipeline.from_checkpoint(path, progress=False)
+
+
+def _array(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def _image(size: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+def test_an_image_is_the_same_alone_in_a_batch_or_in_a_later_batch(pipe):
+    batched = pipe.txt2img("a circle", seed=10, batch_size=3, sampler="euler_a", **SMALL)
+    alone = pipe.txt2img("a circle", seed=12, batch_size=1, sampler="euler_a", **SMALL)
+    counted = pipe.txt2img("a circle", seed=10, batch_size=1, batch_count=3, sampler="euler_a", **SMALL)
+    assert batched.seeds == counted.seeds == [10, 11, 12]
+    # Same noise; batched matrix products may round differently in the last bits, hence one level.
+    assert np.abs(_array(batched.images[2]) - _array(alone.images[0])).max() <= 1
+    assert np.array_equal(_array(counted.images[2]), _array(alone.images[0]))
+    assert not np.array_equal(_array(batched.images[0]), _array(batched.images[1]))
+
+
+def test_parameters_text_regenerates_the_image(pipe):
+    first = pipe.txt2img("a (red:1.3) [blue] circle", negative_prompt="dull", seed=77, guidance_scale=5.5,
+                         sampler="DPM++ 2M Karras", clip_skip=2, **SMALL)
+    prompt, negative, settings = parse_parameters(first.parameters[0])
+    width, height = (int(v) for v in settings["Size"].split("x"))
+    again = pipe.txt2img(prompt, negative_prompt=negative, width=width, height=height, steps=int(settings["Steps"]),
+                         sampler=settings["Sampler"], guidance_scale=float(settings["CFG scale"]),
+                         seed=int(settings["Seed"]), clip_skip=int(settings["Clip skip"]))
+    assert np.array_equal(_array(first.images[0]), _array(again.images[0]))
+    assert settings["Model hash"] == pipe.hash and settings["Model"] == "tiny"
+
+
+def test_long_prompts_are_chunked_and_the_tail_matters(pipe):
+    words = ", ".join(["red circle"] * 40)
+    assert pipe.encode_prompts([words]).shape[1] == 2 * 77
+    with_tail = pipe.txt2img(words + ", green triangle", seed=1, sampler="euler", **SMALL)
+    without = pipe.txt2img(words, seed=1, sampler="euler", **SMALL)
+    assert not np.array_equal(_array(with_tail.images[0]), _array(without.images[0]))
+
+
+def test_clip_skip_and_negative_prompt_change_the_image(pipe):
+    base = pipe.txt2img("a square", seed=4, sampler="euler", **SMALL)
+    skipped = pipe.txt2img("a square", seed=4, sampler="euler", clip_skip=2, **SMALL)
+    negative = pipe.txt2img("a square", negative_prompt="a circle", seed=4, sampler="euler", **SMALL)
+    assert not np.array_equal(_array(base.images[0]), _array(skipped.images[0]))
+    assert not np.array_equal(_array(base.images[0]), _array(negative.images[0]))
+
+
+def test_inpainting_an_ordinary_model_keeps_the_unmasked_pixels_exactly_when_asked(pipe):
+    image = _image(32)
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[4:20, 12:28] = 255
+    result = pipe.inpaint("a star", image, Image.fromarray(mask), mask_blur=2, mask_padding=1, keep_unmasked=True,
+                          seed=3, sampler="euler", steps=3)
+    out, original = _array(result.images[0]), _array(image)
+    # Far enough from the hole that padding and blur leave the mask at exactly 0.
+    far = np.ones((32, 32), dtype=bool)
+    far[0:26, 6:32] = False
+    assert np.array_equal(out[far], original[far])
+    assert np.abs(out[6:18, 14:26] - original[6:18, 14:26]).mean() > 5
+    assert "Mask blur: 2" in result.parameters[0]
+
+
+def test_tiled_upscaling_covers_the_image_and_one_tile_equals_no_tiling(x4):
+    image = _image(24, seed=2)
+    kwargs = dict(prompt="sharp", steps=2, sampler="euler", seed=5, noise_level=30)
+    whole = x4.upscale(image, **kwargs)
+    one_tile = x4.upscale(image, tile_size=24, **kwargs)
+    tiled = x4.upscale(image, tile_size=16, tile_overlap=8, **kwargs)
+    assert whole.images[0].size == tiled.images[0].size == (96, 96)
+    assert np.array_equal(_array(whole.images[0]), _array(one_tile.images[0]))
+    assert "Noise level: 30" in tiled.parameters[0]
+
+
+def test_half_precision_decodes_in_fp32_when_the_vae_overflows(checkpoint):
+    half = Pipeline.from_checkpoint(checkpoint, half=True, progress=False)
+    assert half.dtype == torch.float16
+    latents = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        # Large enough to overflow float16 (max 65504) in the first decoder activations, harmless in fp32.
+        half.model.first_stage_model.post_quant_conv.weight.mul_(3e4)
+    warnings: list[str] = []
+    images = half.decode(latents, warnings)
+    assert torch.isfinite(images).all()
+    assert warnings and "fp32" in warnings[0]
+
+
+def test_a_separate_vae_file_replaces_the_autoencoder(tmp_path, checkpoint):
+    other = random_state(TINY_SD1, seed=5)
+    vae = {k[len("first_stage_model."):]: v for k, v in other.items() if k.startswith("first_stage_model.")}
+    save_safetensors({**vae, "loss.logvar": torch.zeros(())}, tmp_path / "vae.safetensors")
+    pipe = Pipeline.from_checkpoint(checkpoint, vae=tmp_path / "vae.safetensors", progress=False)
+    for key, value in pipe.model.first_stage_model.state_dict().items():
+        assert torch.equal(value, vae[key]), key
+    del vae["decoder.conv_out.bias"]
+    save_safetensors(vae, tmp_path / "broken.safetensors")
+    with pytest.raises(CheckpointError, match="decoder.conv_out.bias"):
+        Pipeline.from_checkpoint(checkpoint, vae=tmp_path / "broken.safetensors", progress=False)
+
+
+def test_without_a_built_in_model_the_error_says_to_pass_a_checkpoint():
+    try:
+        path = default_checkpoint_path()
+    except FileNotFoundError as error:
+        assert "--checkpoint" in str(error)
+    else:
+        assert path.is_file()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda p: p.txt2img("x", width=36, height=32, steps=1), "multiple of 8"),
+    (lambda p: p.txt2img("x", steps=0, **{k: v for k, v in SMALL.items() if k != "steps"}), "steps"),
+    (lambda p: p.txt2img("x", sampler="nope", **SMALL), "unknown sampler"),
+    (lambda p: p.txt2img("x", batch_size=0, **SMALL), "batch size"),
+    (lambda p: p.img2img("x", _image(32), strength=0.0, steps=1), "strength"),
+    (lambda p: p.img2img("x", None, steps=1), "init image"),
+    (lambda p: p.inpaint("x", _image(32), Image.new("L", (24, 24)), steps=1), "does not match"),
+    (lambda p: p.upscale(_image(16), "x", steps=1), "super-resolution"),
+    (lambda p: p.sample(class_ids=[1], **SMALL), "class-conditional and unconditional"),
+])
+def test_bad_input_is_a_clear_value_error(pipe, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(pipe)
