@@ -66,7 +66,11 @@ def prediction_scalings(prediction: Prediction, sigma: Tensor) -> tuple[Tensor, 
 
 
 class Denoiser:
-    """A discrete-time diffusion network (eps, v or x0 prediction) seen as ``D(x, sigma, cond) -> x0``."""
+    """A discrete-time diffusion network (eps, v or x0 prediction) seen as ``D(x, sigma, cond) -> x0``.
+
+    The network gets ``c_in * x`` (with ``cond.concat`` appended as channels) and the timestep of
+    sigma, fractional between trained timesteps unless ``quantize_timesteps``.
+    """
 
     def __init__(
         self,
@@ -84,12 +88,15 @@ class Denoiser:
         self.quantize_timesteps = quantize_timesteps
 
     def __call__(self, x: Tensor, sigma: Tensor | float, cond: Conditioning | None = None) -> Tensor:
-        sigma = torch.as_tensor(sigma, device=x.device)
-        sigma = sigma.to(torch.float64 if x.device.type != "mps" else torch.float32).expand(x.shape[0])
+        # Noise-level arithmetic in float64 on the CPU (a [B] vector): exact timesteps for the 1e-5
+        # agreement with the references, and no float64 needed on devices that lack it.
+        sigma = torch.as_tensor(sigma).detach().to("cpu", torch.float64).expand(x.shape[0])
         c_skip, c_out, c_in = (
-            c.to(x.dtype).view(-1, *[1] * (x.ndim - 1)) for c in prediction_scalings(self.prediction, sigma)
+            c.to(x.device, x.dtype).view(-1, *[1] * (x.ndim - 1))
+            for c in prediction_scalings(self.prediction, sigma)
         )
-        t = self.schedule.timestep_at(sigma, quantize=self.quantize_timesteps).to(x.dtype)
+        t = self.schedule.timestep_at(sigma, quantize=self.quantize_timesteps)
+        t = t.to(x.device, torch.float64 if x.dtype == torch.float64 else torch.float32)
         cond = cond or Conditioning()
         model_input = c_in * x
         if cond.concat is not None:
