@@ -110,6 +110,8 @@ def sample(
         x = noise(torch.zeros(shape, dtype=dtype, device=device)) * (1 + float(sigmas[0]) ** 2) ** 0.5
     else:
         sigmas = img2img_sigmas(sigmas, strength)
+        if len(sigmas) == 1:  # strength too low for a single step: nothing to change
+            return init_latent
         x = init_latent + noise(init_latent) * float(sigmas[0])
         if keep_mask is not None:
             denoiser = InpaintingDenoiser(denoiser, init_latent, keep_mask, noise)
