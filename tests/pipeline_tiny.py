@@ -49,7 +49,7 @@ def random_state(spec: ModelSpec, seed: int = 0) -> dict[str, torch.Tensor]:
         elif key.endswith(("norm.bias", "ln_final.bias", "final_layer_norm.bias")):
             # Trained text towers end in a biased LayerNorm; a zero-mean context would be untypical.
             value = torch.randn(value.shape, generator=generator) * 0.3
-        state[key] = value.detach().clone().contiguous()
+        state[key] = value.detach().contiguous()  # shares the fresh model's storage: no second copy
     return state
 
 
@@ -62,14 +62,21 @@ def diffusers_folder(checkpoint: Path, folder: Path, family: str | None = None) 
     """Our checkpoint as a diffusers folder, plus a transformers tokenizer on our vocabulary."""
     from latent_diffusion.checkpoints.convert import save_diffusers_folder
     from latent_diffusion.checkpoints.load import load_checkpoint
-    from latent_diffusion.models.tokenizer import load_clip_vocabulary
 
     save_diffusers_folder(load_checkpoint(checkpoint, family=family), folder)
-    vocabulary = load_clip_vocabulary()
     (folder / "tokenizer").mkdir(exist_ok=True)
-    (folder / "tokenizer" / "vocab.json").write_text(json.dumps(vocabulary.token_to_id), encoding="utf-8")
+    write_clip_tokenizer_files(folder / "tokenizer")
+    return folder
+
+
+def write_clip_tokenizer_files(folder: Path) -> Path:
+    """vocab.json and merges.txt of our packaged CLIP vocabulary, for transformers' CLIPTokenizer."""
+    from latent_diffusion.models.tokenizer import load_clip_vocabulary
+
+    vocabulary = load_clip_vocabulary()
+    (folder / "vocab.json").write_text(json.dumps(vocabulary.token_to_id), encoding="utf-8")
     merges = "\n".join(" ".join(pair) for pair in vocabulary.merges)
-    (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + merges + "\n", encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + merges + "\n", encoding="utf-8")
     return folder
 
 

@@ -168,3 +168,49 @@ def test_upscale_matches_stable_diffusion_upscale_pipeline(x4):
                            num_inference_steps=steps, guidance_scale=4.0, latents=latents,
                            generator=make_generators(seed, 1), output_type="np").images
     _assert_images_match(ours.images, theirs)
+
+
+@pytest.mark.slow
+def test_full_size_sd15_txt2img_at_256_matches_stable_diffusion_pipeline(tmp_path):
+    """SD 1.5's real shapes (random weights), 256x256, two Euler steps with CFG, against diffusers."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from latent_diffusion.checkpoints.convert import _unet_diffusers_config, _vae_diffusers_config, to_diffusers
+    from latent_diffusion.checkpoints.load import load_state_dict_into_model
+    from latent_diffusion.config import SD1
+    from pipeline_tiny import random_state, write_clip_tokenizer_files
+
+    state = random_state(SD1)
+    named = to_diffusers(SD1, state)
+    ours = Pipeline(load_state_dict_into_model(dict(state), spec=SD1), name="sd15-random", progress=False)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**{k: v for k, v in _unet_diffusers_config(SD1).items() if not k.startswith("_")})
+        vae = AutoencoderKL(**{k: v for k, v in _vae_diffusers_config(SD1).items() if not k.startswith("_")})
+    unet.load_state_dict(named["unet"], assign=True)
+    vae.load_state_dict(named["vae"], assign=True)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                        num_attention_heads=12, num_hidden_layers=12, max_position_embeddings=77,
+                                        hidden_act="quick_gelu"))
+    weights = named["text_encoder"]
+    if "embeddings.token_embedding.weight" in text.state_dict():
+        weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
+    text.load_state_dict(weights)
+    folder = write_clip_tokenizer_files(tmp_path)
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
+    reference = StableDiffusionPipeline(unet=unet.eval(), vae=vae.eval(), text_encoder=text.eval(), tokenizer=tokenizer,
+                                        scheduler=_scheduler("euler"), safety_checker=None, feature_extractor=None,
+                                        requires_safety_checker=False)
+    reference.set_progress_bar_config(disable=True)
+    seed, size, steps = 3, 256, 2
+    mine = ours.txt2img("a photograph of an astronaut riding a horse", negative_prompt="", width=size, height=size,
+                        steps=steps, sampler="euler", guidance_scale=7.5, seed=seed)
+    latents, generators = _initial_noise(seed, 1, (4, size // 8, size // 8))
+    with torch.no_grad():
+        theirs = reference("a photograph of an astronaut riding a horse", height=size, width=size,
+                           num_inference_steps=steps, guidance_scale=7.5, latents=latents, generator=generators,
+                           output_type="np").images
+    _assert_images_match(mine.images, theirs)
+
