@@ -152,3 +152,10 @@ def test_without_a_built_in_model_the_error_says_to_pass_a_checkpoint():
 def test_bad_input_is_a_clear_value_error(pipe, call, message):
     with pytest.raises(ValueError, match=message):
         call(pipe)
+
+
+def test_half_precision_weights_give_nearly_the_fp32_image(checkpoint, pipe):
+    kwargs = dict(negative_prompt="x", sampler="euler", seed=1, **SMALL)
+    half = Pipeline.from_checkpoint(checkpoint, half=True, progress=False).txt2img("a (red:1.2) circle", **kwargs)
+    full = pipe.txt2img("a (red:1.2) circle", **kwargs)
+    assert np.abs(_array(half.images[0]) - _array(full.images[0])).max() <= 16

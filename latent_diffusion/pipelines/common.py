@@ -275,7 +275,7 @@ class Pipeline:
         return latents * self.spec.scale_factor
 
     def decode(self, latents: Tensor, warnings: list[str] | None = None) -> Tensor:
-        """Images in [-1, 1] from scaled latents; a half-precision overflow is redone in fp32 (and reported)."""
+        """Images in [-1, 1] (float32, on the CPU) from scaled latents; a half-precision overflow is redone in fp32."""
         vae = self.model.first_stage_model
         with torch.no_grad():
             z = latents.to(self.dtype) / self.spec.scale_factor
@@ -287,7 +287,7 @@ class Pipeline:
                 if warnings is not None and message not in warnings:
                     warnings.append(message)
                 images = _decode_fp32(vae, z.float())
-        return images.float()
+        return images.float().cpu()
 
     def to_images(self, latents: Tensor, warnings: list[str]) -> list[Image.Image]:
         return tensor_to_images(self.decode(latents, warnings))

@@ -26,7 +26,9 @@ def is_upscaler(pipe: Pipeline) -> bool:
 def augment(pixels: Tensor, noise_level: int, pipe: Pipeline, generators) -> Tensor:
     """The low-res image noised to ``noise_level`` on the augmentation schedule (DDPM forward process)."""
     alpha_bar = alphas_cumprod_for(pipe.spec.noise_augmentation)[noise_level].item()
-    noise = torch.cat([torch.randn((1, *pixels.shape[1:]), generator=g) for g in generators])
+    # Drawn on each generator's device (CPU seeds give the same image everywhere), then moved.
+    noise = torch.cat([torch.randn((1, *pixels.shape[1:]), generator=g, device=g.device) for g in generators])
+    noise = noise.to(pixels.device, pixels.dtype)
     return alpha_bar**0.5 * pixels + (1 - alpha_bar) ** 0.5 * noise
 
 
