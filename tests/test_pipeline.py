@@ -159,3 +159,37 @@ def test_half_precision_weights_give_nearly_the_fp32_image(checkpoint, pipe):
     half = Pipeline.from_checkpoint(checkpoint, half=True, progress=False).txt2img("a (red:1.2) circle", **kwargs)
     full = pipe.txt2img("a (red:1.2) circle", **kwargs)
     assert np.abs(_array(half.images[0]) - _array(full.images[0])).max() <= 16
+
+
+def _vq_pipeline(unet_in: int, conditioning: str) -> Pipeline:
+    import dataclasses
+
+    from latent_diffusion.checkpoints.load import load_state_dict_into_model
+    from latent_diffusion.config import LDM_BSR_SR
+
+    spec = dataclasses.replace(
+        LDM_BSR_SR, family="custom", conditioning=conditioning,
+        unet=dataclasses.replace(LDM_BSR_SR.unet, in_channels=unet_in, model_channels=32, channel_mult=(1, 2),
+                                 num_res_blocks=1, attention_resolutions=(2,)),
+        autoencoder=dataclasses.replace(LDM_BSR_SR.autoencoder, ch=32, ch_mult=(1, 2), num_res_blocks=1, n_embed=16),
+    )
+    return Pipeline(load_state_dict_into_model(random_state(spec), spec=spec), progress=False)
+
+
+def test_ldm_super_resolution_concatenates_the_low_res_image_without_text():
+    pipe = _vq_pipeline(6, "concat")
+    low = _image(16, seed=1)
+    result = pipe.upscale(low, steps=2, sampler="euler", seed=0)
+    other = pipe.upscale(_image(16, seed=2), steps=2, sampler="euler", seed=0)
+    assert result.images[0].size == (32, 32)  # the tiny VQ autoencoder downsamples by 2
+    assert not np.array_equal(_array(result.images[0]), _array(other.images[0]))  # the input matters
+    with pytest.raises(ValueError, match="use inpaint or upscale"):
+        pipe.txt2img("x", **SMALL)
+
+
+def test_unconditional_sampling_takes_no_classes():
+    pipe = _vq_pipeline(3, "none")
+    result = pipe.sample(width=16, height=16, steps=2, seed=3, batch_size=2)
+    assert [image.size for image in result.images] == [(16, 16)] * 2 and result.seeds == [3, 4]
+    with pytest.raises(ValueError, match="unconditional"):
+        pipe.sample(class_ids=[1], width=16, height=16, steps=1)

@@ -9,11 +9,11 @@ from latent_diffusion.pipelines.common import GenerationResult, Pipeline, Sampli
 
 def check_text_model(pipe: Pipeline, task: str) -> None:
     """Refuse tasks that need a text-conditioned model with plain latent input (not inpainting/upscaler UNets)."""
-    if not pipe.takes_text:
-        raise ValueError(f"{task} needs a text-conditioned model; this is a {pipe.spec.family!r} model (try `ldm sample`)")
     if pipe.concat_channels:
         raise ValueError(f"{task} cannot run a {pipe.spec.family!r} model, whose UNet also takes an image "
                          f"({pipe.concat_channels} extra channels); use inpaint or upscale")
+    if not pipe.takes_text:
+        raise ValueError(f"{task} needs a text-conditioned model; this is a {pipe.spec.family!r} model (try `ldm sample`)")
 
 
 def txt2img(
