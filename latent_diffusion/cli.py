@@ -19,7 +19,10 @@ class UsageError(Exception):
 def _cmd_info(args: argparse.Namespace) -> None:
     from latent_diffusion.checkpoints.load import describe_checkpoint, format_description
 
-    description = describe_checkpoint(args.checkpoint, prediction=args.prediction)
+    from latent_diffusion.pipelines.common import default_checkpoint_path
+
+    path = args.checkpoint if args.checkpoint is not None else default_checkpoint_path()
+    description = describe_checkpoint(path, prediction=args.prediction)
     print(json.dumps(description, indent=2, default=str) if args.json else format_description(description))
 
 
@@ -83,7 +86,8 @@ def _build_parser() -> argparse.ArgumentParser:
         return sub
 
     info = add("info", _cmd_info, "Say what a checkpoint file is: family, parameter counts, dtype, EMA.")
-    info.add_argument("checkpoint", help=".safetensors / .ckpt file or diffusers folder")
+    info.add_argument("checkpoint", nargs="?", default=None,
+                      help=".safetensors / .ckpt file or diffusers folder; default: the built-in model")
     info.add_argument(
         "--prediction", choices=["eps", "v", "x0"], default=None,
         help="override the prediction type where keys cannot tell (SD 2 512 eps vs 768 v)",
