@@ -12,7 +12,8 @@ from PIL import Image
 
 from pipeline_tiny import TINY_CLASS, TINY_SD1, TINY_X4, write_checkpoint
 
-COMMANDS = ["info", "samplers", "txt2img", "img2img", "inpaint", "upscale", "sample", "png-info", "convert"]
+COMMANDS = ["info", "samplers", "txt2img", "img2img", "inpaint", "upscale", "sample", "png-info", "convert",
+            "eval-shapes"]
 
 
 def ldm(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -121,6 +122,16 @@ def test_convert_both_ways_and_info(models, tmp_path):
     info = ldm("info", tmp_path / "back.safetensors")
     assert info.returncode == 0 and "sd1" in info.stdout
     assert ldm("convert", models["sd1"], tmp_path / "folder").returncode != 0  # no silent overwrite
+
+
+def test_eval_shapes_scores_the_renderer_perfectly_and_runs_a_model(models):
+    renderer = ldm("eval-shapes", "--renderer", "--prompts-per-group", 2, "--json")
+    assert renderer.returncode == 0, renderer.stderr
+    scores = json.loads(renderer.stdout)
+    assert all(value == 1.0 for group in scores["accuracy"].values() for value in group.values())
+    model = ldm("eval-shapes", "-c", models["sd1"], "--prompts-per-group", 1, "--steps", 1, "--size", 64, "-q")
+    assert model.returncode == 0, model.stderr
+    assert "Fréchet distance" in model.stdout
 
 
 BAD_INPUTS = {

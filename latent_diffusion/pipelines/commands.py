@@ -231,6 +231,38 @@ def cmd_sample(args: argparse.Namespace) -> None:
         writer.save_grid()
 
 
+def cmd_eval_shapes(args: argparse.Namespace) -> None:
+    from latent_diffusion.evaluation.shapes_eval import (
+        evaluate_generator, fixed_prompt_set, format_report, rendering_generator,
+    )
+    from latent_diffusion.pipelines.images import check_size
+
+    _check_common(args)
+    check_size(args.size, args.size)
+    counts = args.prompts_per_group
+    if counts is not None and counts < 1:
+        raise ValueError(f"--prompts-per-group must be >= 1, got {counts}")
+    prompts = fixed_prompt_set(counts, counts, counts) if counts else None
+    if args.renderer:
+        generate = rendering_generator(seed=args.seed, resolution=args.size)
+    else:
+        pipe = _pipeline(args)
+        counter = iter(range(args.seed, args.seed + 10**9))
+
+        def generate(caption: str):
+            return pipe.txt2img(caption, width=args.size, height=args.size, steps=args.steps, sampler=args.sampler,
+                                guidance_scale=args.guidance_scale, seed=next(counter)).images[0]
+
+    evaluation = evaluate_generator(generate, prompts=prompts, images_per_prompt=args.images_per_prompt, seed=args.seed)
+    if args.json:
+        import json
+
+        print(json.dumps({"accuracy": evaluation.accuracy, "frechet_distance": evaluation.frechet_distance,
+                          "images": evaluation.image_count, "references": evaluation.reference_count}, indent=2))
+    else:
+        print(format_report(evaluation))
+
+
 def apply_png_parameters(args: argparse.Namespace) -> None:
     """Take prompt, negative prompt, steps, sampler, CFG scale, seed, size and clip skip from a PNG."""
     from latent_diffusion.pipelines.png_info import parse_parameters, read_png_parameters
@@ -296,6 +328,20 @@ def add_task_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
     add_sampling_options(p, guidance=9.0)
     add_model_options(p)
     add_output_options(p, "upscale")
+
+    p = add("eval-shapes", cmd_eval_shapes,
+            "Score a text-to-image model on the shapes world: per-attribute accuracy and a Fréchet distance.")
+    p.add_argument("--renderer", action="store_true",
+                   help="score the perfect renderer instead of a model (the ceiling of the scores)")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--images-per-prompt", type=int, default=1, help="images generated per evaluation prompt")
+    p.add_argument("--prompts-per-group", type=int, default=None,
+                   help="prompts per group (one object, two objects, held-out pairs); default: the full fixed set")
+    p.add_argument("--json", action="store_true", help="print the scores as JSON")
+    add_sampling_options(p, guidance=7.5)
+    p.set_defaults(seed=0, batch_size=1, batch_count=1)
+    add_model_options(p)
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
     p = add("sample", cmd_sample, "Class-conditional or unconditional sampling (latent-diffusion models).")
     p.add_argument("--class-ids", type=int, nargs="+", default=None, help="class id(s), cycled over the images")
