@@ -193,3 +193,17 @@ def test_unconditional_sampling_takes_no_classes():
     assert [image.size for image in result.images] == [(16, 16)] * 2 and result.seeds == [3, 4]
     with pytest.raises(ValueError, match="unconditional"):
         pipe.sample(class_ids=[1], width=16, height=16, steps=1)
+
+
+def test_masks_read_white_or_opaque_strokes_as_the_hole():
+    from latent_diffusion.pipelines.inpaint import prepare_mask
+
+    grey = np.zeros((8, 8), dtype=np.uint8)
+    grey[2:5, 2:5] = 255
+    expected = torch.from_numpy(grey / 255.0).float()[None, None]
+    opaque_rgba = Image.fromarray(np.dstack([grey] * 3 + [np.full((8, 8), 255, np.uint8)]))
+    strokes = Image.fromarray(np.dstack([np.zeros((8, 8, 3), np.uint8), grey]))
+    for mask in (Image.fromarray(grey), opaque_rgba, strokes):
+        assert torch.equal(prepare_mask(mask, (8, 8), blur=0, padding=0), expected)
+    padded = prepare_mask(Image.fromarray(grey), (8, 8), blur=0, padding=1)
+    assert padded.sum() == 25 and padded[0, 0, 1, 1] == 1

@@ -309,7 +309,7 @@ def add_task_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
     p = add("inpaint", cmd_inpaint, "Repaint the white part of a mask (inpainting or ordinary models).")
     add_prompt_options(p)
     p.add_argument("--image", "-i", required=True, help="the image to edit (sides multiples of 8)")
-    p.add_argument("--mask", "-m", required=True, help="mask of the same size: white = repaint (or transparent)")
+    p.add_argument("--mask", "-m", required=True, help="mask of the same size: white = repaint (or opaque strokes on a transparent layer)")
     p.add_argument("--mask-blur", type=float, default=4.0, help="Gaussian blur radius of the mask in pixels (A1111's 4)")
     p.add_argument("--mask-padding", type=int, default=0, help="grow the mask by this many pixels first")
     p.add_argument("--keep-unmasked", action="store_true",

@@ -27,8 +27,8 @@ def prepare_mask(mask: Image.Image | None, size: tuple[int, int], *, blur: float
         raise ValueError(f"mask must be a PIL image, got {type(mask).__name__}")
     if blur < 0 or padding < 0:
         raise ValueError(f"mask blur and padding must be >= 0, got {blur} and {padding}")
-    if mask.mode in ("RGBA", "LA"):
-        # A transparent mask (as painted in editors) marks the hole by its alpha, not its colour.
+    if mask.mode in ("RGBA", "LA") and mask.getchannel("A").getextrema() != (255, 255):
+        # Strokes painted on a transparent layer mark the hole by their opacity, not their colour (A1111).
         mask = mask.getchannel("A")
     grey = mask.convert("L")
     if padding:
