@@ -55,7 +55,8 @@ def default_checkpoint_path() -> Path:
 def resolve_seed(seed: int | None) -> int:
     """A user's seed, or a fresh random one (-1 and None both mean random, as in A1111)."""
     if seed is None or seed == -1:
-        return secrets.randbelow(MAX_SEED + 1)
+        # Half the range, so that the seeds of the following images (seed + k) stay valid.
+        return secrets.randbelow(2**31)
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be in [0, {MAX_SEED}] (or -1 for random), got {seed}")
     return int(seed)
@@ -141,7 +142,6 @@ class Pipeline:
         self.hash = hash_
         self.progress = progress
         self.tokenizer = self._make_tokenizer()
-        self.warnings: list[str] = []
 
     @classmethod
     def from_checkpoint(
@@ -336,7 +336,7 @@ class Pipeline:
         check_positive("batch count", batch_count)
         seed = resolve_seed(seed)
         if seed + batch_size * batch_count - 1 > MAX_SEED:
-            seed = seed % (MAX_SEED + 1 - batch_size * batch_count)
+            raise ValueError(f"seed {seed} leaves no room for {batch_size * batch_count} images (seeds end at {MAX_SEED})")
         result = GenerationResult()
         from tqdm.auto import tqdm
 
