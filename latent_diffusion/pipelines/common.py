@@ -116,6 +116,9 @@ def load_vae_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     # Released VAE files carry their training loss (LPIPS, discriminator) and EMA bookkeeping.
     state = {k: v for k, v in state.items() if not k.startswith(("loss.", "model_ema."))}
+    if any(".up_blocks." in k or ".down_blocks." in k for k in state):
+        raise CheckpointError(f"VAE file {path} is in the diffusers layout; use the original-layout file "
+                              "(as released for A1111, e.g. vae-ft-mse-840000-ema-pruned.safetensors)")
     target = model.first_stage_model
     expected = target.state_dict()
     missing = sorted(set(expected) - set(state))
