@@ -9,6 +9,7 @@ page saved as ``model.ckpt`` gets an error that says what it is.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -18,7 +19,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import BinaryIO, Iterator, Literal, Mapping
 
 import torch
 
@@ -286,6 +287,27 @@ def read_tensor_infos(path: str | os.PathLike) -> dict[str, TensorInfo]:
     return {name: TensorInfo(tuple(t.shape), t.dtype) for name, t in read_state_dict(path).items()}
 
 
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Open a temporary file beside ``path`` for writing; on success fsync and rename it over ``path``.
+
+    A reader (or a run resumed after a crash) sees the old file or the complete new one, never a
+    half-written one; on error the temporary file is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
 def save_safetensors(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
 ) -> None:
@@ -310,18 +332,10 @@ def save_safetensors(
     raw_header = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw_header += b" " * (-len(raw_header) % 8)  # keeps every tensor aligned for zero-copy mapping
 
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(struct.pack("<Q", len(raw_header)))
-            out.write(raw_header)
-            for _name, tensor in items:
-                flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-                if flat.numel():
-                    out.write(memoryview(flat.view(torch.uint8).numpy()))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as out:
+        out.write(struct.pack("<Q", len(raw_header)))
+        out.write(raw_header)
+        for _name, tensor in items:
+            flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+            if flat.numel():
+                out.write(memoryview(flat.view(torch.uint8).numpy()))

@@ -14,11 +14,12 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 from PIL import Image, PngImagePlugin
+
+from latent_diffusion.checkpoints.io import atomic_write
 
 PARAMETERS_KEY = "parameters"
 _NEGATIVE_PREFIX = "Negative prompt:"
@@ -80,14 +81,8 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: str) -> Pa
     path = Path(path)
     info = PngImagePlugin.PngInfo()
     info.add_text(PARAMETERS_KEY, parameters)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG", pnginfo=info)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as handle:
+        image.save(handle, format="PNG", pnginfo=info)
     return path
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from latent_diffusion.checkpoints.io import atomic_write
 
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
 
@@ -32,17 +33,8 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
 
 def atomic_torch_save(obj: object, path: Path) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            torch.save(obj, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as out:
+        torch.save(obj, out)
 
 
 def rng_states() -> dict:
