@@ -113,6 +113,8 @@ def _build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="replace an existing target")
     from latent_diffusion.training.cli import add_cache_latents_parser, add_train_parser
     add_train_parser(commands), add_cache_latents_parser(commands)
+    from latent_diffusion.server.serve import add_serve_parser
+    add_serve_parser(commands)
     return parser
 
 

@@ -29,6 +29,7 @@ from latent_diffusion.config import BERTTextConfig, ClassEmbedderConfig, CLIPTex
 from latent_diffusion.diffusion.denoiser import Conditioning, Denoiser
 from latent_diffusion.diffusion.guidance import ClassifierFreeGuidance
 from latent_diffusion.diffusion.registry import SamplerSpec, get_sampler, sigmas_for
+from latent_diffusion.diffusion.samplers import Step
 from latent_diffusion.diffusion.sampling import BatchNoise, make_generators, sample
 from latent_diffusion.diffusion.schedules import NoiseSchedule
 from latent_diffusion.models.autoencoder import AutoencoderKL
@@ -144,6 +145,9 @@ class Pipeline:
         self.name = name or (loaded.source.stem if loaded.source else self.spec.family)
         self.hash = hash_
         self.progress = progress
+        # Called as ``step_callback(step, total_steps)`` after every sampler step (the server's
+        # progress and previews); an exception raised there aborts the sampling.
+        self.step_callback: Callable[[Step, int], None] | None = None
         self.tokenizer = self._make_tokenizer()
 
     @classmethod
@@ -320,10 +324,16 @@ class Pipeline:
             denoiser = ClassifierFreeGuidance(denoiser, uncond, settings.guidance_scale)
         sigmas = sigmas_for(settings.sampler, self.schedule, settings.steps)
         total = len(sigmas) - 1 if init_latent is None else max(int((len(sigmas) - 1) * strength), 0)
+
+        def on_step(step: Step) -> None:
+            bar.update(1)
+            if self.step_callback is not None:
+                self.step_callback(step, total)
+
         with _progress(total, description, self.progress) as bar, torch.no_grad():
             latents = sample(
                 settings.sampler, denoiser, sigmas, noise, shape=shape, cond=cond, init_latent=init_latent,
-                strength=strength, keep_mask=keep_mask, callback=lambda step: bar.update(1),
+                strength=strength, keep_mask=keep_mask, callback=on_step,
                 dtype=self.dtype, device=self.device,
             )
         if not torch.isfinite(latents).all():

@@ -1,0 +1,253 @@
+"""From API requests to pipeline calls and back: base64 images, limits, per-batch runs, A1111's ``info``.
+
+Everything that can be checked without the model is checked here before a job is queued, so bad
+input is answered at once with a 4xx and never occupies the worker.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+from latent_diffusion.diffusion.registry import get_sampler
+from latent_diffusion.diffusion.samplers import Step
+from latent_diffusion.pipelines.common import GenerationResult, Pipeline, resolve_seed
+from latent_diffusion.pipelines.png_info import PARAMETERS_KEY, parse_parameters
+from latent_diffusion.server.jobs import Job, JobInterrupted
+from latent_diffusion.server.schemas import ExtrasSingleImageRequest, GenerationRequest, Img2ImgRequest
+
+DEFAULT_SAMPLER = "Euler a"
+UPSCALERS = ("None", "Lanczos", "Nearest")
+
+
+class BadRequest(ValueError):
+    """Input the server refuses before queueing (HTTP 400)."""
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one request may ask for; configurable from ``ldm serve``."""
+
+    max_size: int = 1024  # pixels per side of generated images
+    max_steps: int = 150
+    max_images: int = 16  # batch_size * n_iter
+    max_upscaled_size: int | None = None  # pixels per side of an upscaler's output; default 4 * max_size
+    max_input_pixels: int = 4096 * 4096  # decoded input images (guards against decompression bombs)
+
+    @property
+    def upscaled_limit(self) -> int:
+        return self.max_upscaled_size or 4 * self.max_size
+
+
+# ---------------------------------------------------------------------------------------------- images
+def decode_image(data: str, *, what: str, limits: ServerLimits) -> Image.Image:
+    """A base64 image (a ``data:image/...;base64,`` prefix is allowed, as A1111 allows it), fully loaded."""
+    if not isinstance(data, str) or not data.strip():
+        raise BadRequest(f"{what} is empty; send a base64-encoded PNG or JPEG")
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        raw = base64.b64decode(data.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"{what} is not valid base64") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw))
+            if image.width * image.height > limits.max_input_pixels:
+                raise BadRequest(f"{what} is {image.width}x{image.height}, more than the "
+                                 f"{limits.max_input_pixels} pixels this server accepts")
+            image.load()
+    except BadRequest:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as error:
+        raise BadRequest(f"{what} is not a readable image ({type(error).__name__})") from None
+    return image
+
+
+def encode_png(image: Image.Image, parameters: str | None = None) -> str:
+    """Base64 PNG with the A1111 ``parameters`` text chunk."""
+    info = PngImagePlugin.PngInfo()
+    if parameters:
+        info.add_text(PARAMETERS_KEY, parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def png_info(image: Image.Image) -> dict[str, Any]:
+    """``/sdapi/v1/png-info``: the parameters text, other text chunks, and the parsed parameters (A1111 keys)."""
+    items = {k: v for k, v in image.info.items() if isinstance(v, str)}
+    text = items.pop(PARAMETERS_KEY, "")
+    parameters: dict[str, Any] = {}
+    if text:
+        prompt, negative, settings = parse_parameters(text)
+        parameters = {"Prompt": prompt, "Negative prompt": negative, **settings}
+        width, _, height = settings.get("Size", "").partition("x")
+        if width.isdigit() and height.isdigit():
+            parameters["Size-1"], parameters["Size-2"] = width, height
+    return {"info": text, "items": items, "parameters": parameters}
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def sampler_label(request: GenerationRequest) -> str:
+    """The A1111 label of the requested sampler (400 for an unknown one)."""
+    name = request.sampler_name or request.sampler_index or DEFAULT_SAMPLER
+    try:
+        return get_sampler(name).label
+    except ValueError as error:
+        raise BadRequest(str(error)) from None
+
+
+def check_generation(request: GenerationRequest, limits: ServerLimits) -> None:
+    """Size, steps and image count against the server's limits."""
+    for name in ("width", "height"):
+        value = getattr(request, name)
+        if value > limits.max_size:
+            raise BadRequest(f"{name} {value} exceeds this server's limit of {limits.max_size} pixels")
+        if value % 8:
+            raise BadRequest(f"{name} {value} is not a multiple of 8")
+    if request.steps > limits.max_steps:
+        raise BadRequest(f"steps {request.steps} exceeds this server's limit of {limits.max_steps}")
+    if request.batch_size * request.n_iter > limits.max_images:
+        raise BadRequest(f"batch_size * n_iter = {request.batch_size * request.n_iter} images exceeds this "
+                         f"server's limit of {limits.max_images} per request")
+    sampler_label(request)
+
+
+# ---------------------------------------------------------------------------------------------- running
+class StepReporter:
+    """The pipeline's per-step hook for one job: progress, interruption and live previews."""
+
+    def __init__(self, job: Job, pipe: Pipeline, preview_every: int) -> None:
+        self.job, self.pipe, self.preview_every = job, pipe, preview_every
+
+    def __call__(self, step: Step, total: int) -> None:
+        job = self.job
+        job.check_interrupted()
+        job.step, job.steps = step.index + 1, total
+        if self.preview_every > 0 and (job.step % self.preview_every == 0 or job.step == total):
+            # Decoded on the worker, between steps, so the weights are never used by two threads.
+            job.preview = self.pipe.to_images(step.denoised[:1], [])[0]
+        job.check_interrupted()
+
+
+def run_batches(job: Job, pipe: Pipeline, request: GenerationRequest, preview_every: int, task) -> tuple[
+        GenerationResult, int, bool]:
+    """Run ``task(seed=...)`` once per batch (``n_iter``), keeping the finished batches if interrupted."""
+    seed = resolve_seed(request.seed)
+    result = GenerationResult()
+    job.batch_count = request.n_iter
+    pipe.step_callback = StepReporter(job, pipe, preview_every)
+    interrupted = False
+    try:
+        for index in range(request.n_iter):
+            job.batch_no, job.step = index, 0
+            job.check_interrupted()
+            result.extend(task(seed=seed + index * request.batch_size))
+    except JobInterrupted:
+        interrupted = True
+    finally:
+        pipe.step_callback = None
+    return result, seed, interrupted
+
+
+def common_options(request: GenerationRequest) -> dict[str, Any]:
+    return dict(negative_prompt=request.negative_prompt, steps=request.steps, sampler=sampler_label(request),
+                guidance_scale=request.cfg_scale, batch_size=request.batch_size)
+
+
+def run_txt2img(job: Job, pipe: Pipeline, request: GenerationRequest, preview_every: int):
+    """The txt2img job."""
+    return run_batches(job, pipe, request, preview_every, lambda seed: pipe.txt2img(
+        request.prompt, width=request.width, height=request.height, seed=seed, **common_options(request)))
+
+
+def prepare_img2img(request: Img2ImgRequest, limits: ServerLimits) -> tuple[Image.Image, Image.Image | None]:
+    """Decoded init image and mask at the requested size (A1111's "just resize"), before queueing."""
+    image = decode_image(request.init_images[0], what="init_images[0]", limits=limits)
+    image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+    size = (request.width, request.height)
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    mask = None
+    if request.mask:
+        mask = decode_image(request.mask, what="mask", limits=limits)
+        if mask.mode in ("RGBA", "LA") and mask.getchannel("A").getextrema() != (255, 255):
+            mask = mask.getchannel("A")  # strokes on a transparent layer, as the web page draws them
+        mask = mask.convert("L").resize(size, Image.Resampling.NEAREST)
+        if request.inpainting_mask_invert:
+            mask = ImageOps.invert(mask)
+    return image, mask
+
+
+def run_img2img(job: Job, pipe: Pipeline, request: Img2ImgRequest, image: Image.Image, mask: Image.Image | None,
+                preview_every: int):
+    """The img2img job, or inpainting when a mask was sent (original pixels kept outside it, as A1111)."""
+    options = common_options(request)
+    if mask is None:
+        return run_batches(job, pipe, request, preview_every, lambda seed: pipe.img2img(
+            request.prompt, image, strength=request.denoising_strength, seed=seed, **options))
+    return run_batches(job, pipe, request, preview_every, lambda seed: pipe.inpaint(
+        request.prompt, image, mask, strength=request.denoising_strength, mask_blur=request.mask_blur,
+        mask_padding=request.inpaint_full_res_padding, keep_unmasked=True, seed=seed, **options))
+
+
+def upscale_target(request: ExtrasSingleImageRequest, image: Image.Image, limits: ServerLimits) -> tuple[int, int]:
+    if request.resize_mode == 1:
+        size = (request.upscaling_resize_w, request.upscaling_resize_h)
+    else:
+        size = (round(image.width * request.upscaling_resize), round(image.height * request.upscaling_resize))
+    if max(size) > limits.upscaled_limit or min(size) < 1:
+        raise BadRequest(f"upscaled size {size[0]}x{size[1]} is outside this server's limit of "
+                         f"{limits.upscaled_limit} pixels per side")
+    return size
+
+
+def run_upscale(job: Job, pipe: Pipeline | None, request: ExtrasSingleImageRequest, image: Image.Image,
+                size: tuple[int, int]) -> Image.Image:
+    """Upscale with a resampling filter, or with the loaded super-resolution model then resized to ``size``."""
+    name = request.upscaler_1
+    if name == "None":
+        return image
+    if name in ("Lanczos", "Nearest"):
+        method = Image.Resampling.LANCZOS if name == "Lanczos" else Image.Resampling.NEAREST
+        return image.convert("RGB").resize(size, method)
+    if pipe is None:
+        raise BadRequest(f"unknown upscaler {name!r}")
+    pipe.step_callback = StepReporter(job, pipe, 0)
+    try:
+        upscaled = pipe.upscale(image.convert("RGB"), seed=0).images[0]
+    finally:
+        pipe.step_callback = None
+    return upscaled if upscaled.size == size else upscaled.resize(size, Image.Resampling.LANCZOS)
+
+
+def info_json(request: GenerationRequest, result: GenerationResult, seed: int, pipe: Pipeline,
+              interrupted: bool, extra: dict[str, Any] | None = None) -> str:
+    """A1111's ``info`` string (a JSON text) describing the images of one request."""
+    count = len(result.images)
+    info = {
+        "prompt": request.prompt, "all_prompts": [request.prompt] * count,
+        "negative_prompt": request.negative_prompt, "all_negative_prompts": [request.negative_prompt] * count,
+        "seed": seed, "all_seeds": result.seeds, "subseed": -1, "all_subseeds": [-1] * count,
+        "subseed_strength": 0, "width": request.width, "height": request.height,
+        "sampler_name": sampler_label(request), "cfg_scale": request.cfg_scale, "steps": request.steps,
+        "batch_size": request.batch_size, "restore_faces": False, "face_restoration_model": None,
+        "sd_model_name": pipe.name, "sd_model_hash": pipe.hash, "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1, "denoising_strength": getattr(request, "denoising_strength", None),
+        "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": result.parameters,
+        "styles": request.styles or [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": 1,
+        "is_using_inpainting_conditioning": False, "version": "latent-diffusion",
+        "interrupted": interrupted, "warnings": result.warnings,
+    }
+    info.update(extra or {})
+    return json.dumps(info, ensure_ascii=False)

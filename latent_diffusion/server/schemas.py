@@ -1,0 +1,163 @@
+"""Request and response bodies of the API, with AUTOMATIC1111's field names so that its clients work unchanged.
+
+Fields A1111 accepts but we do not implement (hires fix, face restoration, scripts, subseeds) are
+accepted and ignored, as A1111 itself ignores options that do not apply, so that existing client
+payloads are not rejected.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Generous schema-level bounds; the server's configured limits (ServerLimits) are checked on top.
+MAX_PROMPT_CHARS = 20_000
+
+
+class _Lenient(BaseModel):
+    # Unknown fields from newer/older A1111 clients are ignored, not errors.
+    model_config = ConfigDict(extra="ignore")
+
+
+class GenerationRequest(_Lenient):
+    """Fields shared by txt2img and img2img."""
+
+    prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    styles: Optional[list[str]] = None
+    seed: int = Field(-1, ge=-1, le=2**32 - 1)
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    sampler_name: Optional[str] = Field(None, max_length=100, description="A1111 label ('Euler a') or our name")
+    sampler_index: Optional[str] = Field(None, max_length=100, description="old A1111 spelling of sampler_name")
+    scheduler: Optional[str] = None
+    batch_size: int = Field(1, ge=1, le=64)
+    n_iter: int = Field(1, ge=1, le=64)
+    steps: int = Field(20, ge=1, le=1000)
+    cfg_scale: float = Field(7.0, ge=0.0, le=100.0)
+    width: int = Field(512, ge=8, le=8192)
+    height: int = Field(512, ge=8, le=8192)
+    restore_faces: Optional[bool] = None
+    tiling: Optional[bool] = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    override_settings: Optional[dict[str, Any]] = None
+    send_images: bool = True
+    save_images: bool = False
+
+
+class Txt2ImgRequest(GenerationRequest):
+    """``POST /sdapi/v1/txt2img``."""
+
+    enable_hr: bool = False
+    denoising_strength: Optional[float] = Field(None, ge=0.0, le=1.0)
+
+
+class Img2ImgRequest(GenerationRequest):
+    """``POST /sdapi/v1/img2img``: ``init_images`` (base64 PNG/JPEG), optional ``mask`` for inpainting."""
+
+    init_images: list[str] = Field(..., min_length=1, max_length=16)
+    mask: Optional[str] = Field(None, description="base64 image; white = repaint")
+    mask_blur: float = Field(4.0, ge=0.0, le=64.0)
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
+    inpainting_fill: int = Field(1, ge=0, le=3)
+    inpaint_full_res: bool = False
+    inpaint_full_res_padding: int = Field(0, ge=0, le=256)
+    denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
+    resize_mode: int = Field(0, ge=0, le=3)
+    include_init_images: bool = False
+
+
+class ImageResponse(BaseModel):
+    """txt2img/img2img answer: base64 PNGs (with ``parameters``), the request echoed, and ``info`` as JSON text."""
+
+    images: list[str]
+    parameters: dict[str, Any]
+    info: str
+
+
+class ExtrasSingleImageRequest(_Lenient):
+    """``POST /sdapi/v1/extra-single-image`` (A1111's Extras tab): upscale one image."""
+
+    image: str
+    resize_mode: int = Field(0, ge=0, le=1)
+    upscaling_resize: float = Field(2.0, gt=0.0, le=8.0)
+    upscaling_resize_w: int = Field(512, ge=8, le=8192)
+    upscaling_resize_h: int = Field(512, ge=8, le=8192)
+    upscaler_1: str = Field("Lanczos", max_length=200)
+    show_extras_results: bool = True
+
+
+class ExtrasSingleImageResponse(BaseModel):
+    image: str
+    html_info: str
+
+
+class UpscalerItem(BaseModel):
+    name: str
+    model_name: Optional[str] = None
+    model_path: Optional[str] = None
+    model_url: Optional[str] = None
+    scale: float = 4.0
+
+
+class PNGInfoRequest(_Lenient):
+    image: str
+
+
+class PNGInfoResponse(BaseModel):
+    info: str
+    items: dict[str, Any]
+    parameters: dict[str, Any]
+
+
+class SamplerItem(BaseModel):
+    name: str
+    aliases: list[str]
+    options: dict[str, Any]
+
+
+class SDModelItem(BaseModel):
+    title: str
+    model_name: str
+    hash: Optional[str] = None
+    sha256: Optional[str] = None
+    filename: str
+    config: Optional[str] = None
+
+
+class ProgressState(BaseModel):
+    skipped: bool = False
+    interrupted: bool = False
+    job: str = ""
+    job_count: int = 0
+    job_timestamp: str = "0"
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+    queue_length: int = 0
+
+
+class ProgressResponse(BaseModel):
+    progress: float
+    eta_relative: float
+    state: ProgressState
+    current_image: Optional[str] = None
+    textinfo: Optional[str] = None
+
+
+class Options(_Lenient):
+    """The subset of A1111's options this server understands (others are accepted and echoed)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    sd_model_checkpoint: Optional[str] = Field(None, max_length=500)
+    show_progress_every_n_steps: Optional[int] = Field(None, ge=-1, le=1000)
+    samples_format: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    """Body of every 4xx/5xx answer of ours (A1111's ``error`` and ``detail`` fields)."""
+
+    error: str
+    detail: str

@@ -1,0 +1,63 @@
+"""``ldm serve``: the web UI and the A1111-compatible API on one port."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``serve``."""
+    parser = subparsers.add_parser(
+        "serve", help="Serve the web UI and an AUTOMATIC1111-compatible HTTP API (/sdapi/v1, docs at /docs).",
+        description="Serve the web UI (/) and an AUTOMATIC1111-compatible API (/sdapi/v1/..., OpenAPI at /docs). "
+        "Binds to 127.0.0.1 unless --listen is given.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", default=None, help="model to load first; default: the built-in model")
+    parser.add_argument("--models-dir", default=None,
+                        help="folder whose .safetensors/.ckpt files clients may switch to (by name)")
+    parser.add_argument("--listen", action="store_true", help="bind to 0.0.0.0 so other machines can connect")
+    parser.add_argument("--host", default=None, help="bind address (overrides --listen)")
+    parser.add_argument("--port", type=int, default=7860, help="TCP port (A1111's default)")
+    parser.add_argument("--api-auth", default=None,
+                        help="require credentials: user:password[,user2:password2] (HTTP Basic, or Bearer user:password)")
+    parser.add_argument("--max-size", type=int, default=1024, help="largest image side in pixels a request may ask for")
+    parser.add_argument("--max-steps", type=int, default=150, help="most sampling steps a request may ask for")
+    parser.add_argument("--max-images", type=int, default=16, help="most images (batch_size * n_iter) per request")
+    parser.add_argument("--max-queue", type=int, default=16, help="requests allowed to wait; more get HTTP 429")
+    parser.add_argument("--preview-every", type=int, default=5,
+                        help="decode a live preview every N sampler steps (0: no previews)")
+    parser.set_defaults(func=cmd_serve)
+    return parser
+
+
+def parse_auth(text: str | None) -> list[str]:
+    """``user:pw,user2:pw2`` -> ["user:pw", "user2:pw2"] (ValueError for an entry without a colon)."""
+    if not text:
+        return []
+    pairs = [pair.strip() for pair in text.split(",") if pair.strip()]
+    for pair in pairs:
+        if ":" not in pair:
+            raise ValueError(f"--api-auth entries must be user:password, got {pair!r}")
+    return pairs
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from latent_diffusion.server.app import ServerConfig, create_app
+    from latent_diffusion.server.generate import ServerLimits
+
+    for name in ("max_size", "max_steps", "max_images", "max_queue", "port"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    config = ServerConfig(
+        checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+        models_dir=Path(args.models_dir) if args.models_dir else None,
+        limits=ServerLimits(max_size=args.max_size, max_steps=args.max_steps, max_images=args.max_images),
+        max_queue=args.max_queue, api_auth=parse_auth(args.api_auth), preview_every=max(args.preview_every, 0),
+    )
+    host = args.host or ("0.0.0.0" if args.listen else "127.0.0.1")
+    app = create_app(config)
+    print(f"ldm serve: model {app.state.server.models.entry.title}; open http://{host}:{args.port}/", flush=True)
+    uvicorn.run(app, host=host, port=args.port, log_level="warning")
