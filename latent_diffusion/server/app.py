@@ -10,6 +10,7 @@ import asyncio
 import base64
 import binascii
 import secrets
+from http import HTTPStatus
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from latent_diffusion.diffusion.registry import SAMPLERS
 from latent_diffusion.server import generate as gen
@@ -134,6 +136,17 @@ def create_app(config: ServerConfig | None = None, *, models: ModelManager | Non
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, error: QueueFull):
         return _error(429, "QueueFull", f"the server is busy: {error}; retry later")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        headers = dict(error.headers or {})
+        if error.status_code == 405:
+            # Starlette names only the first matching route's methods; GET and POST /options are two routes.
+            allowed = sorted({m for r in app.routes if getattr(r, "path", None) == request.url.path
+                              for m in (getattr(r, "methods", None) or ())})
+            headers["Allow"] = ", ".join(allowed)
+        return JSONResponse(status_code=error.status_code, headers=headers,
+                            content={"error": HTTPStatus(error.status_code).phrase, "detail": str(error.detail)})
 
     @app.exception_handler(FloatingPointError)
     async def numeric_failure(request: Request, error: FloatingPointError):

@@ -15,8 +15,9 @@ MAX_PROMPT_CHARS = 20_000
 
 
 class _Lenient(BaseModel):
-    # Unknown fields from newer/older A1111 clients are ignored, not errors.
-    model_config = ConfigDict(extra="ignore")
+    # Unknown fields from newer/older A1111 clients are ignored, not errors; but a field we know must
+    # have its JSON type (no false for a number, no "20" for steps), as the published schema says.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class GenerationRequest(_Lenient):
@@ -149,7 +150,7 @@ class ProgressResponse(BaseModel):
 class Options(_Lenient):
     """The subset of A1111's options this server understands (others are accepted and echoed)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     sd_model_checkpoint: Optional[str] = Field(None, max_length=500)
     show_progress_every_n_steps: Optional[int] = Field(None, ge=-1, le=1000)
