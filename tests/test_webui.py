@@ -1,0 +1,140 @@
+"""The web page in a real headless Chromium (the Debian package) driven by Playwright, against a loopback server."""
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+
+import pytest
+from PIL import Image
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (pip) is needed for the browser tests")
+pytest.importorskip("uvicorn")
+
+from latent_diffusion.server.app import ServerConfig  # noqa: E402
+from latent_diffusion.server.generate import ServerLimits  # noqa: E402
+from server_fixtures import running_server, tiny_models  # noqa: E402
+
+CHROMIUM = os.environ.get("LDM_TEST_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory):
+    models = tiny_models(tmp_path_factory.mktemp("ui-models"))
+    config = ServerConfig(checkpoint=models / "alpha.safetensors", models_dir=models,
+                          limits=ServerLimits(max_size=64, max_steps=1000, max_images=4), preview_every=1)
+    with running_server(config) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install -y chromium)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture()
+def page(browser, base_url):
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(base_url + "/")
+    page.wait_for_function("document.querySelectorAll('#sampler_name option').length > 0")
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def fill_small(page, steps: int = 3, seed: int = 42) -> None:
+    for field, value in (("#width", 32), ("#height", 32), ("#steps", steps), ("#seed", seed)):
+        page.fill(field, str(value))
+
+
+def image_size(page, selector: str) -> tuple[int, int]:
+    return tuple(page.eval_on_selector(selector, "img => [img.naturalWidth, img.naturalHeight]"))
+
+
+def test_txt2img_shows_image_and_parameters(page):
+    assert page.locator("#model option").count() == 2
+    page.fill("#prompt", "a red circle")
+    page.fill("#negative_prompt", "blurry")
+    page.select_option("#sampler_name", "DPM++ 2M")
+    fill_small(page)
+    page.click("#generate")
+    result = page.locator("#gallery .result").first
+    result.locator("img").wait_for()
+    page.wait_for_function("document.querySelector('#gallery .result img').naturalWidth > 0")
+    assert image_size(page, "#gallery .result img") == (32, 32)
+    parameters = result.locator(".parameters").inner_text()
+    assert parameters.startswith("a red circle\nNegative prompt: blurry\n")
+    assert "Seed: 42" in parameters and "Sampler: DPM++ 2M" in parameters and "Size: 32x32" in parameters
+    assert page.locator("#error").is_hidden()
+
+
+def test_send_to_inpaint_with_a_drawn_mask_then_upscale(page):
+    page.fill("#prompt", "a blue square")
+    fill_small(page)
+    page.click("#generate")
+    page.locator("#gallery .result").first.locator("button[data-send=inpaint]").click()
+    assert page.locator("#mask_canvas").is_visible()
+    page.wait_for_function("document.getElementById('init_canvas').width === 32")
+    box = page.locator("#mask_canvas").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.9, box["y"] + box["height"] * 0.8, steps=5)
+    page.mouse.up()
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('#gallery .result').length === 2")
+    parameters = page.locator("#gallery .result").first.locator(".parameters").inner_text()
+    assert parameters.startswith("a blue square") and "Mask blur: 4" in parameters
+
+    page.locator("#gallery .result").first.locator("button[data-send=upscale]").click()
+    page.select_option("#upscaler_1", "Lanczos")
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('#gallery .result').length === 3")
+    page.wait_for_function("document.querySelector('#gallery .result img').naturalWidth > 0")
+    assert image_size(page, "#gallery .result img") == (64, 64)
+
+
+def test_dropped_png_fills_the_parameters(page):
+    text = "two green triangles\nNegative prompt: noise\nSteps: 7, Sampler: DDIM, CFG scale: 3.5, Seed: 99, Size: 24x40"
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    buffer = io.BytesIO()
+    Image.new("RGB", (24, 40)).save(buffer, format="PNG", pnginfo=info)
+    page.evaluate("""b64 => {
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], "old.png", {type: "image/png"}));
+        document.dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true, cancelable: true}));
+    }""", base64.b64encode(buffer.getvalue()).decode())
+    page.wait_for_function("document.getElementById('prompt').value === 'two green triangles'")
+    values = {field: page.input_value(f"#{field}") for field in
+              ("negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "sampler_name")}
+    assert values == {"negative_prompt": "noise", "steps": "7", "cfg_scale": "3.5", "seed": "99", "width": "24",
+                      "height": "40", "sampler_name": "DDIM"}
+    assert page.locator("#pnginfo-text").inner_text() == text
+
+
+def test_live_progress_preview_and_interrupt(page):
+    page.fill("#prompt", "a long job")
+    fill_small(page, steps=1000)
+    page.select_option("#sampler_name", "Euler")
+    page.click("#generate")
+    page.locator("#preview").wait_for(state="visible")
+    page.wait_for_function("document.getElementById('progress').value > 0")
+    page.click("#interrupt")
+    page.wait_for_function("document.getElementById('error').textContent === 'interrupted'")
+    page.wait_for_function("!document.getElementById('generate').disabled")
+    assert page.locator("#progress-box").is_hidden() and page.locator("#gallery .result").count() == 0
