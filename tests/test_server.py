@@ -280,3 +280,42 @@ def test_ldm_serve_bad_checkpoint_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "latent_diffusion.cli", "serve", "--checkpoint",
                              str(tmp_path / "missing.safetensors")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_failed_job_leaves_the_others_alone(client, base_url, models_dir):
+    broken = models_dir / "broken.safetensors"
+    broken.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            before = pool.submit(lambda: httpx.post(f"{base_url}/sdapi/v1/txt2img", json={**SMALL, "seed": 1},
+                                                    timeout=120))
+            switch = pool.submit(lambda: httpx.post(f"{base_url}/sdapi/v1/options",
+                                                    json={"sd_model_checkpoint": "broken"}, timeout=120))
+            after = pool.submit(lambda: httpx.post(f"{base_url}/sdapi/v1/txt2img", json={**SMALL, "seed": 2},
+                                                   timeout=120))
+            assert switch.result().status_code == 400 and "broken" in switch.result().json()["detail"]
+            assert before.result().status_code == 200 and after.result().status_code == 200
+        # The failed load kept the model that was serving.
+        assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("alpha")
+        assert "Model: alpha" in png_from_b64(txt2img(client, seed=3)["images"][0]).info["parameters"]
+    finally:
+        broken.unlink()
+
+
+def test_a1111_client_payload_with_fields_we_do_not_use(client):
+    # The body an A1111 client library sends by default (hires fix off, scripts empty, subseeds...).
+    payload = {
+        "enable_hr": False, "denoising_strength": 0.7, "firstphase_width": 0, "firstphase_height": 0,
+        "hr_scale": 2, "hr_upscaler": "Latent", "hr_second_pass_steps": 0, "hr_resize_x": 0, "hr_resize_y": 0,
+        "prompt": "a circle", "styles": [], "seed": 11, "subseed": -1, "subseed_strength": 0.0,
+        "seed_resize_from_h": 0, "seed_resize_from_w": 0, "sampler_name": None, "sampler_index": "Euler a",
+        "batch_size": 1, "n_iter": 1, "steps": 3, "cfg_scale": 7.0, "width": 32, "height": 32,
+        "restore_faces": False, "tiling": False, "do_not_save_samples": False, "do_not_save_grid": False,
+        "negative_prompt": "", "eta": 1.0, "s_churn": 0, "s_tmax": 0, "s_tmin": 0, "s_noise": 1,
+        "override_settings": {}, "override_settings_restore_afterwards": True, "script_args": [],
+        "script_name": None, "send_images": True, "save_images": False, "alwayson_scripts": {},
+    }
+    response = client.post("/sdapi/v1/txt2img", json=payload)
+    assert response.status_code == 200, response.text
+    assert json.loads(response.json()["info"])["sampler_name"] == "Euler a"
+    assert "Seed: 11" in png_from_b64(response.json()["images"][0]).info["parameters"]
