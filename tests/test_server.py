@@ -23,7 +23,7 @@ from latent_diffusion.server.generate import ServerLimits  # noqa: E402
 from server_fixtures import b64_png, free_port, png_from_b64, running_server, tiny_models  # noqa: E402
 
 SMALL = {"width": 32, "height": 32, "steps": 3}
-LIMITS = ServerLimits(max_size=64, max_steps=400, max_images=4)
+LIMITS = ServerLimits(max_size=64, max_steps=400, max_images=4, max_body_bytes=1_000_000)
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +241,12 @@ def test_bad_input_gets_a_clear_4xx(client, path, payload, status, words):
     assert len(txt2img(client, seed=1)["images"]) == 1
 
 
+def test_oversized_body_is_413(client):
+    huge = {"init_images": ["A" * 1_200_000], **SMALL}
+    response = client.post("/sdapi/v1/img2img", json=huge)
+    assert response.status_code == 413 and "limit of 1000000 bytes" in response.json()["detail"]
+
+
 def test_unparseable_body_is_422(client):
     response = client.post("/sdapi/v1/txt2img", content=b"{not json", headers={"content-type": "application/json"})
     assert response.status_code == 422
@@ -319,3 +325,18 @@ def test_a1111_client_payload_with_fields_we_do_not_use(client):
     assert response.status_code == 200, response.text
     assert json.loads(response.json()["info"])["sampler_name"] == "Euler a"
     assert "Seed: 11" in png_from_b64(response.json()["images"][0]).info["parameters"]
+
+
+def test_builtin_model_serves_out_of_the_box():
+    from latent_diffusion.pipelines.common import default_checkpoint_path
+
+    try:
+        default_checkpoint_path()
+    except FileNotFoundError:
+        pytest.skip("the built-in shapes model is not installed in latent_diffusion/assets yet")
+    with running_server(ServerConfig(limits=LIMITS)) as url, httpx.Client(base_url=url, timeout=300) as http:
+        assert http.get("/sdapi/v1/sd-models").json()[0]["filename"].startswith("shapes")
+        response = http.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "width": 64, "height": 64,
+                                                        "steps": 4, "seed": 1})
+        assert response.status_code == 200, response.text
+        assert png_from_b64(response.json()["images"][0]).size == (64, 64)

@@ -22,6 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from latent_diffusion.diffusion.registry import SAMPLERS
+from latent_diffusion.pipelines.common import Pipeline
 from latent_diffusion.server import generate as gen
 from latent_diffusion.server.jobs import Job, JobQueue, QueueFull
 from latent_diffusion.server.models import ModelManager
@@ -43,6 +44,8 @@ class ServerConfig:
     max_queue: int = 16
     api_auth: list[str] = field(default_factory=list)  # "user:password" pairs (A1111's --api-auth)
     preview_every: int = 5  # decode a live preview every n sampler steps (0 = never)
+    device: str = "cpu"
+    half: bool = False
 
 
 class ServerState:
@@ -51,7 +54,9 @@ class ServerState:
     def __init__(self, config: ServerConfig, models: ModelManager | None = None) -> None:
         self.config = config
         self.limits = config.limits
-        self.models = models or ModelManager(config.checkpoint, config.models_dir)
+        self.models = models or ModelManager(
+            config.checkpoint, config.models_dir,
+            loader=lambda path: Pipeline.from_checkpoint(path, progress=False, device=config.device, half=config.half))
         self.models.load_startup()
         self.queue = JobQueue(config.max_queue)
         self.preview_every = config.preview_every
@@ -107,6 +112,7 @@ def create_app(config: ServerConfig | None = None, *, models: ModelManager | Non
 
     errors = {400: {"model": ErrorResponse, "description": "invalid input"},
               401: {"model": ErrorResponse, "description": "credentials required (--api-auth)"},
+              413: {"model": ErrorResponse, "description": "the request body is too large"},
               429: {"model": ErrorResponse, "description": "the job queue is full"},
               500: {"model": ErrorResponse, "description": "the generation failed"}}
     app = FastAPI(title="latent-diffusion", version="0.1.0", lifespan=lifespan, responses=errors,
@@ -119,6 +125,10 @@ def create_app(config: ServerConfig | None = None, *, models: ModelManager | Non
             response = _error(401, "Unauthorized", "this server needs credentials (user:password, HTTP Basic)")
             response.headers["WWW-Authenticate"] = 'Basic realm="ldm"'
             return response
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > config.limits.max_body_bytes:
+            return _error(413, "PayloadTooLarge", f"the request body exceeds this server's limit of "
+                                                  f"{config.limits.max_body_bytes} bytes")
         return await call_next(request)
 
     @app.exception_handler(gen.BadRequest)

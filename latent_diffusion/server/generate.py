@@ -40,6 +40,7 @@ class ServerLimits:
     max_images: int = 16  # batch_size * n_iter
     max_upscaled_size: int | None = None  # pixels per side of an upscaler's output; default 4 * max_size
     max_input_pixels: int = 4096 * 4096  # decoded input images (guards against decompression bombs)
+    max_body_bytes: int = 64 * 1024 * 1024  # a request body (base64 images included)
 
     @property
     def upscaled_limit(self) -> int:
