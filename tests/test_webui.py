@@ -69,6 +69,7 @@ def test_txt2img_shows_image_and_parameters(page):
     page.fill("#negative_prompt", "blurry")
     page.select_option("#sampler_name", "DPM++ 2M")
     fill_small(page)
+    page.fill("#batch_size", "2")
     page.click("#generate")
     result = page.locator("#gallery .result").first
     result.locator("img").wait_for()
@@ -78,6 +79,9 @@ def test_txt2img_shows_image_and_parameters(page):
     assert parameters.startswith("a red circle\nNegative prompt: blurry\n")
     assert "Seed: 42" in parameters and "Sampler: DPM++ 2M" in parameters and "Size: 32x32" in parameters
     assert page.locator("#error").is_hidden()
+    # The batch's second image follows the first, with the next seed.
+    assert page.locator("#gallery .result").count() == 2
+    assert "Seed: 43" in page.locator("#gallery .result").nth(1).locator(".parameters").inner_text()
 
 
 def test_send_to_inpaint_with_a_drawn_mask_then_upscale(page):

@@ -183,7 +183,7 @@ async function generate(event) {
 // ------------------------------------------------------------------------------------------- gallery
 function addResults(images, infotexts) {
   const template = $("result-template");
-  images.forEach((b64, index) => {
+  const figures = images.map((b64, index) => {
     const figure = template.content.firstElementChild.cloneNode(true);
     const src = "data:image/png;base64," + b64;
     figure.querySelector("img").src = src;
@@ -196,8 +196,10 @@ function addResults(images, infotexts) {
         selectTab(button.dataset.send);
       });
     }
-    $("gallery").prepend(figure);
+    return figure;
   });
+  // Newest request first, its images in seed order.
+  $("gallery").prepend(...figures);
 }
 
 // ------------------------------------------------------------------------------------------- PNG parameters
