@@ -20,6 +20,7 @@ pytest.importorskip("uvicorn")
 from latent_diffusion.pipelines.png_info import parse_parameters  # noqa: E402
 from latent_diffusion.server.app import ServerConfig  # noqa: E402
 from latent_diffusion.server.generate import ServerLimits  # noqa: E402
+from pipeline_tiny import TINY_X4, write_checkpoint  # noqa: E402
 from server_fixtures import b64_png, free_port, png_from_b64, running_server, tiny_models  # noqa: E402
 
 SMALL = {"width": 32, "height": 32, "steps": 3}
@@ -32,9 +33,14 @@ def models_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def base_url(models_dir):
+def upscaler_path(tmp_path_factory):
+    return write_checkpoint(TINY_X4, tmp_path_factory.mktemp("upscalers") / "tiny-x4.safetensors")
+
+
+@pytest.fixture(scope="module")
+def base_url(models_dir, upscaler_path):
     config = ServerConfig(checkpoint=models_dir / "alpha.safetensors", models_dir=models_dir, limits=LIMITS,
-                          max_queue=2, preview_every=1)
+                          max_queue=2, preview_every=1, upscalers=[upscaler_path])
     with running_server(config) as url:
         yield url
 
@@ -143,6 +149,20 @@ def test_png_info_and_upscale(client):
     upscaled = client.post("/sdapi/v1/extra-single-image", json={
         "image": body["images"][0], "upscaling_resize": 2, "upscaler_1": "Lanczos"}).json()
     assert png_from_b64(upscaled["image"]).size == (64, 64)
+
+
+def test_upscale_with_a_super_resolution_model(client):
+    assert "tiny-x4" in [u["name"] for u in client.get("/sdapi/v1/upscalers").json()]
+    rng = np.random.default_rng(1)
+    small = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    response = client.post("/sdapi/v1/extra-single-image", json={
+        "image": b64_png(small), "upscaling_resize": 4, "upscaler_1": "tiny-x4"})
+    assert response.status_code == 200, response.text
+    upscaled = png_from_b64(response.json()["image"])
+    assert upscaled.size == (64, 64) and "tiny-x4" in upscaled.info["parameters"]
+    # The model's output, not a resampled copy of the input.
+    lanczos = np.asarray(small.resize((64, 64), Image.Resampling.LANCZOS))
+    assert not np.array_equal(np.asarray(upscaled.convert("RGB")), lanczos)
 
 
 def test_model_switch_through_options(client):

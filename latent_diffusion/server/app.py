@@ -46,6 +46,7 @@ class ServerConfig:
     preview_every: int = 5  # decode a live preview every n sampler steps (0 = never)
     device: str = "cpu"
     half: bool = False
+    upscalers: list[Path] | None = None  # super-resolution checkpoints; None: the built-in one if installed
 
 
 class ServerState:
@@ -56,7 +57,8 @@ class ServerState:
         self.limits = config.limits
         self.models = models or ModelManager(
             config.checkpoint, config.models_dir,
-            loader=lambda path: Pipeline.from_checkpoint(path, progress=False, device=config.device, half=config.half))
+            loader=lambda path: Pipeline.from_checkpoint(path, progress=False, device=config.device, half=config.half),
+            upscalers=config.upscalers)
         self.models.load_startup()
         self.queue = JobQueue(config.max_queue)
         self.preview_every = config.preview_every
@@ -183,8 +185,9 @@ def create_app(config: ServerConfig | None = None, *, models: ModelManager | Non
     @app.get("/sdapi/v1/upscalers", response_model=list[UpscalerItem])
     async def upscalers():
         items = [UpscalerItem(name=name, scale=1.0 if name == "None" else 4.0) for name in gen.UPSCALERS]
+        items += [UpscalerItem(name=name, model_name=name) for name in state.models.upscaler_paths]
         pipe = state.models.pipeline
-        if pipe is not None and _is_upscaler(pipe):
+        if pipe is not None and _is_upscaler(pipe) and pipe.name not in state.models.upscaler_paths:
             items.append(UpscalerItem(name=pipe.name, model_name=pipe.name, scale=pipe.latent_factor))
         return items
 
@@ -282,7 +285,13 @@ def create_app(config: ServerConfig | None = None, *, models: ModelManager | Non
             raise gen.BadRequest(f"unknown upscaler {request.upscaler_1!r}; choose one of {names}")
 
         def work(job: Job):
-            pipe = state.models.pipeline if request.upscaler_1 not in gen.UPSCALERS else None
+            name = request.upscaler_1
+            if name in gen.UPSCALERS:
+                pipe = None
+            elif name in state.models.upscaler_paths:
+                pipe = state.models.upscaler(name)
+            else:
+                pipe = state.models.pipeline
             return gen.run_upscale(job, pipe, request, image, size)
 
         upscaled = await state.run("upscale", work)

@@ -42,7 +42,7 @@ class ModelManager:
     """Lists the model folder and holds the one loaded :class:`Pipeline` (loads happen on the job worker)."""
 
     def __init__(self, checkpoint: Path | None, models_dir: Path | None,
-                 loader: Callable[[Path], Pipeline] | None = None) -> None:
+                 loader: Callable[[Path], Pipeline] | None = None, upscalers: list[Path] | None = None) -> None:
         self.startup = Path(checkpoint) if checkpoint is not None else None
         self.models_dir = Path(models_dir) if models_dir is not None else None
         if self.models_dir is not None and not self.models_dir.is_dir():
@@ -50,6 +50,13 @@ class ModelManager:
         self.loader = loader or (lambda path: Pipeline.from_checkpoint(path, progress=False))
         self.pipeline: Pipeline | None = None
         self.entry: ModelEntry | None = None
+        # Super-resolution models offered by the upscale endpoint next to the resampling filters; each is
+        # loaded on first use and kept, beside the generation model.
+        self.upscaler_paths = {Path(p).stem: Path(p) for p in (builtin_upscalers() if upscalers is None else upscalers)}
+        self._upscalers: dict[str, Pipeline] = {}
+        for path in self.upscaler_paths.values():
+            if not path.is_file():
+                raise FileNotFoundError(f"upscaler checkpoint not found: {path}")
         self._hashes: dict[tuple[Path, int, int], str] = {}
         self._lock = threading.Lock()
 
@@ -95,9 +102,29 @@ class ModelManager:
         self.pipeline, self.entry = pipeline, ModelEntry(entry.name, entry.path, self._hash(entry.path))
         return pipeline
 
+    def upscaler(self, name: str) -> Pipeline:
+        """The super-resolution pipeline listed as ``name``; call only from the job worker."""
+        if name not in self.upscaler_paths:
+            raise ValueError(f"unknown upscaler {name!r}")
+        if name not in self._upscalers:
+            self._upscalers[name] = self.loader(self.upscaler_paths[name])
+        return self._upscalers[name]
+
     def load_startup(self) -> Pipeline:
         paths = self._paths()
         if not paths:
             raise FileNotFoundError("no model to serve: the built-in model is not installed and no --checkpoint "
                                     "or --models-dir was given")
         return self.load(ModelEntry(paths[0].stem, paths[0], None))
+
+
+def builtin_upscalers() -> list[Path]:
+    """The built-in super-resolution model, when this install has one."""
+    from latent_diffusion.pipelines import common
+
+    # Older installs have no built-in upscaler (nor this function).
+    find = getattr(common, "default_upscaler_path", None)
+    try:
+        return [find()] if find is not None else []
+    except FileNotFoundError:
+        return []

@@ -16,6 +16,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", default=None, help="model to load first; default: the built-in model")
     parser.add_argument("--models-dir", default=None,
                         help="folder whose .safetensors/.ckpt files clients may switch to (by name)")
+    parser.add_argument("--upscaler", action="append", default=None, metavar="CHECKPOINT",
+                        help="super-resolution model for the upscale tab (repeatable); default: the built-in one")
     parser.add_argument("--device", default="cpu", help="torch device to run the models on, e.g. cuda")
     parser.add_argument("--half", action="store_true", help="float16 weights (for GPUs; slow on CPUs)")
     parser.add_argument("--listen", action="store_true", help="bind to 0.0.0.0 so other machines can connect")
@@ -58,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         models_dir=Path(args.models_dir) if args.models_dir else None,
         limits=ServerLimits(max_size=args.max_size, max_steps=args.max_steps, max_images=args.max_images),
         max_queue=args.max_queue, api_auth=parse_auth(args.api_auth), preview_every=max(args.preview_every, 0),
-        device=args.device, half=args.half,
+        device=args.device, half=args.half, upscalers=[Path(p) for p in args.upscaler] if args.upscaler else None,
     )
     host = args.host or ("0.0.0.0" if args.listen else "127.0.0.1")
     app = create_app(config)
