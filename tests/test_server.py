@@ -60,6 +60,17 @@ def txt2img(http, **fields):
     return response.json()
 
 
+def post_retrying(base_url: str, path: str, payload: dict) -> httpx.Response:
+    """POST from a client of its own, retrying while the server answers 429 (its queue holds 2)."""
+    with httpx.Client(base_url=base_url, timeout=120) as http:
+        for _ in range(200):
+            response = http.post(path, json=payload)
+            if response.status_code != 429:
+                return response
+            time.sleep(0.05)
+        return response
+
+
 def pixels(image_b64: str) -> np.ndarray:
     return np.asarray(png_from_b64(image_b64).convert("RGB"))
 
@@ -103,17 +114,8 @@ def test_eight_concurrent_clients_get_their_own_results(client, base_url):
     requests = [{"prompt": f"shape number {i}", "seed": 100 + i, **SMALL} for i in range(8)]
     expected = [pixels(txt2img(client, **r)["images"][0]) for r in requests]
 
-    def call(request):
-        with httpx.Client(base_url=base_url, timeout=120) as http:
-            for _ in range(100):
-                response = http.post("/sdapi/v1/txt2img", json=request)
-                if response.status_code != 429:  # the queue holds 2; a busy answer means "retry"
-                    return response
-                time.sleep(0.05)
-            return response
-
     with ThreadPoolExecutor(8) as pool:
-        responses = list(pool.map(call, requests))
+        responses = list(pool.map(lambda request: post_retrying(base_url, "/sdapi/v1/txt2img", request), requests))
     for request, response, reference in zip(requests, responses, expected):
         assert response.status_code == 200, response.text
         body = response.json()
@@ -229,6 +231,24 @@ def test_full_queue_answers_429_and_recovers(client, base_url):
         assert all(len(w.result().json()["images"]) == 1 for w in waiting)
 
 
+def test_client_that_hangs_up_loses_its_waiting_job(client, base_url):
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(lambda: httpx.post(f"{base_url}/sdapi/v1/txt2img", timeout=120,
+                                                 json={**SMALL, "steps": 400, "sampler_name": "Euler"}))
+        while client.get("/sdapi/v1/progress").json()["state"]["sampling_step"] < 1:
+            time.sleep(0.02)
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{base_url}/sdapi/v1/txt2img", json=SMALL, timeout=0.5)
+        for _ in range(100):
+            state = client.get("/sdapi/v1/progress", params={"skip_current_image": True}).json()["state"]
+            if state["queue_length"] == 0:
+                break
+            time.sleep(0.05)
+        assert state["queue_length"] == 0 and state["sampling_step"] < 400
+        client.post("/sdapi/v1/interrupt")
+        assert running.result().status_code == 200
+
+
 BAD_REQUESTS = [
     ("/sdapi/v1/txt2img", {"width": 33, "height": 32}, 400, "multiple of 8"),
     ("/sdapi/v1/txt2img", {"width": 128, "height": 32}, 400, "limit of 64"),
@@ -313,12 +333,9 @@ def test_failed_job_leaves_the_others_alone(client, base_url, models_dir):
     broken.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
     try:
         with ThreadPoolExecutor(3) as pool:
-            before = pool.submit(lambda: httpx.post(f"{base_url}/sdapi/v1/txt2img", json={**SMALL, "seed": 1},
-                                                    timeout=120))
-            switch = pool.submit(lambda: httpx.post(f"{base_url}/sdapi/v1/options",
-                                                    json={"sd_model_checkpoint": "broken"}, timeout=120))
-            after = pool.submit(lambda: httpx.post(f"{base_url}/sdapi/v1/txt2img", json={**SMALL, "seed": 2},
-                                                   timeout=120))
+            before = pool.submit(post_retrying, base_url, "/sdapi/v1/txt2img", {**SMALL, "seed": 1})
+            switch = pool.submit(post_retrying, base_url, "/sdapi/v1/options", {"sd_model_checkpoint": "broken"})
+            after = pool.submit(post_retrying, base_url, "/sdapi/v1/txt2img", {**SMALL, "seed": 2})
             assert switch.result().status_code == 400 and "broken" in switch.result().json()["detail"]
             assert before.result().status_code == 200 and after.result().status_code == 200
         # The failed load kept the model that was serving.

@@ -32,6 +32,11 @@ from latent_diffusion.server.schemas import (
 )
 
 STATIC = Path(__file__).resolve().parent / "static"
+CLIENT_CHECK_SECONDS = 0.5  # how often a waiting request checks that its client is still connected
+
+
+class ClientGone(Exception):
+    """The client closed the connection while its job waited or ran."""
 
 
 @dataclass
@@ -63,13 +68,22 @@ class ServerState:
         self.queue = JobQueue(config.max_queue)
         self.preview_every = config.preview_every
 
-    async def run(self, name: str, work) -> Any:
-        """Queue ``work(job)`` and await its result (429 when the queue is full)."""
+    async def run(self, name: str, work, client: Request | None = None) -> Any:
+        """Queue ``work(job)`` and await its result (429 when the queue is full).
+
+        A client that hangs up cancels its job (dropped while waiting, interrupted while running), so
+        abandoned requests do not keep the worker busy.
+        """
         job = self.queue.submit(name, work)
+        result = asyncio.wrap_future(job.future)
         try:
-            return await asyncio.wrap_future(job.future)
-        except asyncio.CancelledError:
-            # The client went away: its job must not keep the worker busy.
+            while True:
+                done, _ = await asyncio.wait({result}, timeout=CLIENT_CHECK_SECONDS)
+                if done:
+                    return result.result()
+                if client is not None and await client.is_disconnected():
+                    raise ClientGone(job.id)
+        except (asyncio.CancelledError, ClientGone):
             self.queue.cancel(job)
             raise
 
@@ -86,8 +100,31 @@ def _error(status: int, kind: str, detail: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": kind, "detail": detail})
 
 
-def _authorised(request: Request, credentials: list[str]) -> bool:
-    header = request.headers.get("authorization", "")
+class GateMiddleware:
+    """Credentials and body size, checked before any route (a plain ASGI middleware, so that handlers
+    still see the client's disconnect)."""
+
+    def __init__(self, app, credentials: list[str], max_body_bytes: int) -> None:
+        self.app, self.credentials, self.max_body_bytes = app, credentials, max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            request = Request(scope)
+            response = None
+            length = request.headers.get("content-length", "0")
+            if self.credentials and not _authorised(request.headers.get("authorization", ""), self.credentials):
+                response = _error(401, "Unauthorized", "this server needs credentials (user:password, HTTP Basic)")
+                response.headers["WWW-Authenticate"] = 'Basic realm="ldm"'
+            elif not length.isdigit() or int(length) > self.max_body_bytes:
+                response = _error(413, "PayloadTooLarge",
+                                  f"the request body exceeds this server's limit of {self.max_body_bytes} bytes")
+            if response is not None:
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _authorised(header: str, credentials: list[str]) -> bool:
     scheme, _, value = header.partition(" ")
     if scheme.lower() == "basic":
         try:
@@ -121,17 +158,7 @@ def create_app(config: ServerConfig | None = None, *, models: ModelManager | Non
                   description="AUTOMATIC1111-compatible Stable Diffusion API on the latent_diffusion pipelines.")
     app.state.server = state
 
-    @app.middleware("http")
-    async def require_auth(request: Request, call_next):
-        if config.api_auth and not _authorised(request, config.api_auth):
-            response = _error(401, "Unauthorized", "this server needs credentials (user:password, HTTP Basic)")
-            response.headers["WWW-Authenticate"] = 'Basic realm="ldm"'
-            return response
-        length = request.headers.get("content-length", "0")
-        if not length.isdigit() or int(length) > config.limits.max_body_bytes:
-            return _error(413, "PayloadTooLarge", f"the request body exceeds this server's limit of "
-                                                  f"{config.limits.max_body_bytes} bytes")
-        return await call_next(request)
+    app.add_middleware(GateMiddleware, credentials=config.api_auth, max_body_bytes=config.limits.max_body_bytes)
 
     @app.exception_handler(gen.BadRequest)
     async def bad_request(request: Request, error: gen.BadRequest):
@@ -159,6 +186,11 @@ def create_app(config: ServerConfig | None = None, *, models: ModelManager | Non
             headers["Allow"] = ", ".join(allowed)
         return JSONResponse(status_code=error.status_code, headers=headers,
                             content={"error": HTTPStatus(error.status_code).phrase, "detail": str(error.detail)})
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, error: ClientGone):
+        # Nobody reads this answer; 499 is the usual log code for "client closed request".
+        return JSONResponse(status_code=499, content={"error": "ClientClosedRequest", "detail": str(error)})
 
     @app.exception_handler(FloatingPointError)
     async def numeric_failure(request: Request, error: FloatingPointError):
@@ -252,7 +284,7 @@ def create_app(config: ServerConfig | None = None, *, models: ModelManager | Non
                              info=gen.info_json(request, result, seed, pipe, interrupted))
 
     @app.post("/sdapi/v1/txt2img", response_model=ImageResponse)
-    async def txt2img(request: Txt2ImgRequest):
+    async def txt2img(request: Txt2ImgRequest, http: Request):
         gen.check_generation(request, state.limits)
         preview_every = state.preview_every
 
@@ -260,11 +292,11 @@ def create_app(config: ServerConfig | None = None, *, models: ModelManager | Non
             pipe = state.pipeline_for(request.override_settings)
             return gen.run_txt2img(job, pipe, request, preview_every), pipe
 
-        outcome, pipe = await state.run("txt2img", work)
+        outcome, pipe = await state.run("txt2img", work, http)
         return respond(request, outcome, pipe)
 
     @app.post("/sdapi/v1/img2img", response_model=ImageResponse)
-    async def img2img(request: Img2ImgRequest):
+    async def img2img(request: Img2ImgRequest, http: Request):
         gen.check_generation(request, state.limits)
         image, mask = gen.prepare_img2img(request, state.limits)
         preview_every = state.preview_every
@@ -273,11 +305,11 @@ def create_app(config: ServerConfig | None = None, *, models: ModelManager | Non
             pipe = state.pipeline_for(request.override_settings)
             return gen.run_img2img(job, pipe, request, image, mask, preview_every), pipe
 
-        outcome, pipe = await state.run("img2img", work)
+        outcome, pipe = await state.run("img2img", work, http)
         return respond(request, outcome, pipe)
 
     @app.post("/sdapi/v1/extra-single-image", response_model=ExtrasSingleImageResponse)
-    async def extra_single_image(request: ExtrasSingleImageRequest):
+    async def extra_single_image(request: ExtrasSingleImageRequest, http: Request):
         image = gen.decode_image(request.image, what="image", limits=state.limits)
         size = gen.upscale_target(request, image, state.limits)
         names = [u.name for u in await upscalers()]
@@ -294,7 +326,7 @@ def create_app(config: ServerConfig | None = None, *, models: ModelManager | Non
                 pipe = state.models.pipeline
             return gen.run_upscale(job, pipe, request, image, size)
 
-        upscaled = await state.run("upscale", work)
+        upscaled = await state.run("upscale", work, http)
         text = f"Postprocess upscale to: {upscaled.width}x{upscaled.height}, Postprocess upscaler: {request.upscaler_1}"
         return ExtrasSingleImageResponse(image=gen.encode_png(upscaled, text), html_info=text)
 
