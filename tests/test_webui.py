@@ -109,6 +109,21 @@ def test_send_to_inpaint_with_a_drawn_mask_then_upscale(page):
     assert image_size(page, "#gallery .result img") == (64, 64)
 
 
+def test_model_switch_from_the_page(page, base_url):
+    page.select_option("#model", label="beta")
+    page.wait_for_function("!document.getElementById('generate').disabled")
+    page.fill("#prompt", "a circle")
+    fill_small(page)
+    page.click("#generate")
+    page.locator("#gallery .result").first.wait_for()
+    assert "Model: beta" in page.locator("#gallery .result .parameters").first.inner_text()
+    page.select_option("#model", label="alpha")
+    page.wait_for_function("!document.getElementById('generate').disabled")
+    import httpx
+
+    assert httpx.get(base_url + "/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("alpha")
+
+
 def test_dropped_png_fills_the_parameters(page):
     text = "two green triangles\nNegative prompt: noise\nSteps: 7, Sampler: DDIM, CFG scale: 3.5, Seed: 99, Size: 24x40"
     from PIL import PngImagePlugin

@@ -10,9 +10,9 @@ import asyncio
 import base64
 import binascii
 import secrets
-from http import HTTPStatus
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,9 @@ from latent_diffusion.server import generate as gen
 from latent_diffusion.server.jobs import Job, JobQueue, QueueFull
 from latent_diffusion.server.models import ModelManager
 from latent_diffusion.server.schemas import (
-    ErrorResponse, ExtrasSingleImageRequest, ExtrasSingleImageResponse, ImageResponse, Img2ImgRequest, Options, PNGInfoRequest,
-    PNGInfoResponse, ProgressResponse, ProgressState, SamplerItem, SDModelItem, Txt2ImgRequest, UpscalerItem,
+    ErrorResponse, ExtrasSingleImageRequest, ExtrasSingleImageResponse, ImageResponse, Img2ImgRequest, Options,
+    PNGInfoRequest, PNGInfoResponse, ProgressResponse, ProgressState, SamplerItem, SDModelItem, Txt2ImgRequest,
+    UpscalerItem,
 )
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -213,6 +214,11 @@ def create_app(config: ServerConfig | None = None, *, models: ModelManager | Non
         # File names only: where the models live on disk is not the client's business.
         return [SDModelItem(title=e.title, model_name=e.name, hash=e.hash, filename=e.path.name)
                 for e in state.models.entries()]
+
+    @app.post("/sdapi/v1/refresh-checkpoints")
+    async def refresh_checkpoints() -> None:
+        # The model folder is read on every listing; kept for A1111 clients that call it.
+        return None
 
     @app.get("/sdapi/v1/upscalers", response_model=list[UpscalerItem])
     async def upscalers():

@@ -24,7 +24,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--host", default=None, help="bind address (overrides --listen)")
     parser.add_argument("--port", type=int, default=7860, help="TCP port (A1111's default)")
     parser.add_argument("--api-auth", default=None,
-                        help="require credentials: user:password[,user2:password2] (HTTP Basic, or Bearer user:password)")
+                        help="require credentials user:password[,user2:password2] (HTTP Basic or Bearer user:password)")
     parser.add_argument("--max-size", type=int, default=1024, help="largest image side in pixels a request may ask for")
     parser.add_argument("--max-steps", type=int, default=150, help="most sampling steps a request may ask for")
     parser.add_argument("--max-images", type=int, default=16, help="most images (batch_size * n_iter) per request")
