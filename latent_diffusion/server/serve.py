@@ -47,7 +47,12 @@ def parse_auth(text: str | None) -> list[str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as error:
+        raise ValueError(f"ldm serve needs FastAPI and uvicorn ({error}); install them with "
+                         "pip install fastapi uvicorn") from None
 
     from latent_diffusion.server.app import ServerConfig, create_app
     from latent_diffusion.server.generate import ServerLimits
