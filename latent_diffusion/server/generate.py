@@ -126,18 +126,28 @@ def check_generation(request: GenerationRequest, limits: ServerLimits) -> None:
 
 # ---------------------------------------------------------------------------------------------- running
 class StepReporter:
-    """The pipeline's per-step hook for one job: progress, interruption and live previews."""
+    """The pipeline's per-step hook for one job: progress, interruption and live previews.
+
+    A preview is a full VAE decode of the current estimate, which costs seconds for a large model on
+    a CPU; previews are therefore also spaced so that decoding takes at most about a fifth of the time.
+    """
 
     def __init__(self, job: Job, pipe: Pipeline, preview_every: int) -> None:
         self.job, self.pipe, self.preview_every = job, pipe, preview_every
+        self.preview_cost = 0.0
+        self.last_preview = 0.0
 
     def __call__(self, step: Step, total: int) -> None:
         job = self.job
         job.check_interrupted()
         job.step, job.steps = step.index + 1, total
-        if self.preview_every > 0 and (job.step % self.preview_every == 0 or job.step == total):
+        due = self.preview_every > 0 and (job.step % self.preview_every == 0 or job.step == total)
+        if due and time.monotonic() - self.last_preview >= 4 * self.preview_cost:
+            started = time.monotonic()
             # Decoded on the worker, between steps, so the weights are never used by two threads.
             job.preview = self.pipe.to_images(step.denoised[:1], [])[0]
+            self.last_preview = time.monotonic()
+            self.preview_cost = self.last_preview - started
         job.check_interrupted()
 
 
