@@ -172,6 +172,7 @@ def run_batches(job: Job, pipe: Pipeline, request: GenerationRequest, preview_ev
 
 
 def common_options(request: GenerationRequest) -> dict[str, Any]:
+    """Pipeline keyword arguments that txt2img, img2img and inpaint share."""
     return dict(negative_prompt=request.negative_prompt, steps=request.steps, sampler=sampler_label(request),
                 guidance_scale=request.cfg_scale, batch_size=request.batch_size)
 
@@ -213,6 +214,7 @@ def run_img2img(job: Job, pipe: Pipeline, request: Img2ImgRequest, image: Image.
 
 
 def upscale_target(request: ExtrasSingleImageRequest, image: Image.Image, limits: ServerLimits) -> tuple[int, int]:
+    """The output size an upscale request asks for (by factor or by width/height), within the limits."""
     if request.resize_mode == 1:
         size = (request.upscaling_resize_w, request.upscaling_resize_h)
     else:

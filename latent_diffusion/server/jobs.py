@@ -45,9 +45,11 @@ class Job:
         self.preview: Image.Image | None = None
 
     def interrupt(self) -> None:
+        """Ask the job to stop at its next step."""
         self.interrupted.set()
 
     def check_interrupted(self) -> None:
+        """Raise :class:`JobInterrupted` in the job's own thread once it was asked to stop."""
         if self.interrupted.is_set():
             raise JobInterrupted(self.id)
 
@@ -76,6 +78,7 @@ class JobQueue:
 
     @property
     def current(self) -> Job | None:
+        """The running job, if any."""
         return self._current
 
     @property

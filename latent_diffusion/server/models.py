@@ -111,6 +111,7 @@ class ModelManager:
         return self._upscalers[name]
 
     def load_startup(self) -> Pipeline:
+        """Load the first listed model: ``--checkpoint``, else the built-in one, else the folder's first."""
         paths = self._paths()
         if not paths:
             raise FileNotFoundError("no model to serve: the built-in model is not installed and no --checkpoint "
