@@ -275,7 +275,8 @@ def _train(config: ExperimentConfig, context: DistributedContext) -> Path:
 
         model.spec = dataclasses.replace(spec, scale_factor=scale_factor)
         export_single_file(model, ema.shadow if ema is not None else None,
-                           (ema.decay, ema.num_updates) if ema is not None else (0.0, 0), final)
+                           (ema.decay, ema.num_updates) if ema is not None else (0.0, 0), final,
+                           carry_from=settings.init_checkpoint)
     return final
 
 

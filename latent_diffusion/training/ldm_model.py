@@ -201,8 +201,13 @@ def _compvis_yaml(spec: ModelSpec) -> dict:
 
 
 def export_single_file(model: LatentDiffusion, ema_shadow: dict[str, torch.Tensor] | None, ema_info: tuple[float, int],
-                       path: Path) -> Path:
-    """Write ``path`` (.safetensors, original key layout) and its CompVis YAML ``path.with_suffix('.yaml')``."""
+                       path: Path, carry_from: str | None = None) -> Path:
+    """Write ``path`` (.safetensors, original key layout) and its CompVis YAML ``path.with_suffix('.yaml')``.
+
+    ``carry_from`` (the checkpoint a fine-tune started from): its keys that the model does not hold
+    (CompVis schedule buffers, CLIP position ids) are copied unchanged, so the result has the key
+    set of the file it came from; its EMA weights are not, as they average the old weights.
+    """
     from latent_diffusion.checkpoints.io import save_safetensors
     from latent_diffusion.checkpoints.load import ema_key
     from latent_diffusion.diffusion.schedules import alphas_cumprod_for
@@ -220,6 +225,30 @@ def export_single_file(model: LatentDiffusion, ema_shadow: dict[str, torch.Tenso
     tensors["betas"] = (1 - alphas_cumprod / previous).float()
     tensors["alphas_cumprod"] = alphas_cumprod.float()
     tensors["scale_factor"] = torch.tensor(spec.scale_factor, dtype=torch.float32)
+    if carry_from is not None:
+        from latent_diffusion.checkpoints.io import read_state_dict
+
+        for key, value in read_state_dict(carry_from).items():
+            if key not in tensors and not key.startswith("model_ema."):
+                tensors[key] = value.detach().cpu().contiguous()
     save_safetensors(tensors, path, {SPEC_METADATA_KEY: json.dumps(to_plain(spec)), "format": "pt"})
-    path.with_suffix(".yaml").write_text(yaml.safe_dump(_compvis_yaml(spec), sort_keys=False))
+    compvis = _compvis_yaml(spec)
+    if _yaml_describes(compvis, spec):
+        path.with_suffix(".yaml").write_text(yaml.safe_dump(compvis, sort_keys=False))
+    else:
+        # A CompVis YAML cannot state every size (e.g. a CLIP tower narrower than ViT-L); a YAML
+        # beside the file would override the exact spec in the header, so none is written.
+        path.with_suffix(".yaml").unlink(missing_ok=True)
     return path
+
+
+def _yaml_describes(compvis: dict, spec: ModelSpec) -> bool:
+    """Whether reading ``compvis`` back gives the networks, conditioning and objective of ``spec``."""
+    from latent_diffusion.checkpoints.yaml_config import spec_from_yaml
+
+    try:
+        read = spec_from_yaml(compvis, family=None if spec.family == "custom" else spec.family)
+    except (ValueError, TypeError, KeyError):
+        return False
+    fields = ("unet", "autoencoder", "conditioner", "conditioning", "prediction", "schedule")
+    return all(getattr(read, name) == getattr(spec, name) for name in fields)
