@@ -25,6 +25,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--half", action="store_true",
                        help="keep the weights in float16 (decoding falls back to float32 on overflow); default fp32")
     group.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
+    group.add_argument("--tiled-vae", action="store_true",
+                       help="decode in overlapping tiles: bounded memory for large images (small seams possible)")
     group.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda, cuda:1, mps)")
 
 
@@ -124,7 +126,8 @@ def _pipeline(args: argparse.Namespace):
     from latent_diffusion.pipelines.common import Pipeline
 
     return Pipeline.from_checkpoint(args.checkpoint, vae=args.vae, config_yaml=args.config, half=args.half,
-                                    use_ema=args.ema, device=args.device, progress=not args.quiet)
+                                    use_ema=args.ema, device=args.device, progress=not args.quiet,
+                                    tiled_vae=args.tiled_vae)
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:

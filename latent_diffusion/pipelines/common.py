@@ -33,6 +33,7 @@ from latent_diffusion.diffusion.samplers import Step
 from latent_diffusion.diffusion.sampling import BatchNoise, make_generators, sample
 from latent_diffusion.diffusion.schedules import NoiseSchedule
 from latent_diffusion.models.autoencoder import AutoencoderKL
+from latent_diffusion.models.vae_tiling import decode_tiled
 from latent_diffusion.pipelines.images import check_size, tensor_to_images
 from latent_diffusion.pipelines.png_info import format_parameters, model_hash
 from latent_diffusion.pipelines.prompts import chunk_prompt, encode_weighted_prompts
@@ -137,7 +138,7 @@ class Pipeline:
     """A loaded model ready for the tasks: ``txt2img``, ``img2img``, ``inpaint``, ``upscale``, ``sample``."""
 
     def __init__(self, loaded: LoadedModel, *, name: str | None = None, hash_: str | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, tiled_vae: bool = False) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.spec = loaded.spec
@@ -145,6 +146,8 @@ class Pipeline:
         self.name = name or (loaded.source.stem if loaded.source else self.spec.family)
         self.hash = hash_
         self.progress = progress
+        # Decode in overlapping tiles (models/vae_tiling.py): bounded memory for large images.
+        self.tiled_vae = tiled_vae
         # Called as ``step_callback(step, total_steps)`` after every sampler step (the server's
         # progress and previews); an exception raised there aborts the sampling.
         self.step_callback: Callable[[Step, int], None] | None = None
@@ -163,6 +166,7 @@ class Pipeline:
         use_ema: bool = False,
         device: str | torch.device = "cpu",
         progress: bool = True,
+        tiled_vae: bool = False,
     ) -> Pipeline:
         """Load a single file or diffusers folder (the built-in model when ``path`` is None).
 
@@ -189,7 +193,8 @@ class Pipeline:
             hash_ = model_hash(path)
         if vae is not None:
             load_vae_weights(loaded.model, vae)
-        return cls(loaded, name=path.stem if path.is_file() else path.name, hash_=hash_, progress=progress)
+        return cls(loaded, name=path.stem if path.is_file() else path.name, hash_=hash_, progress=progress,
+                   tiled_vae=tiled_vae)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -286,7 +291,7 @@ class Pipeline:
         vae = self.model.first_stage_model
         with torch.no_grad():
             z = latents.to(self.dtype) / self.spec.scale_factor
-            images = vae.decode(z)
+            images = decode_tiled(vae, z) if self.tiled_vae else vae.decode(z)
             if not torch.isfinite(images).all():
                 if self.dtype == torch.float32:
                     raise FloatingPointError("the decoded image contains NaN/inf even in fp32; the weights are broken")
