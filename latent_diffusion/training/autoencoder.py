@@ -116,6 +116,11 @@ def _train(config: ExperimentConfig, context: DistributedContext) -> Path:
     torch.manual_seed(run.seed)  # identical initial weights on every rank
     model = build_autoencoder(config).to(device)
     discriminator = PatchDiscriminator(config.autoencoder.out_ch, loss_cfg.disc_channels, loss_cfg.disc_layers).to(device)
+    if context.enabled and device.type == "cuda":
+        # Batch statistics over the global batch, as one process would see them. SyncBatchNorm has no
+        # CPU kernel, so under gloo each rank normalises its own share (as CompVis' multi-GPU runs did).
+        # Converted before the optimiser and any resumed state see the parameters; the keys stay the same.
+        discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
     perceptual = build_perceptual_loss(loss_cfg.lpips_weights, loss_cfg.vgg_weights).to(device)
     if optim.gradient_checkpointing:
         enable_gradient_checkpointing([*model.encoder.down, model.encoder.mid, model.decoder.mid, *model.decoder.up])
@@ -181,7 +186,10 @@ def _train(config: ExperimentConfig, context: DistributedContext) -> Path:
                     discriminator.requires_grad_(False)
                     generator_loss = -discriminator(reconstruction).mean()
                     discriminator.requires_grad_(True)
-                    adaptive = adaptive_generator_weight(reconstruction_loss, generator_loss, last_layer, loss_cfg.disc_weight)
+                    adaptive = adaptive_generator_weight(
+                        reconstruction_loss, generator_loss, last_layer, loss_cfg.disc_weight,
+                        average=(lambda grad: all_reduce_mean(grad, context)) if context.enabled else None,
+                    )
                     loss = loss + adaptive * loss_cfg.disc_factor * generator_loss
                     logs["g_loss"] = generator_loss.detach()
                     logs["d_weight"] = adaptive

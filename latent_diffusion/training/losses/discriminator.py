@@ -1,6 +1,8 @@
 """PatchGAN discriminator (Isola et al. 2017) and the hinge losses of the taming / CompVis stage-1 training."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,10 +40,17 @@ def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tenso
 
 
 def adaptive_generator_weight(
-    reconstruction_loss: torch.Tensor, generator_loss: torch.Tensor, last_layer: torch.Tensor, scale: float
+    reconstruction_loss: torch.Tensor, generator_loss: torch.Tensor, last_layer: torch.Tensor, scale: float,
+    average: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Balance the GAN term against reconstruction by their gradient norms at the decoder's last layer (Esser et al. eq. 7)."""
+    """Balance the GAN term against reconstruction by their gradient norms at the decoder's last layer (Esser et al. eq. 7).
+
+    ``average`` (an all-reduce mean under DDP) makes the norms those of the global batch's
+    gradients, so that N processes weigh the terms as one process with the same batch would.
+    """
     rec_grad = torch.autograd.grad(reconstruction_loss, last_layer, retain_graph=True)[0]
     gan_grad = torch.autograd.grad(generator_loss, last_layer, retain_graph=True)[0]
+    if average is not None:
+        rec_grad, gan_grad = average(rec_grad), average(gan_grad)
     weight = rec_grad.norm() / (gan_grad.norm() + 1e-4)
     return weight.clamp(0.0, 1e4).detach() * scale
