@@ -18,7 +18,8 @@ DEFAULT_SAMPLER = "euler_a"
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--checkpoint", "-c", default=None,
-                       help="model file (.safetensors/.ckpt) or diffusers folder; default: the built-in model")
+                       help="model file (.safetensors/.ckpt) or diffusers folder; default: the built-in model "
+                       "(for upscale: the built-in 16 -> 64 px shapes super-resolution model)")
     group.add_argument("--config", default=None,
                        help="CompVis inference YAML describing the checkpoint; default: CHECKPOINT.yaml if present")
     group.add_argument("--vae", default=None, help="separate VAE file that replaces the checkpoint's autoencoder")
@@ -160,16 +161,37 @@ def _run_prompts(args: argparse.Namespace, task: Callable[..., Any], **inputs: A
         writer.save_grid()
 
 
+def _take_positional_prompt(args: argparse.Namespace) -> None:
+    """``ldm txt2img "a red circle"``: the positional prompt, which may not contradict --prompt."""
+    text = getattr(args, "prompt_text", None)
+    if text is None:
+        return
+    if args.prompt and args.prompt != text:
+        raise ValueError("give the prompt either as the positional PROMPT or as --prompt, not both")
+    args.prompt = text
+
+
+def native_image_size(pipe) -> int:
+    """Default image side: the training size of models of our own (the built-in shapes model: 64), else 512."""
+    if pipe.spec.family == "custom":
+        return int(pipe.spec.autoencoder.resolution)
+    return 512
+
+
 # ---------------------------------------------------------------------------------------------- commands
 def cmd_txt2img(args: argparse.Namespace) -> None:
     from latent_diffusion.pipelines.images import check_size
 
+    _take_positional_prompt(args)
     if args.from_png:
         apply_png_parameters(args)
     _check_common(args)
-    check_size(args.width, args.height)
+    if args.width is not None or args.height is not None:
+        check_size(args.width or 64, args.height or 64)
     read_prompts(args)
     pipe = _pipeline(args)
+    args.width, args.height = args.width or native_image_size(pipe), args.height or native_image_size(pipe)
+    check_size(args.width, args.height)
     _run_prompts(args, lambda prompt, **kw: pipe.txt2img(
         prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
         clip_skip=args.clip_skip, **_sampling_kwargs(args), **kw))
@@ -214,6 +236,10 @@ def cmd_upscale(args: argparse.Namespace) -> None:
     _check_common(args)
     image = to_rgb(_load_image_arg(args.image, "image"), what="image")
     read_prompts(args)
+    if args.checkpoint is None:
+        from latent_diffusion.pipelines.common import default_upscaler_path
+
+        args.checkpoint = str(default_upscaler_path())
     pipe = _pipeline(args)
     _run_prompts(args, lambda prompt, **kw: pipe.upscale(
         image, prompt, negative_prompt=args.negative_prompt, noise_level=args.noise_level,
@@ -290,9 +316,13 @@ def apply_png_parameters(args: argparse.Namespace) -> None:
 def add_task_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
     """Register txt2img, img2img, inpaint, upscale and sample with ``add(name, func, help)``."""
     p = add("txt2img", cmd_txt2img, "Generate images from a text prompt.")
+    p.add_argument("prompt_text", nargs="?", default=None, metavar="PROMPT",
+                   help="the prompt (the same as --prompt)")
     add_prompt_options(p)
-    p.add_argument("--width", "-W", type=int, default=512, help="image width in pixels (multiple of 8)")
-    p.add_argument("--height", "-H", type=int, default=512, help="image height in pixels (multiple of 8)")
+    p.add_argument("--width", "-W", type=int, default=None,
+                   help="image width in pixels (multiple of 8); default: the model's native size")
+    p.add_argument("--height", "-H", type=int, default=None,
+                   help="image height in pixels (multiple of 8); default: the model's native size")
     p.add_argument("--from-png", default=None,
                    help="regenerate a PNG written by ldm/A1111: its prompt, seed, size, sampler, steps, CFG")
     add_sampling_options(p, guidance=7.5)

@@ -41,6 +41,8 @@ from latent_diffusion.pipelines.prompts import chunk_prompt, encode_weighted_pro
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # File names the built-in model may ship under, first found wins.
 DEFAULT_MODEL_FILES = ("shapes-ldm.safetensors", "shapes.safetensors")
+# The built-in super-resolution model that ``ldm upscale`` uses without ``--checkpoint``.
+DEFAULT_UPSCALER_FILES = ("shapes-sr.safetensors",)
 MAX_SEED = 2**32 - 1
 
 
@@ -52,6 +54,14 @@ def default_checkpoint_path() -> Path:
     raise FileNotFoundError(
         "no built-in model is installed yet; pass --checkpoint PATH (a .safetensors/.ckpt file or a diffusers folder)"
     )
+
+
+def default_upscaler_path() -> Path:
+    """The built-in super-resolution model (16x16 -> 64x64 shapes world) that ``ldm upscale`` uses by default."""
+    for name in DEFAULT_UPSCALER_FILES:
+        if (ASSETS / name).is_file():
+            return ASSETS / name
+    raise FileNotFoundError("no built-in super-resolution model is installed; pass --checkpoint PATH")
 
 
 def resolve_seed(seed: int | None) -> int:
