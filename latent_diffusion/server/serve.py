@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -68,6 +69,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         device=args.device, half=args.half, upscalers=[Path(p) for p in args.upscaler] if args.upscaler else None,
     )
     host = args.host or ("0.0.0.0" if args.listen else "127.0.0.1")
+    if host not in ("127.0.0.1", "localhost", "::1") and not config.api_auth:
+        print("ldm serve: warning: listening beyond this machine without --api-auth; anyone who can reach "
+              f"port {args.port} can use it", file=sys.stderr)
     app = create_app(config)
     print(f"ldm serve: model {app.state.server.models.entry.title}; open http://{host}:{args.port}/", flush=True)
     uvicorn.run(app, host=host, port=args.port, log_level="warning")
