@@ -55,3 +55,20 @@ def test_lean_computes_in_float32_with_the_stored_weights(models):
 def test_lean_rejects_non_float_dtypes(models):
     with pytest.raises(ValueError, match="floating"):
         make_lean(torch.nn.Linear(2, 2), storage_dtype=torch.int8)
+
+
+def test_lean_pipeline_images_are_within_30_db_of_exact(tmp_path):
+    """The issue's criterion for lean mode: PSNR >= 30 dB against the exact (fp32) pipeline."""
+    import numpy as np
+
+    from latent_diffusion.pipelines.common import Pipeline
+    from pipeline_tiny import write_checkpoint
+
+    path = write_checkpoint(TINY_SD1, tmp_path / "tiny.safetensors")
+    exact = Pipeline.from_checkpoint(path, progress=False)
+    lean = Pipeline.from_checkpoint(path, progress=False, lean=True)
+    assert lean.dtype == torch.float32  # latents and sampler arithmetic stay fp32
+    options = dict(width=32, height=32, steps=4, sampler="euler", guidance_scale=5.0, seed=3)
+    a = np.asarray(exact.txt2img("a red circle", **options).images[0], dtype=np.float64) / 255
+    b = np.asarray(lean.txt2img("a red circle", **options).images[0], dtype=np.float64) / 255
+    assert 10 * np.log10(1 / max(((a - b) ** 2).mean(), 1e-12)) >= 30

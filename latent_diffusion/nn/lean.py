@@ -53,9 +53,15 @@ def make_lean(model: nn.Module, storage_dtype: torch.dtype = torch.float16,
     """
     if not (storage_dtype.is_floating_point and compute_dtype.is_floating_point):
         raise ValueError(f"lean mode needs floating dtypes, got {storage_dtype} and {compute_dtype}")
-    model.to(compute_dtype)
+    # Converted unit by unit, so that a model loaded in half precision never exists whole in fp32.
+    for name, tensor in list(model._parameters.items()) + list(model._buffers.items()):
+        if tensor is not None and tensor.is_floating_point():
+            (model._parameters if name in model._parameters else model._buffers)[name] = (
+                torch.nn.Parameter(tensor.detach().to(compute_dtype), requires_grad=tensor.requires_grad)
+                if name in model._parameters else tensor.to(compute_dtype))
     for unit in [u for child in model.children() for u in _units(child, unit_parameters)]:
         if _parameter_count(unit) < min_parameters:
+            unit.to(compute_dtype)
             continue
         unit.to(storage_dtype)
         stored: dict[tuple[nn.Module, str], torch.Tensor] = {}

@@ -28,6 +28,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     group.add_argument("--tiled-vae", action="store_true",
                        help="decode in overlapping tiles: bounded memory for large images (small seams possible)")
+    group.add_argument("--lean", action="store_true",
+                       help="keep UNet/VAE weights in float16 and compute in float32, block by block (about half the memory)")
     group.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda, cuda:1, mps)")
 
 
@@ -128,7 +130,7 @@ def _pipeline(args: argparse.Namespace):
 
     return Pipeline.from_checkpoint(args.checkpoint, vae=args.vae, config_yaml=args.config, half=args.half,
                                     use_ema=args.ema, device=args.device, progress=not args.quiet,
-                                    tiled_vae=args.tiled_vae)
+                                    tiled_vae=args.tiled_vae, lean=args.lean)
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -148,7 +148,7 @@ class Pipeline:
     """A loaded model ready for the tasks: ``txt2img``, ``img2img``, ``inpaint``, ``upscale``, ``sample``."""
 
     def __init__(self, loaded: LoadedModel, *, name: str | None = None, hash_: str | None = None,
-                 progress: bool = True, tiled_vae: bool = False) -> None:
+                 progress: bool = True, tiled_vae: bool = False, lean: bool = False) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.spec = loaded.spec
@@ -158,6 +158,8 @@ class Pipeline:
         self.progress = progress
         # Decode in overlapping tiles (models/vae_tiling.py): bounded memory for large images.
         self.tiled_vae = tiled_vae
+        if lean:
+            _make_pipeline_lean(self.model)
         # Called as ``step_callback(step, total_steps)`` after every sampler step (the server's
         # progress and previews); an exception raised there aborts the sampling.
         self.step_callback: Callable[[Step, int], None] | None = None
@@ -177,6 +179,7 @@ class Pipeline:
         device: str | torch.device = "cpu",
         progress: bool = True,
         tiled_vae: bool = False,
+        lean: bool = False,
     ) -> Pipeline:
         """Load a single file or diffusers folder (the built-in model when ``path`` is None).
 
@@ -193,7 +196,8 @@ class Pipeline:
             config_yaml = path.with_suffix(".yaml")
         if vae is not None and not Path(vae).is_file():
             raise FileNotFoundError(f"VAE file not found: {vae}")
-        dtype = torch.float16 if half else torch.float32
+        # Lean mode loads half precision (the fp32 weights never exist whole) and computes in fp32.
+        dtype = torch.float16 if half or lean else torch.float32
         if path.is_dir():
             loaded = load_diffusers_folder(path, dtype=dtype, device=device)
             hash_ = None
@@ -204,7 +208,7 @@ class Pipeline:
         if vae is not None:
             load_vae_weights(loaded.model, vae)
         return cls(loaded, name=path.stem if path.is_file() else path.name, hash_=hash_, progress=progress,
-                   tiled_vae=tiled_vae)
+                   tiled_vae=tiled_vae, lean=lean)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -412,6 +416,16 @@ class Pipeline:
         from latent_diffusion.pipelines.sample import sample_classes
 
         return sample_classes(self, **options)
+
+
+def _make_pipeline_lean(model: torch.nn.Module) -> None:
+    """fp16 UNet and VAE weights computed block by block in fp32 (nn/lean.py); the text encoder in fp32."""
+    from latent_diffusion.nn.lean import make_lean
+
+    make_lean(model.unet)
+    make_lean(model.first_stage_model)
+    if model.cond_stage_model is not None:
+        model.cond_stage_model.float()
 
 
 def _decode_fp32(vae: torch.nn.Module, z: Tensor) -> Tensor:
