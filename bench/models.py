@@ -81,6 +81,8 @@ def load_ours(path: Path, device: str, dtype: torch.dtype, **options):
     from latent_diffusion.checkpoints.load import load_checkpoint
     from latent_diffusion.pipelines.common import Pipeline
 
+    if options.get("lean"):
+        dtype = torch.float16  # lean mode keeps the weights in half precision from the start
     loaded = load_checkpoint(path, dtype=dtype, device=device)
     return Pipeline(loaded, progress=False, **options)
 
