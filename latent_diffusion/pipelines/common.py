@@ -263,6 +263,12 @@ class Pipeline:
         if clip_skip is not None and not is_clip:
             raise ValueError("clip skip applies to CLIP text encoders only")
 
+        if isinstance(self.spec.conditioner, BERTTextConfig) and self.spec.conditioner.max_seq_len < 77:
+            # A text encoder trained here with fewer than 77 positions (the built-in shapes model) sees
+            # the training tokenisation: one window of max_seq_len tokens, no emphasis, no chunks.
+            with torch.no_grad():
+                return encoder(tokenizer(list(prompts)).to(self.device)).to(self.dtype)
+
         def chunker(prompt: str):
             return chunk_prompt(
                 prompt, tokenizer.encode, start_token=tokenizer.start_id, end_token=tokenizer.end_id,
