@@ -136,7 +136,6 @@ def test_eval_shapes_scores_the_renderer_perfectly_and_runs_a_model(models):
 
 BAD_INPUTS = {
     "missing checkpoint": (["txt2img", "-c", "{tmp}/nope.safetensors", "-W", 32, "-H", 32], "not found"),
-    "no built-in model": (["txt2img", "-W", 32, "-H", 32, "--steps", 1], "no built-in model"),
     "width not multiple of 8": (["txt2img", "-c", "{sd1}", "-W", 30, "-H", 32], "not a multiple of 8"),
     "steps <= 0": (["txt2img", "-c", "{sd1}", "--steps", 0], "steps"),
     "unknown sampler": (["txt2img", "-c", "{sd1}", "--sampler", "warp_drive"], "unknown sampler"),
@@ -164,3 +163,11 @@ def test_bad_input_is_one_clear_line_and_no_output(case, models, images, tmp_pat
     assert len(lines) == 1 and lines[0].startswith(f"ldm {args[0]}: error:"), result.stderr
     assert expected in lines[0]
     assert not out.exists()
+
+
+def test_missing_built_in_model_is_a_clear_error(tmp_path, monkeypatch):
+    from latent_diffusion.pipelines import common
+
+    monkeypatch.setattr(common, "ASSETS", tmp_path)  # an installation without the shipped weights
+    with pytest.raises(FileNotFoundError, match="no built-in model is installed"):
+        common.default_checkpoint_path()
