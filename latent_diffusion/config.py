@@ -86,6 +86,9 @@ class AutoencoderConfig:
     attn_resolutions: tuple[int, ...] = ()
     attn_type: Literal["vanilla", "none"] = "vanilla"
     dropout: float = 0.0
+    # GroupNorm groups in every block. 32 is the reference; narrow models want fewer, because with
+    # one channel per group the norm erases each channel's per-image level (a flat colour, say).
+    norm_groups: int = 32
     # VQ only.
     n_embed: int = 0
     beta: float = 0.25

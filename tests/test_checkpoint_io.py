@@ -180,3 +180,38 @@ def test_atomic_save_leaves_old_file_when_writing_fails(tmp_path):
         save_safetensors({"w": torch.ones(3), "z": torch.zeros(2, dtype=torch.complex64)}, path)
     assert torch.equal(read_state_dict(path)["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temporary left behind
+
+
+def _resident_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page residency is read from /proc")
+def test_released_file_pages_leave_memory_but_the_data_stays_readable(tmp_path):
+    from latent_diffusion.checkpoints.io import release_file_pages
+
+    weights = {"big": torch.randn(64, 1024, 256)}  # 64 MiB
+    path = tmp_path / "big.safetensors"
+    save_safetensors(weights, path)
+    mapped = read_state_dict(path)["big"]
+    before = _resident_kib()
+    half = mapped.half()  # touches every page of the mapping
+    touched = _resident_kib()
+    release_file_pages(mapped)
+    released = _resident_kib()
+    assert touched - before > 60 * 1024  # the fp32 pages (64 MiB) plus the fp16 copy (32 MiB)
+    assert touched - released > 56 * 1024  # nearly all the file's pages went
+    assert torch.equal(mapped, weights["big"])  # read again from the file when touched
+    assert torch.equal(half, weights["big"].half())
+
+
+def test_releasing_pages_of_ordinary_memory_does_nothing():
+    from latent_diffusion.checkpoints.io import release_file_pages
+
+    tensor = torch.randn(256, 1024)
+    copy = tensor.clone()
+    release_file_pages(tensor)
+    assert torch.equal(tensor, copy)

@@ -244,7 +244,7 @@ def _vae_diffusers_config(spec: ModelSpec) -> dict[str, Any]:
         "in_channels": vae.in_channels, "out_channels": vae.out_ch, "latent_channels": vae.z_channels,
         "block_out_channels": [vae.ch * m for m in vae.ch_mult], "layers_per_block": vae.num_res_blocks,
         "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
-        "act_fn": "silu", "norm_num_groups": 32, "sample_size": vae.resolution, "scaling_factor": spec.scale_factor,
+        "act_fn": "silu", "norm_num_groups": vae.norm_groups, "sample_size": vae.resolution, "scaling_factor": spec.scale_factor,
     }
 
 
@@ -254,7 +254,7 @@ def _vae_from_diffusers(config: dict[str, Any], base: AutoencoderConfig) -> Auto
         base, kind="kl", in_channels=config.get("in_channels", 3), out_ch=config.get("out_channels", 3),
         z_channels=config["latent_channels"], embed_dim=config["latent_channels"], double_z=True,
         ch=widths[0], ch_mult=tuple(w // widths[0] for w in widths), num_res_blocks=config["layers_per_block"],
-        attn_resolutions=(), attn_type="vanilla",
+        attn_resolutions=(), attn_type="vanilla", norm_groups=config.get("norm_num_groups", 32),
     )
 
 

@@ -10,12 +10,16 @@ page saved as ``model.ckpt`` gets an error that says what it is.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
+import mmap
 import os
 import pickle
 import re
 import struct
+import sys
 import tempfile
+import weakref
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,11 +172,46 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         if offset % itemsize == 0:
             tensor = torch.empty(0, dtype=info.dtype)
             tensor.set_(storage, offset // itemsize, info.shape)
+            _FILE_MAPPED[id(tensor)] = tensor
         else:  # misaligned writer: fall back to a copy for this one tensor
             raw = storage[offset : offset + info.nbytes]
             tensor = torch.empty(0, dtype=torch.uint8).set_(raw).view(info.dtype).reshape(info.shape).clone()
         tensors[name] = tensor
     return tensors
+
+
+def release_file_pages(tensor: torch.Tensor) -> None:
+    """Tell the kernel a memory-mapped tensor's pages are no longer needed (Linux; no-op elsewhere).
+
+    Converting a mapped fp32 file to fp16 touches every page of the mapping, and they would all stay
+    resident (counted in the process's memory) until the last tensor is converted. The mapping is
+    private and never written, so dropped pages would simply be read from the file again if touched.
+    """
+    # Only tensors this module mapped from a file: on ordinary memory the advice would zero the data.
+    if _LIBC is None or tensor.numel() == 0 or _FILE_MAPPED.get(id(tensor)) is not tensor:
+        return
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first, last = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE  # whole pages inside the tensor only
+    if last > first:
+        _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
+def _load_libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _load_libc()
+_FILE_MAPPED: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()  # id -> tensor
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:

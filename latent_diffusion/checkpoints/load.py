@@ -21,7 +21,7 @@ import torch
 from latent_diffusion.checkpoints.detect import (
     COND_PREFIX, UNET_PREFIX, VAE_PREFIX, Detection, Variant, derive_spec, detect_family, read_features,
 )
-from latent_diffusion.checkpoints.io import CheckpointError, read_state_dict
+from latent_diffusion.checkpoints.io import CheckpointError, read_state_dict, release_file_pages
 from latent_diffusion.checkpoints.schedule_buffers import (
     SCHEDULE_BUFFER_NAMES, TrainingSchedule, read_training_schedule,
 )
@@ -107,6 +107,7 @@ def _convert_dtype(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) 
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and tensor.dtype != dtype:
             tensors[key] = tensor.to(dtype)  # replaced in place, so the source can be freed as we go
+            release_file_pages(tensor)
 
 
 def _check_shapes(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], family: str) -> None:

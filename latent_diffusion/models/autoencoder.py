@@ -153,11 +153,20 @@ class MidBlock(nn.Module):
 def _check_widths(config: AutoencoderConfig) -> None:
     if not config.ch_mult:
         raise ValueError("AutoencoderConfig.ch_mult must name at least one level")
-    bad = [config.ch * m for m in config.ch_mult if (config.ch * m) % NORM_GROUPS]
+    bad = [config.ch * m for m in config.ch_mult if (config.ch * m) % config.norm_groups]
     if bad:
         raise ValueError(
-            f"autoencoder widths ch*ch_mult must be multiples of {NORM_GROUPS} (GroupNorm groups); got {bad}"
+            f"autoencoder widths ch*ch_mult must be multiples of norm_groups={config.norm_groups}; got {bad}"
         )
+
+
+def _set_norm_groups(module: nn.Module, groups: int) -> None:
+    # The group count is a plain attribute of GroupNorm (its parameters are per channel), so it is
+    # set once here rather than threaded through every block's constructor.
+    if groups != NORM_GROUPS:
+        for layer in module.modules():
+            if isinstance(layer, nn.GroupNorm):
+                layer.num_groups = groups
 
 
 class Encoder(nn.Module):
@@ -183,6 +192,7 @@ class Encoder(nn.Module):
         self.mid = MidBlock(block_in, c.attn_type, c.dropout)
         self.norm_out = group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, 2 * c.z_channels if c.double_z else c.z_channels, 3, padding=1)
+        _set_norm_groups(self, c.norm_groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -215,6 +225,7 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(reversed(levels))
         self.norm_out = group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, c.out_ch, 3, padding=1)
+        _set_norm_groups(self, c.norm_groups)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))

@@ -61,6 +61,14 @@ def _encode_decode(model, images: torch.Tensor, generators: list[torch.Generator
                                             "codebook_usage": usage}
 
 
+@torch.no_grad()
+def _init_logvar(model: AutoencoderKL, value: float) -> None:
+    """Make ``quant_conv``'s log-variance half output ``value`` everywhere (the mean half is untouched)."""
+    half = model.quant_conv.out_channels // 2
+    model.quant_conv.weight[half:].zero_()
+    model.quant_conv.bias[half:].fill_(value)
+
+
 def save_autoencoder(model: AutoencoderKL | VQModel, path: Path) -> None:
     """The trained first stage as ``.safetensors`` (CompVis keys) with its config in the metadata."""
     from latent_diffusion.checkpoints.io import save_safetensors
@@ -115,6 +123,8 @@ def _train(config: ExperimentConfig, context: DistributedContext) -> Path:
 
     torch.manual_seed(run.seed)  # identical initial weights on every rank
     model = build_autoencoder(config).to(device)
+    if loss_cfg.logvar_init is not None and isinstance(model, AutoencoderKL):
+        _init_logvar(model, loss_cfg.logvar_init)
     discriminator = PatchDiscriminator(config.autoencoder.out_ch, loss_cfg.disc_channels, loss_cfg.disc_layers).to(device)
     if context.enabled and device.type == "cuda":
         # Batch statistics over the global batch, as one process would see them. SyncBatchNorm has no
@@ -180,6 +190,10 @@ def _train(config: ExperimentConfig, context: DistributedContext) -> Path:
                     if loss_cfg.perceptual_weight > 0 else torch.zeros((), device=device)
                 )
                 reconstruction_loss = loss_cfg.l1_weight * l1 + loss_cfg.perceptual_weight * perceptual_term
+                if loss_cfg.l2_weight > 0:
+                    l2 = (images - reconstruction).square().mean()
+                    reconstruction_loss = reconstruction_loss + loss_cfg.l2_weight * l2
+                    logs["l2"] = l2.detach()
                 weight = loss_cfg.kl_weight if config.autoencoder.kind == "kl" else loss_cfg.codebook_weight
                 loss = reconstruction_loss + weight * regulariser
                 if use_gan:

@@ -77,10 +77,14 @@ class AutoencoderLossConfig:
     """Stage-1 loss: L1 + perceptual + KL or codebook + PatchGAN hinge (Esser et al., Rombach et al.)."""
 
     l1_weight: float = 1.0
+    l2_weight: float = 0.0  # mean squared error; favours small, sparse objects that L1's median ignores
     perceptual_weight: float = 1.0
     lpips_weights: str | None = None  # local LPIPS file (linear heads, optionally the VGG16 too)
     vgg_weights: str | None = None  # local torchvision VGG16 state dict, if the LPIPS file lacks it
     kl_weight: float = 1e-6
+    # KL only: start the posterior's log-variance head at this value (e.g. -6, std 0.05) instead of
+    # about 0, so early latents are not drowned in sampling noise the decoder then learns to ignore.
+    logvar_init: float | None = None
     codebook_weight: float = 1.0
     disc_start: int = 50001
     disc_weight: float = 0.5
