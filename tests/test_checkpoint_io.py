@@ -215,3 +215,12 @@ def test_releasing_pages_of_ordinary_memory_does_nothing():
     copy = tensor.clone()
     release_file_pages(tensor)
     assert torch.equal(tensor, copy)
+
+
+def test_atomically_written_files_get_the_usual_permissions(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        save_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644

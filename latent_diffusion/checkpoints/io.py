@@ -337,6 +337,8 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file private (0600); give it the mode an ordinary open() would.
+        os.fchmod(handle, 0o666 & ~_current_umask())
         with os.fdopen(handle, "wb") as out:
             yield out
             out.flush()
@@ -345,6 +347,18 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
+
+
+def _current_umask() -> int:
+    # Linux reports it without changing it; os.umask can only read it by setting it, which would
+    # briefly affect other threads' new files.
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_safetensors(

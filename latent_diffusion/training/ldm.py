@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 from torch.nn.parallel import DistributedDataParallel
 
 from latent_diffusion.config import ConfigError
@@ -86,14 +87,17 @@ def cache_latents(config: ExperimentConfig, output: str) -> Path:
     dataset = ImageFolderDataset(records, config.data, config.run.seed, augment=False)
     first_stage = load_first_stage(config.ldm.first_stage or config.ldm.init_checkpoint).eval()
     means, stds = [], []
-    for start in range(0, len(dataset), 16):
-        images = torch.stack([dataset[(0, i)]["image"] for i in range(start, min(start + 16, len(dataset)))])
-        if isinstance(first_stage, AutoencoderKL):
-            posterior = first_stage.encode(images)
-            means.append(posterior.mean)
-            stds.append(posterior.std)
-        else:
-            means.append(first_stage.encode(images))
+    starts = range(0, len(dataset), 16)
+    with tqdm(total=len(dataset), desc="encoding", unit="image", disable=not config.run.progress) as bar:
+        for start in starts:
+            images = torch.stack([dataset[(0, i)]["image"] for i in range(start, min(start + 16, len(dataset)))])
+            if isinstance(first_stage, AutoencoderKL):
+                posterior = first_stage.encode(images)
+                means.append(posterior.mean)
+                stds.append(posterior.std)
+            else:
+                means.append(first_stage.encode(images))
+            bar.update(images.shape[0])
     tensors = {"mean": torch.cat(means), "label": torch.tensor([r.label for r in records])}
     if stds:
         tensors["std"] = torch.cat(stds)
