@@ -58,6 +58,19 @@ def test_captions_of_a_scene_are_distinct_and_several():
     assert len(captions) == len(set(captions)) >= 3
 
 
+def test_a_caption_may_leave_out_the_default_size_and_background():
+    # The README's first prompt: no sizes, no background.
+    scene = parse_caption("a red circle left of a blue square")
+    assert scene == Scene.pair(ShapeObject("circle", "red", "large", "left"), "left of",
+                               ShapeObject("square", "blue", "large", "right"), "white")
+    mixed = parse_caption("a small blue triangle above a yellow square on a black background")
+    assert [obj.size for obj in mixed.objects] == ["small", "large"] and mixed.background == "black"
+    short = caption_for(Scene.single("circle", "red", "large", "left"), "short")
+    assert short == "a red circle on the left"
+    assert caption_for(Scene.single("circle", "red", "small", "left", "gray"), "short") == (
+        "a small red circle on the left on a gray background")
+
+
 @pytest.mark.parametrize(
     "caption",
     [
@@ -65,7 +78,6 @@ def test_captions_of_a_scene_are_distinct_and_several():
         "a pink circle on the left",
         "a large red hexagon on the left",
         "a large red circle",
-        "a red circle on the left",
         "a large red circle on the left on a purple background",
         "a large red circle left of",
         "on the left a large red circle",

@@ -57,6 +57,7 @@ COLOUR_RGB = {
 BACKGROUND_RGB = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
 
 DEFAULT_BACKGROUND = "white"
+DEFAULT_SIZE = "large"  # what a caption without a size word means
 
 
 def _check_word(value: str, allowed: Sequence[str], what: str) -> None:
@@ -285,25 +286,34 @@ _POSITION_PHRASES = {
 
 
 def caption_for(scene: Scene, phrasing: str = "natural") -> str:
-    """The scene's caption in one of PHRASINGS; 'short' leaves out a white background."""
+    """The scene's caption in one of PHRASINGS; 'short' leaves out the defaults (large, white background).
+
+    So the model also learns what a caption that leaves size or background unsaid means, as in
+    "a red circle left of a blue square".
+    """
     _check_word(phrasing, PHRASINGS, "phrasing")
+    short = phrasing == "short"
+
+    def noun(obj: ShapeObject) -> str:
+        return f"{obj.colour} {obj.shape}" if short and obj.size == DEFAULT_SIZE else obj.noun_phrase
+
     background_phrase = f"on a {scene.background} background"
     if len(scene.objects) == 1:
         obj = scene.objects[0]
         where = _POSITION_PHRASES[obj.position]
         if phrasing == "tags":
-            return f"{obj.noun_phrase}, {obj.position}, {scene.background} background"
+            return f"{noun(obj)}, {obj.position}, {scene.background} background"
         if phrasing == "background_first":
-            return f"a {scene.background} background with a {obj.noun_phrase} {where}"
-        body = f"a {obj.noun_phrase} {where}"
+            return f"a {scene.background} background with a {noun(obj)} {where}"
+        body = f"a {noun(obj)} {where}"
     else:
         first, second = scene.objects
         if phrasing == "tags":
-            return f"{first.noun_phrase}, {scene.relation}, {second.noun_phrase}, {scene.background} background"
+            return f"{noun(first)}, {scene.relation}, {noun(second)}, {scene.background} background"
         if phrasing == "background_first":
-            return f"a {scene.background} background with a {first.noun_phrase} {scene.relation} a {second.noun_phrase}"
-        body = f"a {first.noun_phrase} {scene.relation} a {second.noun_phrase}"
-    if phrasing == "short" and scene.background == DEFAULT_BACKGROUND:
+            return f"a {scene.background} background with a {noun(first)} {scene.relation} a {noun(second)}"
+        body = f"a {noun(first)} {scene.relation} a {noun(second)}"
+    if short and scene.background == DEFAULT_BACKGROUND:
         return body
     return f"{body} {background_phrase}"
 
@@ -322,8 +332,9 @@ def _alternatives(words: Sequence[str]) -> str:
 
 
 def _object_pattern(prefix: str) -> str:
+    # The size may be left out (it then means DEFAULT_SIZE).
     return (
-        f"(?P<{prefix}size>{_alternatives(SIZES)}) (?P<{prefix}colour>{_alternatives(COLOURS)}) "
+        f"(?:(?P<{prefix}size>{_alternatives(SIZES)}) )?(?P<{prefix}colour>{_alternatives(COLOURS)}) "
         f"(?P<{prefix}shape>{_alternatives(SHAPES)})"
     )
 
@@ -371,7 +382,7 @@ def parse_caption(caption: str) -> Scene:
             continue
         fields = match.groupdict()
         background = fields["background"] or DEFAULT_BACKGROUND
-        first = (fields["a_shape"], fields["a_colour"], fields["a_size"])
+        first = (fields["a_shape"], fields["a_colour"], fields["a_size"] or DEFAULT_SIZE)
         if fields.get("relation") is None:
             position = fields.get("position") or _PLACE_TO_POSITION[fields["place"]]
             return Scene.single(*first, position, background)
@@ -380,7 +391,7 @@ def parse_caption(caption: str) -> Scene:
         return Scene(
             (
                 ShapeObject(*first, first_position),
-                ShapeObject(fields["b_shape"], fields["b_colour"], fields["b_size"], second_position),
+                ShapeObject(fields["b_shape"], fields["b_colour"], fields["b_size"] or DEFAULT_SIZE, second_position),
             ),
             background,
             relation,
@@ -389,7 +400,7 @@ def parse_caption(caption: str) -> Scene:
     reason = f"unknown word(s) {', '.join(map(repr, unknown))}" if unknown else "the words are not in a known order"
     raise CaptionError(
         f"caption {caption!r} is outside the shapes grammar: {reason}; captions look like "
-        f"'a large red circle on the left', 'a small blue triangle above a large yellow square on a black background' "
+        f"'a large red circle on the left', 'a small blue triangle above a yellow square on a black background' "
         f"or 'large red circle, left, black background'"
     )
 
