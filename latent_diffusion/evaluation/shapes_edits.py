@@ -112,13 +112,13 @@ def left_half_mask() -> Image.Image:
     return Image.fromarray(mask)
 
 
-def run_inpaint(pipe, cases: Sequence[EditCase], *, steps: int = 20, guidance: float = 5.0, seed: int = 0):
+def run_inpaint(pipe, cases: Sequence[EditCase], *, steps: int = 20, guidance: float = 3.0, seed: int = 0):
     images = [pipe.inpaint(case.prompt, _pil(case.source, seed + i), left_half_mask(), steps=steps,
                            guidance_scale=guidance, seed=seed + i).images[0] for i, case in enumerate(cases)]
     return images
 
 
-def run_recolour(pipe, cases: Sequence[EditCase], *, strength: float = 0.7, steps: int = 20, guidance: float = 5.0,
+def run_recolour(pipe, cases: Sequence[EditCase], *, strength: float = 0.7, steps: int = 20, guidance: float = 3.0,
                  seed: int = 0):
     return [pipe.img2img(case.prompt, _pil(case.source, seed + i), strength=strength, steps=steps,
                          guidance_scale=guidance, seed=seed + i).images[0] for i, case in enumerate(cases)]

@@ -33,12 +33,17 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda, cuda:1, mps)")
 
 
-def add_sampling_options(parser: argparse.ArgumentParser, *, guidance: float, sampler: str = DEFAULT_SAMPLER) -> None:
+def add_sampling_options(parser: argparse.ArgumentParser, *, guidance: float, builtin_guidance: float = 3.0,
+                         sampler: str = DEFAULT_SAMPLER) -> None:
+    """``guidance``: the default for a checkpoint; ``builtin_guidance``: for the built-in models, which were
+    measured best near 3 (MODEL_CARD.md) where Stable Diffusion's 7.5 oversaturates them."""
     group = parser.add_argument_group("sampling")
+    parser.set_defaults(default_guidance=guidance, builtin_guidance=builtin_guidance)
     group.add_argument("--sampler", default=sampler, help="sampler name or A1111 label; see `ldm samplers`")
     group.add_argument("--steps", type=int, default=None, help="sampling steps; default: the sampler's (20, or 50 for ddim/plms)")
-    group.add_argument("--cfg-scale", "--guidance-scale", dest="guidance_scale", type=float, default=guidance,
-                       help="classifier-free guidance scale (1 = no guidance)")
+    group.add_argument("--cfg-scale", "--guidance-scale", dest="guidance_scale", type=float, default=None,
+                       help=f"classifier-free guidance scale (1 = no guidance); default: {guidance:g}, "
+                            f"or {builtin_guidance:g} with the built-in model")
     group.add_argument("--seed", type=int, default=-1, help="seed of the first image (image k uses seed+k); -1 = random")
     group.add_argument("--batch-size", type=int, default=1, help="images generated together")
     group.add_argument("--batch-count", "--n-iter", dest="batch_count", type=int, default=1, help="batches per prompt")
@@ -133,8 +138,14 @@ def _pipeline(args: argparse.Namespace):
                                     tiled_vae=args.tiled_vae, lean=args.lean)
 
 
+def _guidance(args: argparse.Namespace) -> float:
+    if args.guidance_scale is not None:
+        return args.guidance_scale
+    return args.builtin_guidance if getattr(args, "checkpoint", None) is None else args.default_guidance
+
+
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance_scale,
+    return dict(sampler=args.sampler, steps=args.steps, guidance_scale=_guidance(args),
                 batch_size=args.batch_size, batch_count=args.batch_count)
 
 
@@ -282,7 +293,7 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
 
         def generate(caption: str):
             return pipe.txt2img(caption, width=args.size, height=args.size, steps=args.steps, sampler=args.sampler,
-                                guidance_scale=args.guidance_scale, seed=next(counter)).images[0]
+                                guidance_scale=_guidance(args), seed=next(counter)).images[0]
 
     evaluation = evaluate_generator(generate, prompts=prompts, images_per_prompt=args.images_per_prompt, seed=args.seed)
     if args.json:
@@ -308,7 +319,7 @@ def apply_png_parameters(args: argparse.Namespace) -> None:
             args.width, args.height = (int(v) for v in settings["Size"].split("x"))
         args.steps = int(settings.get("Steps", args.steps or 0)) or None
         args.sampler = settings.get("Sampler", args.sampler)
-        args.guidance_scale = float(settings.get("CFG scale", args.guidance_scale))
+        args.guidance_scale = float(settings.get("CFG scale", _guidance(args)))
         args.seed = int(settings.get("Seed", args.seed))
         args.clip_skip = int(settings["Clip skip"]) if "Clip skip" in settings else args.clip_skip
     except ValueError as error:
@@ -360,7 +371,7 @@ def add_task_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--noise-level", type=int, default=20, help="noise augmentation of the input (x4 upscaler), 0-350")
     p.add_argument("--tile-size", type=int, default=None, help="process in tiles of this many input pixels; default: whole")
     p.add_argument("--tile-overlap", type=int, default=16, help="overlap of neighbouring tiles in input pixels")
-    add_sampling_options(p, guidance=9.0)
+    add_sampling_options(p, guidance=9.0, builtin_guidance=1.0)
     add_model_options(p)
     add_output_options(p, "upscale")
 
