@@ -55,6 +55,7 @@ def diffusers_kl(ours: AutoencoderKL) -> torch.nn.Module:
     """diffusers.AutoencoderKL holding our weights, converted by diffusers' own single-file code."""
     checkpoint = {f"first_stage_model.{k}": v for k, v in ours.state_dict().items()}
     config = create_vae_diffusers_config_from_ldm(ldm_yaml(ours.config), checkpoint)
+    config["norm_num_groups"] = ours.config.norm_groups  # the CompVis YAML has no such field
     reference = diffusers.AutoencoderKL(**config)
     reference.load_state_dict(convert_ldm_vae_checkpoint(checkpoint, config), strict=True)
     return reference.eval()
@@ -120,8 +121,9 @@ def tiny_vq(config: AutoencoderConfig = TINY_VQ) -> VQModel:
 
 @pytest.mark.parametrize(
     "config",
-    [TINY_KL, dataclasses.replace(TINY_KL, ch_mult=(1, 2, 2), num_res_blocks=2, z_channels=8, embed_dim=8)],
-    ids=["f2", "f4-wide-latent"],
+    [TINY_KL, dataclasses.replace(TINY_KL, ch_mult=(1, 2, 2), num_res_blocks=2, z_channels=8, embed_dim=8),
+     dataclasses.replace(TINY_KL, ch=16, ch_mult=(1, 2, 2), norm_groups=8)],
+    ids=["f2", "f4-wide-latent", "8-groups"],
 )
 @torch.no_grad()
 def test_kl_matches_diffusers(config):
@@ -402,7 +404,7 @@ def test_bad_configs_raise_value_errors():
         VQModel(TINY_KL)
     with pytest.raises(ValueError, match="double_z"):
         AutoencoderKL(dataclasses.replace(TINY_KL, double_z=False))
-    with pytest.raises(ValueError, match="multiples of 32"):
+    with pytest.raises(ValueError, match="multiples of norm_groups=32"):
         AutoencoderKL(dataclasses.replace(TINY_KL, ch=16))
     with pytest.raises(ValueError, match="attn_type"):
         AutoencoderKL(dataclasses.replace(TINY_KL, attn_type="linear"))

@@ -19,19 +19,19 @@ from latent_diffusion.models.quantize import VectorQuantizer
 NORM_GROUPS = 32
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """The autoencoder's normalisation: 32 groups, eps 1e-6 (not the UNet's 1e-5)."""
-    return nn.GroupNorm(NORM_GROUPS, channels, eps=1e-6, affine=True)
+def group_norm(channels: int, groups: int = NORM_GROUPS) -> nn.GroupNorm:
+    """The autoencoder's normalisation: 32 groups by default, eps 1e-6 (not the UNet's 1e-5)."""
+    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
     """Pre-activation residual block without timestep input; 1x1 ``nin_shortcut`` when widths differ."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, groups: int = NORM_GROUPS) -> None:
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = group_norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = group_norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
@@ -47,9 +47,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels, with 1x1-convolution projections."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, groups: int = NORM_GROUPS) -> None:
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -73,10 +73,10 @@ class AttnBlock(nn.Module):
         return x + out.transpose(1, 2).view(batch, channels, height, width)
 
 
-def make_attention(channels: int, attn_type: str) -> nn.Module:
+def make_attention(channels: int, attn_type: str, groups: int = NORM_GROUPS) -> nn.Module:
     """The attention layer named by ``attn_type``; "none" keeps the slot but has no weights."""
     if attn_type == "vanilla":
-        return AttnBlock(channels)
+        return AttnBlock(channels, groups)
     if attn_type == "none":
         return nn.Identity()
     raise ValueError(f"unknown attn_type {attn_type!r}; expected 'vanilla' or 'none'")
@@ -115,10 +115,11 @@ class Level(nn.Module):
         attn_type: str,
         dropout: float,
         resample: str | None = None,
+        groups: int = NORM_GROUPS,
     ) -> None:
         super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(i, o, dropout) for i, o in widths)
-        self.attn = nn.ModuleList(make_attention(o, attn_type) for _, o in widths if attention)
+        self.block = nn.ModuleList(ResnetBlock(i, o, dropout, groups) for i, o in widths)
+        self.attn = nn.ModuleList(make_attention(o, attn_type, groups) for _, o in widths if attention)
         channels = widths[-1][1]
         # Attribute names are the checkpoint's: encoder levels own a "downsample", decoder levels
         # an "upsample".
@@ -140,11 +141,11 @@ class Level(nn.Module):
 class MidBlock(nn.Module):
     """Residual block, attention, residual block at the lowest resolution."""
 
-    def __init__(self, channels: int, attn_type: str, dropout: float) -> None:
+    def __init__(self, channels: int, attn_type: str, dropout: float, groups: int = NORM_GROUPS) -> None:
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = make_attention(channels, attn_type)
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, groups)
+        self.attn_1 = make_attention(channels, attn_type, groups)
+        self.block_2 = ResnetBlock(channels, channels, dropout, groups)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(h)))
@@ -158,15 +159,6 @@ def _check_widths(config: AutoencoderConfig) -> None:
         raise ValueError(
             f"autoencoder widths ch*ch_mult must be multiples of norm_groups={config.norm_groups}; got {bad}"
         )
-
-
-def _set_norm_groups(module: nn.Module, groups: int) -> None:
-    # The group count is a plain attribute of GroupNorm (its parameters are per channel), so it is
-    # set once here rather than threaded through every block's constructor.
-    if groups != NORM_GROUPS:
-        for layer in module.modules():
-            if isinstance(layer, nn.GroupNorm):
-                layer.num_groups = groups
 
 
 class Encoder(nn.Module):
@@ -186,13 +178,12 @@ class Encoder(nn.Module):
             widths = [(block_in, block_out)] + [(block_out, block_out)] * (c.num_res_blocks - 1)
             last = index == len(c.ch_mult) - 1
             attention = resolution in c.attn_resolutions
-            self.down.append(Level(widths, attention, c.attn_type, c.dropout, None if last else "down"))
+            self.down.append(Level(widths, attention, c.attn_type, c.dropout, None if last else "down", c.norm_groups))
             resolution //= 2
             block_in = block_out
-        self.mid = MidBlock(block_in, c.attn_type, c.dropout)
-        self.norm_out = group_norm(block_in)
+        self.mid = MidBlock(block_in, c.attn_type, c.dropout, c.norm_groups)
+        self.norm_out = group_norm(block_in, c.norm_groups)
         self.conv_out = nn.Conv2d(block_in, 2 * c.z_channels if c.double_z else c.z_channels, 3, padding=1)
-        _set_norm_groups(self, c.norm_groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -212,20 +203,19 @@ class Decoder(nn.Module):
         block_in = c.ch * c.ch_mult[-1]
         resolution = c.resolution // 2 ** (len(c.ch_mult) - 1)
         self.conv_in = nn.Conv2d(c.z_channels, block_in, 3, padding=1)
-        self.mid = MidBlock(block_in, c.attn_type, c.dropout)
+        self.mid = MidBlock(block_in, c.attn_type, c.dropout, c.norm_groups)
         levels: list[Level] = []
         for index in reversed(range(len(c.ch_mult))):
             block_out = c.ch * c.ch_mult[index]
             widths = [(block_in, block_out)] + [(block_out, block_out)] * c.num_res_blocks
             attention = resolution in c.attn_resolutions
-            levels.append(Level(widths, attention, c.attn_type, c.dropout, "up" if index != 0 else None))
+            levels.append(Level(widths, attention, c.attn_type, c.dropout, "up" if index != 0 else None, c.norm_groups))
             resolution *= 2
             block_in = block_out
         # Indexed by level like the encoder (up[0] = finest), though run from the coarsest.
         self.up = nn.ModuleList(reversed(levels))
-        self.norm_out = group_norm(block_in)
+        self.norm_out = group_norm(block_in, c.norm_groups)
         self.conv_out = nn.Conv2d(block_in, c.out_ch, 3, padding=1)
-        _set_norm_groups(self, c.norm_groups)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
