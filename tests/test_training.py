@@ -128,6 +128,31 @@ def test_tiny_autoencoder_loss_goes_down(tmp_path):
     assert "val/psnr" in rows and "val/ssim" in rows
 
 
+def test_autoencoder_mse_loss_and_logvar_start(tmp_path):
+    # The shapes-world recipe's options: an MSE term instead of L1, a small starting posterior std
+    # and fewer GroupNorm groups. The loss logged is then the MSE (plus a tiny KL), and it falls.
+    from latent_diffusion.models.autoencoder import AutoencoderKL
+    from latent_diffusion.training.autoencoder import _init_logvar, train_autoencoder
+
+    make_images(tmp_path / "images")
+    config = load_experiment(TINY / "autoencoder-kl.yaml", [
+        f"data.root={tmp_path / 'images'}", f"run.out_dir={tmp_path / 'run'}", "run.max_steps=24", "run.log_every=1",
+        "loss.l1_weight=0.0", "loss.l2_weight=1.0", "loss.logvar_init=-6.0", "autoencoder.norm_groups=8",
+    ])
+    train_autoencoder(config)
+    with (tmp_path / "run" / "metrics.csv").open() as handle:
+        rows = [row for row in csv.DictReader(handle)]
+    l2 = [float(r["value"]) for r in rows if r["name"] == "train/l2"]
+    loss = [float(r["value"]) for r in rows if r["name"] == "train/loss"]
+    assert len(l2) == 24 and all(total >= mse for total, mse in zip(loss, l2))
+    assert np.mean(l2[-4:]) < 0.6 * np.mean(l2[:4]), l2
+
+    model = AutoencoderKL(config.autoencoder)
+    _init_logvar(model, -6.0)
+    posterior = model.encode(torch.rand(2, 3, config.data.size, config.data.size) * 2 - 1)
+    assert torch.allclose(posterior.logvar, torch.full_like(posterior.logvar, -6.0))
+
+
 def test_tiny_ldm_loss_goes_down_and_loads(data):
     from latent_diffusion.checkpoints.load import load_checkpoint
     from latent_diffusion.training.ldm import train_ldm

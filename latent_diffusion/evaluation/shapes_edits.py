@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from latent_diffusion.data.shapes import (
-    BACKGROUNDS, COLOURS, SHAPES, Scene, ShapeObject, allowed_pairs, caption_for, render_scene,
+    BACKGROUNDS, COLOURS, SHAPES, Scene, ShapeObject, allowed_pairs, caption_for, image_to_tensor, render_scene,
 )
 from latent_diffusion.evaluation.shapes_classifier import SceneReading, load_shapes_classifier, read_scenes
 
@@ -45,7 +45,7 @@ def _pil(scene: Scene, seed: int) -> Image.Image:
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+    return image_to_tensor(np.asarray(image.convert("RGB")))
 
 
 def inpaint_cases(count: int, seed: int = 0) -> list[EditCase]:

@@ -184,14 +184,15 @@ def _train(config: ExperimentConfig, context: DistributedContext) -> Path:
                 module = generator.module if context.enabled else generator
                 # DDP syncs gradients in backward; the forward must go through the wrapper.
                 reconstruction, regulariser, extra = _encode_decode_ddp(generator, module, images, generators)
-                l1 = (images - reconstruction).abs().mean()
+                error = images - reconstruction
+                l1 = error.abs().mean()
                 perceptual_term = (
                     perceptual(images.float(), reconstruction.float()).mean()
                     if loss_cfg.perceptual_weight > 0 else torch.zeros((), device=device)
                 )
                 reconstruction_loss = loss_cfg.l1_weight * l1 + loss_cfg.perceptual_weight * perceptual_term
                 if loss_cfg.l2_weight > 0:
-                    l2 = (images - reconstruction).square().mean()
+                    l2 = error.square().mean()
                     reconstruction_loss = reconstruction_loss + loss_cfg.l2_weight * l2
                     logs["l2"] = l2.detach()
                 weight = loss_cfg.kl_weight if config.autoencoder.kind == "kl" else loss_cfg.codebook_weight

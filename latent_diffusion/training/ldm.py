@@ -87,9 +87,8 @@ def cache_latents(config: ExperimentConfig, output: str) -> Path:
     dataset = ImageFolderDataset(records, config.data, config.run.seed, augment=False)
     first_stage = load_first_stage(config.ldm.first_stage or config.ldm.init_checkpoint).eval()
     means, stds = [], []
-    starts = range(0, len(dataset), 16)
     with tqdm(total=len(dataset), desc="encoding", unit="image", disable=not config.run.progress) as bar:
-        for start in starts:
+        for start in range(0, len(dataset), 16):
             images = torch.stack([dataset[(0, i)]["image"] for i in range(start, min(start + 16, len(dataset)))])
             if isinstance(first_stage, AutoencoderKL):
                 posterior = first_stage.encode(images)
