@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default), float16 (CUDA default), bfloat16")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in each child")
-    parser.add_argument("--ours-option", action="append", default=[], choices=["lean", "tiled_vae"],
+    parser.add_argument("--ours-option", action="append", default=[], choices=["lean", "tiled_vae", "compile_unet"],
                         help="run our side with this Pipeline option")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the matmul ceiling and FLOP count")
     parser.add_argument("--cache", type=Path, default=HERE / ".cache")
@@ -173,6 +173,9 @@ def render(rows, ceiling, args, dtype: str) -> str:
         ours_s, theirs_s = seconds(measured["ours"]), seconds(measured["diffusers"])
         ours_m, theirs_m = memory(measured["ours"]), memory(measured["diffusers"])
         verdict = "-" if ok is None else f"{'yes' if ok else 'NO'} ({words})"
+        first_calls = [max(r["warmup_seconds"]) for r in measured["ours"] if r.get("warmup_seconds")]
+        if "compile_unet" in args.ours_option and first_calls:
+            verdict += f"; our first call (compiling) {summary(first_calls)} s"
         label = case.label if not args.quick else f"{case.label} [quick: size {case.quick_size}]"
         lines.append(
             f"| {label} | {summary(ours_s)} | {summary(theirs_s)} | "

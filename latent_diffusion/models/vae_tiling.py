@@ -1,193 +1,276 @@
-"""Tiled VAE decoding and encoding for images larger than memory allows in one piece.
+"""VAE decoding and encoding of large images in bands of rows, with the untiled network's result.
 
-Each tile is run through the network on its own and the tiles are blended with linear ramps across
-their overlaps. Two things would otherwise show as seams: the convolutions' zero padding at a tile's
-border (the overlap, discarded by the ramps, takes it), and GroupNorm, whose per-group statistics a
-tile would compute over itself only. So the statistics are estimated once for the whole image, from
-one pass over the image (or latent) reduced to a single tile's size, and every tile is normalised
-with them: the "fixed statistics" of multi-tile VAE decoders (A1111's Tiled VAE does the same).
-Normalising every tile the same way makes the tiles agree on brightness and colour.
+At high resolution an autoencoder's memory goes to its activations, not its weights: the SD decoder
+at 2048 px makes 4 GiB tensors. Cutting the image into tiles that run through the network on their
+own bounds that, but changes the answer: GroupNorm normalises with statistics of the whole image,
+and the mid-block attention lets every pixel see every other, so a tile alone computes something
+else (9 dB PSNR from the untiled decode with random SD weights, whatever statistics one estimates).
+
+So here the network runs layer by layer over the whole image, and each layer that works on pixels
+(a convolution with its GroupNorm and SiLU in front, upsampling, downsampling, the residual add)
+runs over bands of rows, each band reading the rows of the previous activation it needs (a one-row
+halo for a 3x3 convolution). Hence:
+
+- only the activations between layers exist whole; a band's float32 working set is bounded
+  (``band_bytes``), and activations larger than ``exact_bytes`` are stored in float16;
+- GroupNorm gets the exact statistics of the whole image, summed band by band in float64;
+- attention stays global: it runs at the lowest resolution, where PyTorch's fused attention needs
+  memory linear in the number of pixels;
+- the result is the untiled network's up to rounding (bit-for-bit arithmetic per pixel except the
+  order of the GroupNorm sums, plus float16 storage where an activation is larger than
+  ``exact_bytes``).
+
+The layers are read from our ``Encoder``/``Decoder`` modules (their CompVis structure), and their
+weights are cast per call, so lean mode's half-precision weights work unchanged.
 """
 from __future__ import annotations
 
-import contextlib
-import math
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from latent_diffusion.models.autoencoder import AutoencoderKL
+from latent_diffusion.models.autoencoder import (
+    AttnBlock, AutoencoderKL, Decoder, Encoder, Level, MidBlock, ResnetBlock, VQModel,
+)
 from latent_diffusion.models.distributions import DiagonalGaussianDistribution
+from latent_diffusion.nn.attention import attention
 
-DEFAULT_LATENT_TILE = 64  # 512 px for the SD VAE: its decoder's peak at this size is about 2.5 GiB
-DEFAULT_LATENT_OVERLAP = 16
-
-
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of tiles of ``tile`` covering ``length``, neighbours overlapping by at least ``overlap``."""
-    if length <= tile:
-        return [0]
-    stride = tile - overlap
-    starts = list(range(0, length - tile, stride))
-    return starts + [length - tile]
+# A band's float32 input working tensor; at 2048 px and 256 channels this is 32 rows.
+DEFAULT_BAND_BYTES = 64 * 2**20
+# Activations up to this size (in float32) are stored in float32: every activation of a 1024 px
+# SD decode, so there the result is exact; above it float16 halves them (2048 px: peak 4 GiB).
+DEFAULT_EXACT_BYTES = 2**30
+_FLOAT16_MAX = torch.finfo(torch.float16).max
 
 
-def _blend_weight(size: int, overlap_before: int, overlap_after: int, device) -> Tensor:
-    """1-D blending weight of one tile: 0 at an interior border, a short ramp at the overlap's centre, 1 inside.
+class _Affine:
+    """A GroupNorm with its statistics fixed: per-sample, per-channel scale and shift."""
 
-    The outer part of an overlap is where a tile's convolutions saw zero padding instead of the
-    neighbour's content, so it is left to the neighbour; the two ramps of a pair mirror each other
-    and sum to one.
-    """
-    weight = torch.ones(size, device=device)
-    for overlap, side in ((overlap_before, 1), (overlap_after, -1)):
-        if not overlap:
-            continue
-        ramp_width = max(2, overlap // 4)
-        margin = (overlap - ramp_width) // 2
-        ramp = torch.linspace(0, 1, ramp_width + 2, device=device)[1:-1]
-        profile = torch.cat([torch.zeros(margin, device=device), ramp])
-        if side == 1:
-            weight[:len(profile)] = profile
-        else:
-            weight[size - len(profile):] = profile.flip(0)
-    return weight
+    def __init__(self, scale: Tensor, shift: Tensor) -> None:
+        self.scale, self.shift = scale[:, :, None, None], shift[:, :, None, None]
+
+    def __call__(self, x: Tensor, silu: bool) -> Tensor:
+        x = torch.addcmul(self.shift, x, self.scale)
+        return F.silu(x, inplace=True) if silu else x
 
 
-def _overlaps(starts: list[int], tile: int) -> list[tuple[int, int]]:
-    """(overlap with the previous tile, overlap with the next) for each start, in input units."""
-    result = []
-    for index, start in enumerate(starts):
-        before = starts[index - 1] + tile - start if index > 0 else 0
-        after = start + tile - starts[index + 1] if index + 1 < len(starts) else 0
-        result.append((before, after))
-    return result
+def _spans(length: int, step: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, length, step):
+        yield start, min(start + step, length)
 
 
-class _GroupNormStatistics:
-    """Records each GroupNorm's per-group mean and variance in one pass, then normalises with them."""
+class _BandRunner:
+    """Runs the autoencoder's layers over whole activations, band by band (see the module docstring)."""
 
-    def __init__(self, network: nn.Module) -> None:
-        self.layers = [m for m in network.modules() if isinstance(m, nn.GroupNorm)]
-        self.stats: dict[int, tuple[Tensor, Tensor]] = {}
+    def __init__(self, compute_dtype: torch.dtype, band_bytes: int, exact_bytes: int, progress: tqdm | None) -> None:
+        self.compute = compute_dtype
+        self.band_bytes = band_bytes
+        self.exact_bytes = exact_bytes
+        self.progress = progress
 
-    @contextlib.contextmanager
-    def _patched(self, make_forward: Callable[[nn.GroupNorm], Callable[[Tensor], Tensor]]) -> Iterator[None]:
-        for layer in self.layers:
-            layer.forward = make_forward(layer)  # instance attribute shadows the class method
-        try:
-            yield
-        finally:
-            for layer in self.layers:
-                del layer.forward
+    # ------------------------------------------------------------------ storage
+    def _empty(self, like: Tensor, channels: int, height: int, width: int) -> Tensor:
+        numel = like.shape[0] * channels * height * width
+        dtype = self.compute if numel * 4 <= self.exact_bytes else torch.float16
+        return torch.empty(like.shape[0], channels, height, width, dtype=dtype, device=like.device)
 
-    def recording(self):
-        def make_forward(layer: nn.GroupNorm):
-            def forward(x: Tensor) -> Tensor:
-                grouped = x.float().reshape(x.shape[0], layer.num_groups, -1)
-                var, mean = torch.var_mean(grouped, dim=2, unbiased=False)
-                self.stats[id(layer)] = (mean, var)
-                return F.group_norm(x, layer.num_groups, layer.weight, layer.bias, layer.eps)
-            return forward
+    def _store(self, out: Tensor, rows: slice, band: Tensor) -> None:
+        if out.dtype == torch.float16 and band.dtype != torch.float16:
+            peak = band.abs().max().item()
+            if not peak <= _FLOAT16_MAX:  # also catches NaN
+                raise FloatingPointError(
+                    f"an activation of {peak:.3g} does not fit the float16 storage of large activations; "
+                    f"pass a larger exact_bytes (now {self.exact_bytes}) to keep it in float32"
+                )
+        out[:, :, rows] = band
 
-        return self._patched(make_forward)
+    def _rows_per_band(self, channels: int, width: int) -> int:
+        return max(1, self.band_bytes // (4 * channels * width))
 
-    def applying(self):
-        def make_forward(layer: nn.GroupNorm):
-            mean, var = self.stats[id(layer)]
-            # Per-channel scale and shift equal to GroupNorm with the recorded statistics.
-            per_channel = layer.num_channels // layer.num_groups
-            inv_std = torch.rsqrt(var + layer.eps).repeat_interleave(per_channel, dim=1)
-            mean_c = mean.repeat_interleave(per_channel, dim=1)
-            scale = inv_std * (layer.weight.float() if layer.weight is not None else 1.0)
-            shift = -mean_c * scale + (layer.bias.float() if layer.bias is not None else 0.0)
+    def _weights(self, conv: nn.Conv2d) -> tuple[Tensor, Tensor | None]:
+        bias = conv.bias.to(self.compute) if conv.bias is not None else None
+        return conv.weight.to(self.compute), bias
 
-            def forward(x: Tensor) -> Tensor:
-                return x * scale[:, :, None, None].to(x.dtype) + shift[:, :, None, None].to(x.dtype)
-            return forward
+    def _tick(self) -> None:
+        if self.progress is not None:
+            self.progress.update(1)
 
-        return self._patched(make_forward)
+    # ------------------------------------------------------------------ layers
+    def norm(self, x: Tensor, layer: nn.GroupNorm) -> _Affine:
+        """``layer`` with the exact statistics of the whole ``x``."""
+        batch, channels, height, width = x.shape
+        groups = layer.num_groups
+        # Each band's group means and variances (float32, as GroupNorm computes them), merged in
+        # float64 with the parallel-variance formula (Chan et al.), so that no band is converted.
+        count = torch.zeros((), dtype=torch.float64)
+        mean = torch.zeros(batch, groups, dtype=torch.float64, device=x.device)
+        m2 = torch.zeros_like(mean)
+        for top, bottom in _spans(height, self._rows_per_band(channels, width)):
+            band = x[:, :, top:bottom].reshape(batch, groups, -1)
+            band_var, band_mean = torch.var_mean(band.to(self.compute), dim=2, unbiased=False)
+            n = band.shape[2]
+            delta = band_mean.double() - mean
+            total = count + n
+            mean += delta * (n / total)
+            m2 += band_var.double() * n + delta.square() * (count * n / total)
+            count = total
+        var = m2 / count
+        per_group = channels // groups
+        inv_std = torch.rsqrt(var + layer.eps).repeat_interleave(per_group, dim=1)
+        mean = mean.repeat_interleave(per_group, dim=1)
+        weight = layer.weight.double() if layer.weight is not None else 1.0
+        bias = layer.bias.double() if layer.bias is not None else 0.0
+        scale = inv_std * weight
+        return _Affine(scale.to(self.compute), (bias - mean * scale).to(self.compute))
+
+    def conv(self, x: Tensor, conv: nn.Conv2d, pre: _Affine | None = None, upsample: bool = False,
+             extra_padding: tuple[int, int, int, int] = (0, 0, 0, 0), residual: Tensor | None = None,
+             shortcut: nn.Conv2d | None = None, out: Tensor | None = None) -> Tensor:
+        """``conv(silu(pre(x)))`` band by band, ``x`` first upsampled 2x (nearest) if ``upsample``.
+
+        ``extra_padding`` (left, right, top, bottom) is zero padding applied before the convolution's
+        own; ``residual`` (through the 1x1 ``shortcut`` if given) is added to the result, which may be
+        written into ``out`` (the residual itself: each band reads only its own rows of it).
+        """
+        batch, in_channels, height, width = x.shape
+        scale = 2 if upsample else 1
+        src_h, src_w = height * scale, width * scale
+        (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
+        ph, pw = conv.padding
+        left, right, top, bottom = pw + extra_padding[0], pw + extra_padding[1], ph + extra_padding[2], ph + extra_padding[3]
+        out_h, out_w = (src_h + top + bottom - kh) // sh + 1, (src_w + left + right - kw) // sw + 1
+        if out is None:
+            out = self._empty(x, conv.out_channels, out_h, out_w)
+        weight, bias = self._weights(conv)
+        shortcut_weights = self._weights(shortcut) if shortcut is not None else None
+        rows = max(1, self._rows_per_band(max(in_channels, conv.out_channels), src_w) // sh)
+        for out_top, out_bottom in _spans(out_h, rows):
+            # Rows of the padded (and upsampled) input this band of outputs reads, in source coordinates.
+            first, last = out_top * sh - top, (out_bottom - 1) * sh + kh - top
+            lo, hi = max(first, 0), min(last, src_h)
+            if upsample:
+                band = x[:, :, lo // 2:(hi - 1) // 2 + 1].to(self.compute)
+                if pre is not None:
+                    band = pre(band, silu=True)
+                band = F.interpolate(band, scale_factor=2.0, mode="nearest")
+                band = band[:, :, lo - 2 * (lo // 2):][:, :, :hi - lo]
+            else:
+                band = x[:, :, lo:hi].to(self.compute)
+                if pre is not None:
+                    band = pre(band, silu=True)
+            band = F.pad(band, (left, right, lo - first, last - hi))
+            result = F.conv2d(band, weight, bias, stride=conv.stride)
+            if residual is not None:
+                skip = residual[:, :, out_top:out_bottom].to(self.compute)
+                result += F.conv2d(skip, *shortcut_weights) if shortcut_weights is not None else skip
+            self._store(out, slice(out_top, out_bottom), result)
+        self._tick()
+        return out
+
+    def resnet(self, x: Tensor, block: ResnetBlock) -> Tensor:
+        h = self.conv(x, block.conv1, pre=self.norm(x, block.norm1))
+        # Without a shortcut convolution the block's output overwrites its input in place.
+        out = x if block.nin_shortcut is None else None
+        return self.conv(h, block.conv2, pre=self.norm(h, block.norm2), residual=x, shortcut=block.nin_shortcut,
+                         out=out)
+
+    def attn(self, x: Tensor, block: nn.Module) -> Tensor:
+        if not isinstance(block, AttnBlock):  # attn_type "none"
+            return x
+        batch, channels, height, width = x.shape
+        tokens = self.norm(x, block.norm)(x.to(self.compute), silu=False).flatten(2).transpose(1, 2).contiguous()
+
+        def project(conv: nn.Conv2d, inputs: Tensor) -> Tensor:
+            weight, bias = self._weights(conv)
+            return F.linear(inputs, weight.flatten(1), bias)
+
+        q, k, v = (project(conv, tokens).unsqueeze(1) for conv in (block.q, block.k, block.v))
+        del tokens
+        out = project(block.proj_out, attention(q, k, v).squeeze(1))
+        out = out.transpose(1, 2).reshape(batch, channels, height, width)
+        self._tick()
+        return (out + x.to(self.compute)).to(x.dtype)
+
+    def level(self, h: Tensor, level: Level) -> Tensor:
+        for index, block in enumerate(level.block):
+            h = self.resnet(h, block)
+            if level.attn:
+                h = self.attn(h, level.attn[index])
+        if level.downsample is not None:
+            h = self.conv(h, level.downsample.conv, extra_padding=(0, 1, 0, 1))
+        if level.upsample is not None:
+            h = self.conv(h, level.upsample.conv, upsample=True)
+        return h
+
+    def mid(self, h: Tensor, mid: MidBlock) -> Tensor:
+        return self.resnet(self.attn(self.resnet(h, mid.block_1), mid.attn_1), mid.block_2)
+
+    def output(self, h: Tensor, norm: nn.GroupNorm, conv: nn.Conv2d) -> Tensor:
+        out = torch.empty(h.shape[0], conv.out_channels, h.shape[2], h.shape[3], dtype=self.compute, device=h.device)
+        return self.conv(h, conv, pre=self.norm(h, norm), out=out)
+
+    def decoder(self, decoder: Decoder, z: Tensor) -> Tensor:
+        h = self.mid(self.conv(z, decoder.conv_in), decoder.mid)
+        for level in reversed(decoder.up):
+            h = self.level(h, level)
+        return self.output(h, decoder.norm_out, decoder.conv_out)
+
+    def encoder(self, encoder: Encoder, x: Tensor) -> Tensor:
+        h = self.conv(x, encoder.conv_in)
+        for level in encoder.down:
+            h = self.level(h, level)
+        return self.output(self.mid(h, encoder.mid), encoder.norm_out, encoder.conv_out)
 
 
-def _reduced(x: Tensor, tile: int) -> Tensor:
-    """``x`` shrunk to the area of one tile, keeping its aspect ratio (area averaging keeps the content's mean)."""
-    height, width = x.shape[-2:]
-    factor = math.sqrt(height * width) / tile
-    if factor <= 1:
-        return x
-    size = (max(1, round(height / factor)), max(1, round(width / factor)))
-    return F.interpolate(x.float(), size=size, mode="area").to(x.dtype)
+def _layer_count(network: nn.Module) -> int:
+    """How many steps a banded run of ``network`` takes: one per convolution or attention block."""
+    steps = 0
+    for name, module in network.named_modules():
+        if isinstance(module, AttnBlock):
+            steps += 1
+        elif isinstance(module, nn.Conv2d) and not name.endswith("nin_shortcut") and ".attn" not in name:
+            steps += 1
+    return steps
 
 
-def _run_tiled(network: Callable[[Tensor], Tensor], statistics_network: nn.Module, x: Tensor, tile: int,
-               overlap: int, scale: float, out_channels: int) -> Tensor:
-    """Apply a fully convolutional ``network`` tile by tile; output sides are ``scale`` times the input's."""
-    batch, _, height, width = x.shape
-    statistics = _GroupNormStatistics(statistics_network)
-    rows, cols = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
-    row_overlaps, col_overlaps = _overlaps(rows, tile), _overlaps(cols, tile)
-    out_h, out_w = round(height * scale), round(width * scale)
-    out = torch.zeros(batch, out_channels, out_h, out_w, dtype=torch.float32, device=x.device)
-    total = torch.zeros(1, 1, out_h, out_w, dtype=torch.float32, device=x.device)
-    for index in range(batch):
-        item = x[index:index + 1]
-        with statistics.recording():
-            network(_reduced(item, tile))
-        with statistics.applying():
-            for top, (before_y, after_y) in zip(rows, row_overlaps):
-                for left, (before_x, after_x) in zip(cols, col_overlaps):
-                    piece = network(item[:, :, top:top + tile, left:left + tile]).float()
-                    ph, pw = piece.shape[-2:]
-                    wy = _blend_weight(ph, round(before_y * scale), round(after_y * scale), x.device)
-                    wx = _blend_weight(pw, round(before_x * scale), round(after_x * scale), x.device)
-                    weight = wy[:, None] * wx[None, :]
-                    y0, x0 = round(top * scale), round(left * scale)
-                    out[index:index + 1, :, y0:y0 + ph, x0:x0 + pw] += piece * weight
-                    if index == 0:
-                        total[:, :, y0:y0 + ph, x0:x0 + pw] += weight
-    return out.div_(total).to(x.dtype)
+def _check(vae: nn.Module, band_bytes: int, exact_bytes: int) -> None:
+    if not isinstance(vae, (AutoencoderKL, VQModel)):
+        raise TypeError(f"banded VAE coding needs our AutoencoderKL or VQModel, got {type(vae).__name__}")
+    if band_bytes < 1 or exact_bytes < 0:
+        raise ValueError(f"band_bytes must be positive and exact_bytes non-negative; got {band_bytes}, {exact_bytes}")
 
 
-def _check_tiling(tile: int, overlap: int, multiple: int) -> None:
-    if tile < 1 or tile % multiple:
-        raise ValueError(f"tile size must be a positive multiple of {multiple}, got {tile}")
-    if not 0 <= overlap < tile or overlap % multiple:
-        raise ValueError(f"tile overlap must be a multiple of {multiple} in [0, tile size), got {overlap}")
+def _runner(x: Tensor, network: nn.Module, band_bytes: int, exact_bytes: int, progress: bool, what: str):
+    compute = x.dtype if x.is_cuda else torch.float32  # CPUs compute half precision slowly
+    bar = tqdm(total=_layer_count(network), desc=what, unit="layer", disable=not progress, leave=False)
+    return _BandRunner(compute, band_bytes, exact_bytes, bar), bar
 
 
-def decode_tiled(vae: nn.Module, z: Tensor, tile: int = DEFAULT_LATENT_TILE,
-                 overlap: int = DEFAULT_LATENT_OVERLAP) -> Tensor:
-    """``vae.decode(z)`` in overlapping latent tiles of ``tile`` x ``tile`` (unscaled latents, as decode takes)."""
-    _check_tiling(tile, overlap, 1)
-    if max(z.shape[-2:]) <= tile:
-        return vae.decode(z)
+@torch.no_grad()
+def decode_tiled(vae: nn.Module, z: Tensor, band_bytes: int = DEFAULT_BAND_BYTES,
+                 exact_bytes: int = DEFAULT_EXACT_BYTES, progress: bool = False) -> Tensor:
+    """``vae.decode(z)`` (unscaled latents, as decode takes) computed in bands of rows; see the module docstring."""
+    _check(vae, band_bytes, exact_bytes)
     vae._check_latent(z)
-    factor = vae.downsampling_factor
+    if isinstance(vae, VQModel):
+        z = vae.quantize(z).z_q
+    runner, bar = _runner(z, vae.decoder, band_bytes, exact_bytes, progress, "VAE decode")
+    with bar:
+        h = F.conv2d(z.to(runner.compute), *runner._weights(vae.post_quant_conv))
+        return runner.decoder(vae.decoder, h).to(z.dtype)
 
-    def network(latent: Tensor) -> Tensor:
-        return vae.decode(latent)
 
-    return _run_tiled(network, vae.decoder, z, tile, overlap, factor, vae.config.out_ch)
-
-
-def encode_tiled(vae: nn.Module, x: Tensor, tile: int | None = None,
-                 overlap: int | None = None) -> Tensor | DiagonalGaussianDistribution:
-    """``vae.encode(x)`` in overlapping image tiles (sizes in pixels; default 8x the latent defaults)."""
-    factor = vae.downsampling_factor
-    tile = DEFAULT_LATENT_TILE * factor if tile is None else tile
-    overlap = DEFAULT_LATENT_OVERLAP * factor if overlap is None else overlap
-    _check_tiling(tile, overlap, factor)
-    if max(x.shape[-2:]) <= tile:
-        return vae.encode(x)
+@torch.no_grad()
+def encode_tiled(vae: nn.Module, x: Tensor, band_bytes: int = DEFAULT_BAND_BYTES,
+                 exact_bytes: int = DEFAULT_EXACT_BYTES,
+                 progress: bool = False) -> Tensor | DiagonalGaussianDistribution:
+    """``vae.encode(x)`` computed in bands of rows: a KL posterior, or the VQ model's pre-quantisation latent."""
+    _check(vae, band_bytes, exact_bytes)
     vae._check_image(x)
-    kl = isinstance(vae, AutoencoderKL)
-
-    def network(pixels: Tensor) -> Tensor:
-        result = vae.encode(pixels)
-        return result.parameters if isinstance(result, DiagonalGaussianDistribution) else result
-
-    channels = 2 * vae.config.embed_dim if kl else vae.config.embed_dim
-    moments = _run_tiled(network, vae.encoder, x, tile, overlap, 1 / factor, channels)
-    return DiagonalGaussianDistribution(moments) if kl else moments
+    runner, bar = _runner(x, vae.encoder, band_bytes, exact_bytes, progress, "VAE encode")
+    with bar:
+        moments = F.conv2d(runner.encoder(vae.encoder, x), *runner._weights(vae.quant_conv)).to(x.dtype)
+    return DiagonalGaussianDistribution(moments) if isinstance(vae, AutoencoderKL) else moments

@@ -27,9 +27,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="keep the weights in float16 (decoding falls back to float32 on overflow); default fp32")
     group.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     group.add_argument("--tiled-vae", action="store_true",
-                       help="decode in overlapping tiles: bounded memory for large images (small seams possible)")
+                       help="decode in bands of rows: bounded memory for large images, the same image as without")
     group.add_argument("--lean", action="store_true",
                        help="keep UNet/VAE weights in float16 and compute in float32, block by block (about half the memory)")
+    group.add_argument("--compile", action="store_true",
+                       help="compile the UNet with frozen weights (torch.compile): faster steps after minutes of compiling")
     group.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda, cuda:1, mps)")
 
 
@@ -135,7 +137,8 @@ def _pipeline(args: argparse.Namespace):
 
     return Pipeline.from_checkpoint(args.checkpoint, vae=args.vae, config_yaml=args.config, half=args.half,
                                     use_ema=args.ema, device=args.device, progress=not args.quiet,
-                                    tiled_vae=args.tiled_vae, lean=args.lean)
+                                    tiled_vae=args.tiled_vae, lean=args.lean,
+                                    compile_unet=args.compile)
 
 
 def _guidance(args: argparse.Namespace) -> float:

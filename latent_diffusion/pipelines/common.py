@@ -148,7 +148,11 @@ class Pipeline:
     """A loaded model ready for the tasks: ``txt2img``, ``img2img``, ``inpaint``, ``upscale``, ``sample``."""
 
     def __init__(self, loaded: LoadedModel, *, name: str | None = None, hash_: str | None = None,
-                 progress: bool = True, tiled_vae: bool = False, lean: bool = False) -> None:
+                 progress: bool = True, tiled_vae: bool = False, lean: bool = False,
+                 compile_unet: bool = False) -> None:
+        if lean and compile_unet:
+            raise ValueError("lean mode and a compiled UNet do not combine: lean swaps the weights per block, "
+                             "a compiled UNet has them frozen in")
         self.loaded = loaded
         self.model = loaded.model
         self.spec = loaded.spec
@@ -156,10 +160,16 @@ class Pipeline:
         self.name = name or (loaded.source.stem if loaded.source else self.spec.family)
         self.hash = hash_
         self.progress = progress
-        # Decode in overlapping tiles (models/vae_tiling.py): bounded memory for large images.
+        # Decode in bands of rows (models/vae_tiling.py): bounded memory for large images.
         self.tiled_vae = tiled_vae
         if lean:
             _make_pipeline_lean(self.model)
+        # What the sampler calls; the model keeps the plain UNet (and its state-dict names).
+        self.unet_forward: Callable[..., Tensor] = self.model.unet
+        if compile_unet:
+            from latent_diffusion.nn.compiled import compile_for_inference
+
+            self.unet_forward = compile_for_inference(self.model.unet)
         # Called as ``step_callback(step, total_steps)`` after every sampler step (the server's
         # progress and previews); an exception raised there aborts the sampling.
         self.step_callback: Callable[[Step, int], None] | None = None
@@ -180,6 +190,7 @@ class Pipeline:
         progress: bool = True,
         tiled_vae: bool = False,
         lean: bool = False,
+        compile_unet: bool = False,
     ) -> Pipeline:
         """Load a single file or diffusers folder (the built-in model when ``path`` is None).
 
@@ -208,7 +219,7 @@ class Pipeline:
         if vae is not None:
             load_vae_weights(loaded.model, vae)
         return cls(loaded, name=path.stem if path.is_file() else path.name, hash_=hash_, progress=progress,
-                   tiled_vae=tiled_vae, lean=lean)
+                   tiled_vae=tiled_vae, lean=lean, compile_unet=compile_unet)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -311,7 +322,7 @@ class Pipeline:
         vae = self.model.first_stage_model
         with torch.no_grad():
             z = latents.to(self.dtype) / self.spec.scale_factor
-            images = decode_tiled(vae, z) if self.tiled_vae else vae.decode(z)
+            images = decode_tiled(vae, z, progress=self.progress) if self.tiled_vae else vae.decode(z)
             if not torch.isfinite(images).all():
                 if self.dtype == torch.float32:
                     raise FloatingPointError("the decoded image contains NaN/inf even in fp32; the weights are broken")
@@ -344,7 +355,7 @@ class Pipeline:
         description: str = "sampling",
     ) -> Tensor:
         """Run the sampler under classifier-free guidance (skipped when ``uncond`` is None or scale 1)."""
-        denoiser = Denoiser(self.model.unet, self.schedule, self.spec.prediction)
+        denoiser = Denoiser(self.unet_forward, self.schedule, self.spec.prediction)
         if uncond is not None and settings.guidance_scale != 1.0:
             denoiser = ClassifierFreeGuidance(denoiser, uncond, settings.guidance_scale)
         sigmas = sigmas_for(settings.sampler, self.schedule, settings.steps)
