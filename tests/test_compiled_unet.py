@@ -22,6 +22,8 @@ def test_compiled_unet_makes_the_eager_image(checkpoint):
     compiled = compiled_pipe.txt2img("a red circle", **options)
     difference = np.abs(np.asarray(compiled.images[0], np.int16) - np.asarray(eager.images[0], np.int16))
     assert difference.max() <= 1
+    with pytest.raises(RuntimeError, match="inference"):
+        compiled_pipe.unet_forward(None, None)
     # The model keeps its plain UNet, so its state dict keeps the checkpoint's names.
     assert all(not key.startswith("_orig_mod") for key in compiled_pipe.model.state_dict())
 

@@ -102,23 +102,27 @@ class _BandRunner:
     def norm(self, x: Tensor, layer: nn.GroupNorm) -> _Affine:
         """``layer`` with the exact statistics of the whole ``x``."""
         batch, channels, height, width = x.shape
-        groups = layer.num_groups
-        # Each band's group means and variances (float32, as GroupNorm computes them), merged in
-        # float64 with the parallel-variance formula (Chan et al.), so that no band is converted.
-        count = torch.zeros((), dtype=torch.float64)
-        mean = torch.zeros(batch, groups, dtype=torch.float64, device=x.device)
+        groups, per_group = layer.num_groups, channels // layer.num_groups
+        # Each band's per-channel means and variances (float32, read in place), merged across bands
+        # and then across each group's channels in float64 with the parallel-variance formula (Chan
+        # et al.), so that no band is copied or converted.
+        count = 0
+        mean = torch.zeros(batch, channels, dtype=torch.float64, device=x.device)
         m2 = torch.zeros_like(mean)
         for top, bottom in _spans(height, self._rows_per_band(channels, width)):
-            band = x[:, :, top:bottom].reshape(batch, groups, -1)
-            band_var, band_mean = torch.var_mean(band.to(self.compute), dim=2, unbiased=False)
-            n = band.shape[2]
+            band = x[:, :, top:bottom]
+            band_var, band_mean = torch.var_mean(band.to(self.compute), dim=(2, 3), unbiased=False)
+            n = (bottom - top) * width
             delta = band_mean.double() - mean
-            total = count + n
-            mean += delta * (n / total)
-            m2 += band_var.double() * n + delta.square() * (count * n / total)
-            count = total
-        var = m2 / count
-        per_group = channels // groups
+            mean += delta * (n / (count + n))
+            m2 += band_var.double() * n + delta.square() * (count * n / (count + n))
+            count += n
+        # Channels of a group have equal counts: the group's mean is theirs averaged, and its sum of
+        # squared deviations adds each channel's spread about the group mean.
+        channel_mean = mean.view(batch, groups, per_group)
+        mean = channel_mean.mean(-1)
+        m2 = m2.view(batch, groups, per_group).sum(-1) + count * (channel_mean - mean[..., None]).square().sum(-1)
+        var = m2 / (count * per_group)
         inv_std = torch.rsqrt(var + layer.eps).repeat_interleave(per_group, dim=1)
         mean = mean.repeat_interleave(per_group, dim=1)
         weight = layer.weight.double() if layer.weight is not None else 1.0
@@ -161,8 +165,12 @@ class _BandRunner:
                 band = x[:, :, lo:hi].to(self.compute)
                 if pre is not None:
                     band = pre(band, silu=True)
-            band = F.pad(band, (left, right, lo - first, last - hi))
-            result = F.conv2d(band, weight, bias, stride=conv.stride)
+            # Zero rows only at the image's top and bottom; columns through the convolution's own
+            # padding where it is symmetric (a copy of the band saved).
+            side = left if left == right else 0
+            if lo - first or last - hi or left != right:
+                band = F.pad(band, (left - side, right - side, lo - first, last - hi))
+            result = F.conv2d(band, weight, bias, stride=conv.stride, padding=(0, side))
             if residual is not None:
                 skip = residual[:, :, out_top:out_bottom].to(self.compute)
                 result += F.conv2d(skip, *shortcut_weights) if shortcut_weights is not None else skip
