@@ -18,6 +18,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     Every attention in the package (UNet, VAE, text encoders) goes through here, so the kernel
     choice lives in one place.
     """
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        # bf16 mode (nn/bf16.py): attention is a small share of a step's time on a CPU, and in
+        # fp32 it brings the 20-step image from 29.2 to 30.0 dB of the exact one.
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 

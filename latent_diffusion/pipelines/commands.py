@@ -32,6 +32,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="keep UNet/VAE weights in float16 and compute in float32, block by block (about half the memory)")
     group.add_argument("--compile", action="store_true",
                        help="compile the UNet with frozen weights (torch.compile): faster steps after minutes of compiling")
+    group.add_argument("--bf16", action="store_true",
+                       help="UNet in bfloat16 (matmuls and convolutions; attention and norms fp32): about half the "
+                            "time on CPUs with native bf16, about 30 dB from the exact image")
     group.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda, cuda:1, mps)")
 
 
@@ -138,7 +141,7 @@ def _pipeline(args: argparse.Namespace):
     return Pipeline.from_checkpoint(args.checkpoint, vae=args.vae, config_yaml=args.config, half=args.half,
                                     use_ema=args.ema, device=args.device, progress=not args.quiet,
                                     tiled_vae=args.tiled_vae, lean=args.lean,
-                                    compile_unet=args.compile)
+                                    compile_unet=args.compile, bf16=args.bf16)
 
 
 def _guidance(args: argparse.Namespace) -> float:

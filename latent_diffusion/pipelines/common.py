@@ -149,10 +149,12 @@ class Pipeline:
 
     def __init__(self, loaded: LoadedModel, *, name: str | None = None, hash_: str | None = None,
                  progress: bool = True, tiled_vae: bool = False, lean: bool = False,
-                 compile_unet: bool = False) -> None:
-        if lean and compile_unet:
-            raise ValueError("lean mode and a compiled UNet do not combine: lean swaps the weights per block, "
-                             "a compiled UNet has them frozen in")
+                 compile_unet: bool = False, bf16: bool = False) -> None:
+        if sum((lean, compile_unet, bf16)) > 1:
+            raise ValueError("lean mode, bf16 mode and a compiled UNet do not combine: lean swaps the weights "
+                             "per block, bf16 converts them, a compiled UNet has them frozen in")
+        if bf16 and next(loaded.model.unet.parameters()).dtype != torch.float32:
+            raise ValueError("bf16 mode starts from fp32 weights; load without --half")
         self.loaded = loaded
         self.model = loaded.model
         self.spec = loaded.spec
@@ -170,6 +172,12 @@ class Pipeline:
             from latent_diffusion.nn.compiled import compile_for_inference
 
             self.unet_forward = compile_for_inference(self.model.unet)
+        # Latents, conditioning and images stay fp32 in bf16 mode; only the UNet's insides are bf16.
+        self.bf16 = bf16
+        if bf16:
+            from latent_diffusion.nn.bf16 import BF16Autocast
+
+            self.unet_forward = BF16Autocast(self.model.unet)
         # Called as ``step_callback(step, total_steps)`` after every sampler step (the server's
         # progress and previews); an exception raised there aborts the sampling.
         self.step_callback: Callable[[Step, int], None] | None = None
@@ -191,6 +199,7 @@ class Pipeline:
         tiled_vae: bool = False,
         lean: bool = False,
         compile_unet: bool = False,
+        bf16: bool = False,
     ) -> Pipeline:
         """Load a single file or diffusers folder (the built-in model when ``path`` is None).
 
@@ -219,7 +228,7 @@ class Pipeline:
         if vae is not None:
             load_vae_weights(loaded.model, vae)
         return cls(loaded, name=path.stem if path.is_file() else path.name, hash_=hash_, progress=progress,
-                   tiled_vae=tiled_vae, lean=lean, compile_unet=compile_unet)
+                   tiled_vae=tiled_vae, lean=lean, compile_unet=compile_unet, bf16=bf16)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -228,7 +237,8 @@ class Pipeline:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.unet.parameters()).dtype
+        """What latents, conditioning and images are kept in: the UNet's dtype (fp32 in bf16 mode)."""
+        return torch.float32 if self.bf16 else next(self.model.unet.parameters()).dtype
 
     @property
     def latent_factor(self) -> int:

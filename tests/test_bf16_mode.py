@@ -1,0 +1,55 @@
+"""bf16 mode: the UNet in bfloat16 under autocast, everything around it in fp32."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from latent_diffusion.nn import bf16 as bf16_module
+from latent_diffusion.nn.attention import attention
+from latent_diffusion.pipelines.common import Pipeline
+from pipeline_tiny import TINY_SD1, write_checkpoint
+
+native = pytest.mark.skipif(not bf16_module.has_native_bf16("cpu"), reason="this CPU has no native bfloat16")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_checkpoint(TINY_SD1, tmp_path_factory.mktemp("bf16") / "tiny.safetensors")
+
+
+@native
+def test_bf16_mode_makes_nearly_the_fp32_image(checkpoint):
+    options = dict(seed=5, width=32, height=32, steps=4, sampler="dpmpp_2m")
+    exact = Pipeline.from_checkpoint(checkpoint, progress=False).txt2img("a red circle", **options)
+    pipe = Pipeline.from_checkpoint(checkpoint, progress=False, bf16=True)
+    assert next(pipe.model.unet.parameters()).dtype == torch.bfloat16
+    assert pipe.dtype == torch.float32  # latents and images stay fp32
+    fast = pipe.txt2img("a red circle", **options)
+    a, b = (np.asarray(result.images[0], np.float64) / 255 for result in (exact, fast))
+    assert not np.array_equal(a, b)  # bf16 really ran
+    assert 10 * math.log10(1 / np.mean((a - b) ** 2)) >= 30
+
+
+def test_bf16_mode_refuses_a_device_without_native_bf16(checkpoint, monkeypatch):
+    monkeypatch.setattr(bf16_module, "has_native_bf16", lambda device: False)
+    with pytest.raises(ValueError, match="native bfloat16"):
+        Pipeline.from_checkpoint(checkpoint, progress=False, bf16=True)
+
+
+def test_bf16_mode_does_not_combine_with_lean_or_half(checkpoint):
+    with pytest.raises(ValueError, match="do not combine"):
+        Pipeline.from_checkpoint(checkpoint, progress=False, bf16=True, lean=True)
+    with pytest.raises(ValueError, match="without --half"):
+        Pipeline.from_checkpoint(checkpoint, progress=False, bf16=True, half=True)
+
+
+def test_attention_runs_in_fp32_under_cpu_autocast():
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=generator) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, attention(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float()))
