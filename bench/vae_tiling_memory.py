@@ -1,4 +1,4 @@
-"""Peak memory of a tiled SD-VAE decode in a fresh process (random weights; memory does not depend on them).
+"""Peak memory of a banded ("tiled") SD-VAE decode in a fresh process (random weights; memory does not depend on them).
 
     python bench/vae_tiling_memory.py --size 2048
 """
