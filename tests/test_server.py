@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 httpx = pytest.importorskip("httpx")
@@ -377,3 +378,16 @@ def test_builtin_model_serves_out_of_the_box():
                                                         "steps": 4, "seed": 1})
         assert response.status_code == 200, response.text
         assert png_from_b64(response.json()["images"][0]).size == (64, 64)
+
+
+def test_server_loads_models_in_the_pipeline_modes_asked_for(models_dir):
+    from latent_diffusion.nn.bf16 import has_native_bf16
+    from latent_diffusion.server.app import ServerState
+
+    options = {"tiled_vae": True, "bf16": has_native_bf16("cpu")}
+    state = ServerState(ServerConfig(checkpoint=models_dir / "alpha.safetensors", limits=LIMITS, upscalers=[],
+                                     pipeline_options=options))
+    pipe = state.models.pipeline
+    assert pipe.tiled_vae
+    expected = torch.bfloat16 if options["bf16"] else torch.float32
+    assert next(pipe.model.unet.parameters()).dtype == expected

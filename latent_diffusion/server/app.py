@@ -52,6 +52,8 @@ class ServerConfig:
     preview_every: int = 5  # decode a live preview every n sampler steps (0 = never)
     device: str = "cpu"
     half: bool = False
+    # Further Pipeline modes for every model the server loads: lean, bf16, tiled_vae (see `ldm txt2img -h`).
+    pipeline_options: dict[str, bool] = field(default_factory=dict)
     upscalers: list[Path] | None = None  # super-resolution checkpoints; None: the built-in one if installed
 
 
@@ -63,7 +65,8 @@ class ServerState:
         self.limits = config.limits
         self.models = models or ModelManager(
             config.checkpoint, config.models_dir,
-            loader=lambda path: Pipeline.from_checkpoint(path, progress=False, device=config.device, half=config.half),
+            loader=lambda path: Pipeline.from_checkpoint(path, progress=False, device=config.device, half=config.half,
+                                                         **config.pipeline_options),
             upscalers=config.upscalers)
         self.models.load_startup()
         self.queue = JobQueue(config.max_queue)

@@ -21,6 +21,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                         help="super-resolution model for the upscale tab (repeatable); default: the built-in one")
     parser.add_argument("--device", default="cpu", help="torch device to run the models on, e.g. cuda")
     parser.add_argument("--half", action="store_true", help="float16 weights (for GPUs; slow on CPUs)")
+    parser.add_argument("--lean", action="store_true", help="float16 weights computed in float32 block by block")
+    parser.add_argument("--bf16", action="store_true", help="UNet in bfloat16 (CPUs with native bf16: about half the time)")
+    parser.add_argument("--tiled-vae", action="store_true", help="decode in bands of rows (bounded memory, same image)")
     parser.add_argument("--listen", action="store_true", help="bind to 0.0.0.0 so other machines can connect")
     parser.add_argument("--host", default=None, help="bind address (overrides --listen)")
     parser.add_argument("--port", type=int, default=7860, help="TCP port (A1111's default)")
@@ -66,7 +69,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         models_dir=Path(args.models_dir) if args.models_dir else None,
         limits=ServerLimits(max_size=args.max_size, max_steps=args.max_steps, max_images=args.max_images),
         max_queue=args.max_queue, api_auth=parse_auth(args.api_auth), preview_every=max(args.preview_every, 0),
-        device=args.device, half=args.half, upscalers=[Path(p) for p in args.upscaler] if args.upscaler else None,
+        device=args.device, half=args.half,
+        pipeline_options={name: True for name in ("lean", "bf16", "tiled_vae") if getattr(args, name)},
+        upscalers=[Path(p) for p in args.upscaler] if args.upscaler else None,
     )
     host = args.host or ("0.0.0.0" if args.listen else "127.0.0.1")
     if host not in ("127.0.0.1", "localhost", "::1") and not config.api_auth:
