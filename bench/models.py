@@ -83,7 +83,9 @@ def load_ours(path: Path, device: str, dtype: torch.dtype, **options):
 
     if options.get("lean"):
         dtype = torch.float16  # lean mode keeps the weights in half precision from the start
-    loaded = load_checkpoint(path, dtype=dtype, device=device)
+    # bf16 mode converts the UNet as it loads, as Pipeline.from_checkpoint does.
+    unet_dtype = torch.bfloat16 if options.get("bf16") else None
+    loaded = load_checkpoint(path, dtype=dtype, device=device, unet_dtype=unet_dtype)
     return Pipeline(loaded, progress=False, **options)
 
 

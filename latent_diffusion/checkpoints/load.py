@@ -101,11 +101,11 @@ def _apply_ema(state_dict: dict[str, torch.Tensor], unet_keys: list[str]) -> Non
         state_dict[model_key] = state_dict[ema_name]
 
 
-def _convert_dtype(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> None:
+def _convert_dtype(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None, prefix: str = "") -> None:
     if dtype is None:
         return
     for key, tensor in tensors.items():
-        if tensor.is_floating_point() and tensor.dtype != dtype:
+        if key.startswith(prefix) and tensor.is_floating_point() and tensor.dtype != dtype:
             tensors[key] = tensor.to(dtype)  # replaced in place, so the source can be freed as we go
             release_file_pages(tensor)
 
@@ -180,6 +180,7 @@ def load_state_dict_into_model(
     use_ema: bool = False,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
+    unet_dtype: torch.dtype | None = None,
 ) -> LoadedModel:
     """:func:`load_checkpoint` for a state dict already in memory (``spec`` skips shape derivation)."""
     target_dtype = resolve_dtype(dtype)
@@ -246,6 +247,7 @@ def load_state_dict_into_model(
     weights = {k: state_dict[k] for k in model_keys}
     del state_dict  # the set-aside tensors may go now
     _convert_dtype(weights, target_dtype)
+    _convert_dtype(weights, unet_dtype, prefix=UNET_PREFIX)
     assign_weights(model, weights, spec.family)
     if torch.device(device).type != "cpu":
         model.to(device)
@@ -272,6 +274,7 @@ def load_checkpoint(
     use_ema: bool = False,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
+    unet_dtype: torch.dtype | None = None,
 ) -> LoadedModel:
     """Load a CompVis / Stable Diffusion single file (``.safetensors``, ``.ckpt``...) strictly.
 
@@ -279,6 +282,7 @@ def load_checkpoint(
     settles what keys cannot show (SD 2 512-eps vs 768-v); ``config_yaml`` (a CompVis-style
     inference YAML) replaces the derived configuration entirely. ``use_ema`` loads the stored EMA
     weights into the UNet. ``dtype``: None -> float32; a floating dtype -> that; "keep" -> as stored.
+    ``unet_dtype`` overrides it for the UNet (bf16 mode), converted tensor by tensor as it loads.
     """
     from latent_diffusion.checkpoints.yaml_config import spec_from_yaml
 
@@ -291,7 +295,7 @@ def load_checkpoint(
         spec = _spec_from_metadata(path)
     return load_state_dict_into_model(
         state_dict, source=path, family=family, prediction=prediction, spec=spec,
-        use_ema=use_ema, dtype=dtype, device=device,
+        use_ema=use_ema, dtype=dtype, device=device, unet_dtype=unet_dtype,
     )
 
 

@@ -153,8 +153,8 @@ class Pipeline:
         if sum((lean, compile_unet, bf16)) > 1:
             raise ValueError("lean mode, bf16 mode and a compiled UNet do not combine: lean swaps the weights "
                              "per block, bf16 converts them, a compiled UNet has them frozen in")
-        if bf16 and next(loaded.model.unet.parameters()).dtype != torch.float32:
-            raise ValueError("bf16 mode starts from fp32 weights; load without --half")
+        if bf16 and next(loaded.model.first_stage_model.parameters()).dtype != torch.float32:
+            raise ValueError("bf16 mode keeps everything but the UNet in fp32; load without --half")
         self.loaded = loaded
         self.model = loaded.model
         self.spec = loaded.spec
@@ -222,8 +222,10 @@ class Pipeline:
             loaded = load_diffusers_folder(path, dtype=dtype, device=device)
             hash_ = None
         else:
+            # bf16 mode: the UNet converted as it loads, so its fp32 file pages are released as it goes.
             loaded = load_checkpoint(path, family=family, prediction=prediction, config_yaml=config_yaml,
-                                     use_ema=use_ema, dtype=dtype, device=device)
+                                     use_ema=use_ema, dtype=dtype, device=device,
+                                     unet_dtype=torch.bfloat16 if bf16 and not half else None)
             hash_ = model_hash(path)
         if vae is not None:
             load_vae_weights(loaded.model, vae)
