@@ -124,7 +124,7 @@ class _BandRunner:
     def _rows_per_band(self, channels: int, width: int) -> int:
         return max(1, self.band_bytes // (4 * channels * width))
 
-    def _weights(self, conv: nn.Conv2d) -> tuple[Tensor, Tensor | None]:
+    def weights(self, conv: nn.Conv2d) -> tuple[Tensor, Tensor | None]:
         bias = conv.bias.to(self.compute) if conv.bias is not None else None
         return conv.weight.to(self.compute), bias
 
@@ -169,8 +169,8 @@ class _BandRunner:
         out_h, out_w = (src_h + top + bottom - kh) // sh + 1, (src_w + left + right - kw) // sw + 1
         if out is None:
             out = self._empty(x, conv.out_channels, out_h, out_w)
-        weight, bias = self._weights(conv)
-        shortcut_weights = self._weights(shortcut) if shortcut is not None else None
+        weight, bias = self.weights(conv)
+        shortcut_weights = self.weights(shortcut) if shortcut is not None else None
         rows = max(1, self._rows_per_band(max(in_channels, conv.out_channels), src_w) // sh)
         moments = _ChannelMoments(batch, conv.out_channels, x.device)
         for out_top, out_bottom in _spans(out_h, rows):
@@ -217,7 +217,7 @@ class _BandRunner:
         tokens = self.norm(x, block.norm)(x.to(self.compute), silu=False).flatten(2).transpose(1, 2).contiguous()
 
         def project(conv: nn.Conv2d, inputs: Tensor) -> Tensor:
-            weight, bias = self._weights(conv)
+            weight, bias = self.weights(conv)
             return F.linear(inputs, weight.flatten(1), bias)
 
         q, k, v = (project(conv, tokens).unsqueeze(1) for conv in (block.q, block.k, block.v))
@@ -292,7 +292,7 @@ def decode_tiled(vae: nn.Module, z: Tensor, band_bytes: int = DEFAULT_BAND_BYTES
         z = vae.quantize(z).z_q
     runner, bar = _runner(z, vae.decoder, band_bytes, exact_bytes, progress, "VAE decode")
     with bar:
-        h = F.conv2d(z.to(runner.compute), *runner._weights(vae.post_quant_conv))
+        h = F.conv2d(z.to(runner.compute), *runner.weights(vae.post_quant_conv))
         return runner.decoder(vae.decoder, h).to(z.dtype)
 
 
@@ -305,5 +305,5 @@ def encode_tiled(vae: nn.Module, x: Tensor, band_bytes: int = DEFAULT_BAND_BYTES
     vae._check_image(x)
     runner, bar = _runner(x, vae.encoder, band_bytes, exact_bytes, progress, "VAE encode")
     with bar:
-        moments = F.conv2d(runner.encoder(vae.encoder, x), *runner._weights(vae.quant_conv)).to(x.dtype)
+        moments = F.conv2d(runner.encoder(vae.encoder, x), *runner.weights(vae.quant_conv)).to(x.dtype)
     return DiagonalGaussianDistribution(moments) if isinstance(vae, AutoencoderKL) else moments

@@ -26,7 +26,6 @@ class FrozenCompiled:
 
     def __init__(self, module: nn.Module) -> None:
         module.requires_grad_(False)
-        self.module = module
         self.compiled = torch.compile(module, dynamic=False)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
@@ -35,6 +34,3 @@ class FrozenCompiled:
         with inductor_config.patch(freezing=True):
             return self.compiled(*args, **kwargs)
 
-
-def compile_for_inference(module: nn.Module) -> FrozenCompiled:
-    return FrozenCompiled(module)

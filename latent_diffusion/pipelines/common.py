@@ -169,9 +169,9 @@ class Pipeline:
         # What the sampler calls; the model keeps the plain UNet (and its state-dict names).
         self.unet_forward: Callable[..., Tensor] = self.model.unet
         if compile_unet:
-            from latent_diffusion.nn.compiled import compile_for_inference
+            from latent_diffusion.nn.compiled import FrozenCompiled
 
-            self.unet_forward = compile_for_inference(self.model.unet)
+            self.unet_forward = FrozenCompiled(self.model.unet)
         # Latents, conditioning and images stay fp32 in bf16 mode; only the UNet's insides are bf16.
         self.bf16 = bf16
         if bf16:
