@@ -53,6 +53,9 @@ class UNetConfig:
     num_classes: int | None = None
     disable_self_attentions: tuple[bool, ...] | None = None  # per level; x4 upscaler
     disable_middle_self_attn: bool = False
+    # Ours, not in CompVis or SD: fixed 2-D sinusoidal positions added to every SpatialTransformer's
+    # tokens, so a cross-attention query knows where in the image it is (see nn/attention.py).
+    transformer_positions: bool = False
     use_scale_shift_norm: bool = False
     resblock_updown: bool = False
     conv_resample: bool = True

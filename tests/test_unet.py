@@ -26,7 +26,7 @@ from latent_diffusion.config import (
     UNetConfig,
 )
 from latent_diffusion.models.unet import UNetModel
-from latent_diffusion.nn.attention import AttentionBlock
+from latent_diffusion.nn.attention import AttentionBlock, grid_positions
 from latent_diffusion.nn.layers import ResBlock, timestep_embedding
 
 diffusers = pytest.importorskip("diffusers")
@@ -376,3 +376,42 @@ def test_bad_inputs_raise_clear_errors():
 )
 def test_full_size_unet_matches_diffusers(config, size):
     compare_with_diffusers(config, batch=2, size=size, tokens=77)
+
+
+def test_grid_positions_tell_every_token_apart_and_mean_the_same_at_every_resolution():
+    coarse = grid_positions(4, 6, 34, torch.float32, torch.device("cpu"))
+    assert coarse.shape == (24, 34)
+    assert torch.cdist(coarse, coarse).add(torch.eye(24) * 10).min() > 0.1  # no two tokens alike
+    assert coarse[:, 32:].abs().max() == 0  # channels past a multiple of four stay zero
+    grid = coarse.view(4, 6, 34)
+    assert (grid[:, :3, 8] > 0).all() and (grid[:, 3:, 8] < 0).all()  # cos(pi u): positive on the left half
+    # Token centres at the same fractions of the image (1/6, 1/2, 5/6 of a 3- and a 9-token side) match.
+    three = grid_positions(3, 3, 32, torch.float32, torch.device("cpu")).view(3, 3, 32)
+    nine = grid_positions(9, 9, 32, torch.float32, torch.device("cpu")).view(9, 9, 32)
+    assert torch.allclose(three, nine[1::3, 1::3], atol=1e-6)
+
+
+def test_transformer_positions_make_attention_depend_on_place():
+    torch.manual_seed(0)
+    plain = UNetModel(TINY_SD1).eval()
+    placed = UNetModel(dataclasses.replace(TINY_SD1, transformer_positions=True)).eval()
+    assert placed.state_dict().keys() == plain.state_dict().keys()  # no new weights
+    block, placed_block = plain.input_blocks[1][1], placed.input_blocks[1][1]
+    torch.nn.init.normal_(block.proj_out.weight)  # zero-initialised, which would hide the attention
+    placed_block.load_state_dict(block.state_dict())
+    flat = torch.randn(2, 32, 1, 1).expand(2, 32, 8, 8).contiguous()
+    context = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        same_everywhere, by_place = block(flat, context), placed_block(flat, context)
+    assert torch.allclose(same_everywhere, same_everywhere[..., :1, :1].expand_as(same_everywhere), atol=1e-5)
+    assert (by_place - by_place[..., :1, :1]).abs().amax() > 1e-2
+
+
+def test_diffusers_layout_refuses_transformer_positions():
+    from latent_diffusion.checkpoints.convert import _check_supported
+    from latent_diffusion.checkpoints.io import CheckpointError
+    from latent_diffusion.config import SD1
+
+    spec = dataclasses.replace(SD1, unet=dataclasses.replace(SD1.unet, transformer_positions=True))
+    with pytest.raises(CheckpointError, match="grid positions"):
+        _check_supported(spec)

@@ -169,6 +169,8 @@ def _check_supported(spec: ModelSpec) -> None:
     problems = []
     if not unet.use_spatial_transformer or unet.resblock_updown or not unet.conv_resample or unet.use_scale_shift_norm:
         problems.append("its UNet is not a UNet2DConditionModel")
+    if unet.transformer_positions:
+        problems.append("its transformers add grid positions, which diffusers' have no place for")
     if vae.kind != "kl" or vae.attn_resolutions or vae.attn_type != "vanilla" or vae.z_channels != vae.embed_dim:
         problems.append("its autoencoder is not a diffusers AutoencoderKL")
     if not isinstance(spec.conditioner, CLIPTextConfig):

@@ -186,6 +186,7 @@ class UNetModel(nn.Module):
         return SpatialTransformer(
             channels, heads, head_dim, depth=c.transformer_depth, context_dim=c.context_dim,
             disable_self_attn=disable_self_attn, use_linear=c.use_linear_in_transformer,
+            positions=c.transformer_positions,
         )
 
     def forward(

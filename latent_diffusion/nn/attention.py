@@ -5,6 +5,9 @@ one place. Attribute names follow CompVis ``ldm/modules/attention.py`` and ``ope
 """
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -110,20 +113,45 @@ class BasicTransformerBlock(nn.Module):
         return self.ff(self.norm3(x)) + x
 
 
+@functools.lru_cache(maxsize=64)
+def grid_positions(height: int, width: int, channels: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Fixed 2-D sinusoidal features of each token's place in the image, ``[H * W, channels]``.
+
+    Coordinates are fractions of the image side (pixel centres in (0, 1)), so "left" means the same
+    at every resolution. A quarter of the channels each holds sin(k pi u) or cos(k pi u) of the column
+    (u) or row coordinate for k = 1, 2, ...; channels beyond a multiple of four stay zero.
+    """
+    per_axis = channels // 4
+    frequencies = math.pi * torch.arange(1, per_axis + 1, dtype=torch.float64)
+    rows = (torch.arange(height, dtype=torch.float64) + 0.5) / height
+    cols = (torch.arange(width, dtype=torch.float64) + 0.5) / width
+    row_angles = (rows[:, None] * frequencies)[:, None, :].expand(height, width, per_axis)
+    col_angles = (cols[:, None] * frequencies)[None, :, :].expand(height, width, per_axis)
+    features = torch.cat([col_angles.sin(), col_angles.cos(), row_angles.sin(), row_angles.cos()], dim=-1)
+    features = F.pad(features.reshape(height * width, 4 * per_axis), (0, channels - 4 * per_axis))
+    return features.to(dtype=dtype, device=device)
+
+
 class SpatialTransformer(nn.Module):
     """Transformer over the pixels of a feature map (Rombach et al. 2022, Sec. 3.3).
 
     ``use_linear`` (SD 2) projects with nn.Linear instead of 1x1 convolutions; both are evaluated
     as matrix products on the [B, HW, C] token view, so the two layouts share one code path.
+    ``positions`` adds :func:`grid_positions` to the tokens (not in the reference; no parameters):
+    convolutions with zero padding only learn where they are near a border, and a cross-attention
+    query that does not know whether it lies left or right cannot tell which of two objects in
+    "a red circle left of a blue square" to draw there.
     """
 
     def __init__(
         self, in_channels: int, heads: int, dim_head: int, depth: int = 1, dropout: float = 0.0,
         context_dim: int | None = None, disable_self_attn: bool = False, use_linear: bool = False,
+        positions: bool = False,
     ):
         super().__init__()
         inner_dim = heads * dim_head
         self.in_channels = in_channels
+        self.positions = positions
         self.norm = normalization(in_channels, eps=1e-6)
         if use_linear:
             self.proj_in: nn.Module = nn.Linear(in_channels, inner_dim)
@@ -152,6 +180,8 @@ class SpatialTransformer(nn.Module):
         weight_in = self.proj_in.weight.flatten(1)
         tokens = torch.bmm(self.norm(x).flatten(2).transpose(1, 2), weight_in.t().expand(batch, -1, -1))
         tokens += self.proj_in.bias
+        if self.positions:
+            tokens = tokens + grid_positions(height, width, tokens.shape[-1], tokens.dtype, tokens.device)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
         weight_out = self.proj_out.weight.flatten(1)

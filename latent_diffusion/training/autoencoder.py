@@ -26,7 +26,7 @@ from latent_diffusion.training.ema import EMA
 from latent_diffusion.training.losses.discriminator import PatchDiscriminator, adaptive_generator_weight, hinge_discriminator_loss
 from latent_diffusion.training.losses.lpips import build_perceptual_loss
 from latent_diffusion.training.loop import (
-    Progress, autocast_context, enable_gradient_checkpointing, learning_rate, sample_generator, save_image_grid,
+    Progress, adamw, autocast_context, enable_gradient_checkpointing, learning_rate, sample_generator, save_image_grid,
     set_learning_rate,
 )
 from latent_diffusion.training.metrics import InceptionFeatures, MetricsLogger, psnr, ssim
@@ -134,9 +134,8 @@ def _train(config: ExperimentConfig, context: DistributedContext) -> Path:
     perceptual = build_perceptual_loss(loss_cfg.lpips_weights, loss_cfg.vgg_weights).to(device)
     if optim.gradient_checkpointing:
         enable_gradient_checkpointing([*model.encoder.down, model.encoder.mid, model.decoder.mid, *model.decoder.up])
-    opt_g = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
-    opt_d = torch.optim.AdamW(discriminator.parameters(), lr=loss_cfg.disc_lr or optim.lr, betas=optim.betas,
-                              weight_decay=optim.weight_decay)
+    opt_g = adamw(model.parameters(), optim)
+    opt_d = adamw(discriminator.parameters(), optim, lr=loss_cfg.disc_lr or optim.lr)
     ema = EMA(model, optim.ema_decay) if optim.ema_decay > 0 else None
     inception = InceptionFeatures(run.inception_weights, device) if run.inception_weights else None
 

@@ -30,7 +30,7 @@ from latent_diffusion.training.ldm_model import (
     ConditionedUNet, build_training_model, concat_condition, export_single_file, make_tokenizer, random_masks,
 )
 from latent_diffusion.training.loop import (
-    Progress, autocast_context, enable_gradient_checkpointing, learning_rate, sample_generator, save_image_grid,
+    Progress, adamw, autocast_context, enable_gradient_checkpointing, learning_rate, sample_generator, save_image_grid,
     set_learning_rate,
 )
 from latent_diffusion.training.metrics import MetricsLogger
@@ -168,7 +168,7 @@ def _train(config: ExperimentConfig, context: DistributedContext) -> Path:
         enable_gradient_checkpointing([*model.unet.input_blocks, model.unet.middle_block, *model.unet.output_blocks])
     tokenizer = make_tokenizer(spec)
     trainable = [p for p in network.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
+    optimizer = adamw(trainable, optim)
     ema = EMA(network, optim.ema_decay) if optim.ema_decay > 0 else None
     alphas_cumprod = alphas_cumprod_for(spec.schedule).to(device=device, dtype=torch.float32)
     scale_factor = settings.scale_factor if settings.scale_factor is not None else (spec.scale_factor if settings.init_checkpoint else None)

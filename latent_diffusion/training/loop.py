@@ -26,13 +26,26 @@ def learning_rate(step: int, optim: OptimConfig, max_steps: int) -> float:
     return optim.lr * (optim.min_lr_ratio + (1 - optim.min_lr_ratio) * shape)
 
 
+def adamw(params, optim: OptimConfig, lr: float | None = None) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where PyTorch has one: on a 2-core CPU the per-tensor update took
+    35 ms a step for the shapes LDM (3.5 M parameters in 430 tensors), the fused one 8 ms."""
+    params = list(params)
+    fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=optim.lr if lr is None else lr, betas=optim.betas,
+                             weight_decay=optim.weight_decay, fused=fused or None)
+
+
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def autocast_context(precision: str, device: torch.device):
-    """bf16 autocast where asked for (``auto``: GPUs with bf16 support; CPUs here are far slower in bf16)."""
+    """bf16 autocast where asked for (``auto``: GPUs with bf16 support).
+
+    On a CPU only when asked: it pays only with native bf16 instructions (AVX512-BF16 or AMX); on this
+    project's CPU the shapes LDM step took 0.27 s in bf16 against 0.31 s in fp32.
+    """
     use_bf16 = precision == "bf16" or (
         precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
