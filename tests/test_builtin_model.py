@@ -10,6 +10,7 @@ from PIL import Image
 
 from latent_diffusion.data.shapes import image_to_tensor, parse_caption
 from latent_diffusion.evaluation.shapes_classifier import load_shapes_classifier, read_scenes
+from latent_diffusion.evaluation.shapes_eval import score_reading
 from latent_diffusion.pipelines.common import ASSETS, Pipeline, default_checkpoint_path
 from latent_diffusion.pipelines.png_info import read_png_parameters
 
@@ -19,6 +20,8 @@ PROMPTS = [
     ("a small blue square on the left on a black background", 0),
     ("a large yellow star at the top on a gray background", 0),
     ("a large green triangle at the bottom", 0),
+    ("a large red star left of a small blue star on a gray background", 0),
+    ("a small yellow circle below a small red circle", 0),
 ]
 STEPS, GUIDANCE = 20, 3.0  # the built-in model's default guidance
 
@@ -51,19 +54,16 @@ def test_builtin_model_is_the_default_and_text_conditioned(pipe):
     assert pipe.spec.autoencoder.resolution == 64
 
 
-# One-object prompts; two-object prompts are the model's weak point (MODEL_CARD.md: colours and shapes
-# of the two objects blend), measured by `ldm eval-shapes` rather than pinned here.
+# Two-object prompts are the model's weak point (MODEL_CARD.md: about a quarter of them come out
+# whole), so the two pinned here are cases it gets right, not a rate; `ldm eval-shapes` measures that.
 @pytest.mark.parametrize("prompt,seed", PROMPTS)
 def test_builtin_model_draws_the_prompt(pipe, classifier, prompt, seed):
     with torch.no_grad():
         image = pipe.txt2img(prompt, width=64, height=64, steps=STEPS, guidance_scale=GUIDANCE, seed=seed).images[0]
     assert image.size == (64, 64)
     reading = read_scenes(classifier, image_to_tensor(np.asarray(image))[None])[0]
-    wanted = parse_caption(prompt)
-    assert reading.count == len(wanted.objects), (prompt, reading)
-    for want, seen in zip(wanted.objects, reading.objects):
-        assert (seen.colour, seen.shape, seen.position) == (want.colour, want.shape, want.position), (prompt, reading)
-    assert reading.background == wanted.background, (prompt, reading)
+    hits = score_reading(reading, parse_caption(prompt))  # every object's attributes, count and background
+    assert hits["scene"] == [True], (prompt, reading, hits)
 
 
 def test_cli_txt2img_positional_prompt_uses_builtin_model(tmp_path):
@@ -122,6 +122,16 @@ def test_render_folder_is_deterministic_and_captioned(tmp_path):
             assert image.size == (64, 64)
     with pytest.raises(ValueError, match="count"):
         render_folder(tmp_path / "c", 0)
+
+
+def test_render_folder_draws_the_asked_share_of_two_object_scenes(tmp_path):
+    from latent_diffusion.data.shapes_folder import render_folder
+
+    def object_counts(probability: float) -> set[int]:
+        folder = render_folder(tmp_path / str(probability), 6, seed=1, two_object_probability=probability)
+        return {len(parse_caption((folder / f"{index:06d}.txt").read_text().strip()).objects) for index in range(6)}
+
+    assert object_counts(1.0) == {2} and object_counts(0.0) == {1}
 
 
 # Editing with the built-in models (latent_diffusion/evaluation/shapes_edits.py has the rates over
