@@ -2,7 +2,8 @@
 
     python -m latent_diffusion.data.shapes_folder data/shapes --count 20000 --seed 0
 
-The folder is a pure function of (count, seed, resolution, split, two-object probability): re-running writes the same files.
+The folder is a pure function of (count, seed, resolution, split, two-object probability):
+re-running writes the same files.
 """
 from __future__ import annotations
 
