@@ -107,6 +107,11 @@ class ConditionerSettings:
     checkpoint: str | None = None
     n_classes: int = 0  # class: number of labels (one more is added for the "no class" token)
     drop_prob: float = 0.1  # condition dropout for classifier-free guidance
+    # text: weights to start from instead of random ones (BERTEmbedder keys, e.g. the output of
+    # ``python -m latent_diffusion.training.shapes_text``), and the encoder's learning rate as a
+    # fraction of optim.lr (0 keeps it frozen).
+    init: str | None = None
+    lr_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -305,3 +310,7 @@ def validate_experiment(config: ExperimentConfig) -> None:
             raise ConfigError("ldm.task=class needs ldm.conditioner.kind=class and n_classes >= 1")
         if not 0.0 <= ldm.conditioner.drop_prob < 1.0:
             raise ConfigError(f"ldm.conditioner.drop_prob must lie in [0, 1), got {ldm.conditioner.drop_prob}")
+        if ldm.conditioner.lr_scale < 0:
+            raise ConfigError(f"ldm.conditioner.lr_scale must be >= 0, got {ldm.conditioner.lr_scale}")
+        if ldm.conditioner.init is not None and ldm.conditioner.kind != "text":
+            raise ConfigError("ldm.conditioner.init: only a from-scratch text encoder (kind: text) starts from a file")

@@ -110,7 +110,28 @@ def build_training_model(config: ExperimentConfig) -> tuple[LatentDiffusion, boo
     model.first_stage_model.load_state_dict(first_stage.state_dict(), strict=True)
     if frozen_encoder is not None:
         model.cond_stage_model.load_state_dict(frozen_encoder.state_dict(), strict=True)
-    return model, config.ldm.conditioner.kind in ("text", "class")
+    if settings.conditioner.init:
+        _load_text_encoder(model.cond_stage_model, settings.conditioner.init)
+    return model, settings.conditioner.kind in ("text", "class") and settings.conditioner.lr_scale > 0
+
+
+def _load_text_encoder(encoder: nn.Module, path: str) -> None:
+    """Start the from-scratch text encoder from ``path`` (its own state dict), naming any mismatch."""
+    from latent_diffusion.checkpoints.io import read_state_dict
+
+    if not Path(path).is_file():
+        raise ConfigError(f"ldm.conditioner.init: {path} is not a file")
+    tensors = read_state_dict(path)
+    expected = encoder.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ConfigError(f"ldm.conditioner.init: {path} is not a text encoder of this layout "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    wrong = [f"{k} {tuple(tensors[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if tensors[k].shape != v.shape]
+    if wrong:
+        raise ConfigError(f"ldm.conditioner.init: {path} has other sizes than ldm.conditioner: {wrong[:3]}")
+    encoder.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
 
 
 def make_tokenizer(spec: ModelSpec) -> CLIPTokenizer | None:

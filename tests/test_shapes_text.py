@@ -1,0 +1,86 @@
+"""The text encoder's layout pre-training, and the LDM starting from (and freezing) its result."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from latent_diffusion.config import BERTTextConfig
+from latent_diffusion.data.shapes import POSITIONS, ShapeObject, Scene
+from latent_diffusion.models.text_encoders import BERTTextEncoder
+from latent_diffusion.models.tokenizer import CLIPTokenizer
+from latent_diffusion.training.config import ConfigError, load_experiment
+from latent_diffusion.training.ldm_model import CLIP_VOCAB_SIZE
+from latent_diffusion.training.shapes_text import layout_targets, pretrain, save_text_encoder
+from test_training import TINY, data, ldm_overrides  # noqa: F401  (fixture)
+
+
+def test_layout_targets_put_each_object_at_its_place():
+    scene = Scene.pair(ShapeObject("circle", "red", "small", "left"), "right of",
+                       ShapeObject("square", "blue", "large", "left"), background="black")
+    targets = layout_targets(scene)
+    # "right of" puts the first object on the right: shape circle (1 + 0), colour red (1 + 0), size small (1 + 0).
+    assert targets[POSITIONS.index("right")].tolist() == [1, 1, 1]
+    assert targets[POSITIONS.index("left")].tolist() == [1 + 1, 1 + 2, 1 + 1]
+    assert targets[POSITIONS.index("top")].tolist() == [0, 0, 0]
+    assert targets[-1, 0].item() == 2  # black
+
+
+def _encoder(n_embed: int = 32, max_seq_len: int = 32) -> BERTTextEncoder:
+    torch.manual_seed(0)
+    return BERTTextEncoder(BERTTextConfig(vocab_size=CLIP_VOCAB_SIZE, max_seq_len=max_seq_len, n_embed=n_embed, n_layer=2))
+
+
+def test_pretraining_makes_the_layout_readable_in_one_attention_read():
+    tokenizer = CLIPTokenizer(pad_with_eos=True, context_length=32)
+    frozen = _encoder()
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    _, untrained = pretrain(frozen, tokenizer, steps=250, batch_size=64, pool=3000, train_encoder=False)
+    # The probe alone must not touch the encoder.
+    assert all(torch.equal(before[k], v) for k, v in frozen.state_dict().items())
+    _, trained = pretrain(_encoder(), tokenizer, steps=250, batch_size=64, pool=3000)
+    # Fresh captions, held-out colour-shape pairs included. Stated margins: a random 2-layer encoder
+    # leaves two-object captions mostly unread; the pre-trained one reads most of them whole.
+    assert untrained["two objects"] < 0.3, untrained
+    assert trained["two objects"] > 0.8, trained
+    assert trained["one object"] > 0.9, trained
+
+
+def _tiny_encoder_file(path, n_embed: int = 64):
+    torch.manual_seed(1)
+    encoder = BERTTextEncoder(BERTTextConfig(vocab_size=CLIP_VOCAB_SIZE, max_seq_len=16, n_embed=n_embed, n_layer=1))
+    return save_text_encoder(encoder, path, {}), encoder
+
+
+def _cond_weights(path) -> dict[str, torch.Tensor]:
+    from latent_diffusion.checkpoints.load import load_checkpoint
+
+    return load_checkpoint(path).model.cond_stage_model.state_dict()
+
+
+def test_ldm_starts_from_the_pretrained_encoder_frozen_or_slower(data):  # noqa: F811
+    from latent_diffusion.training.ldm import train_ldm
+
+    init, encoder = _tiny_encoder_file(data / "text.safetensors")
+    frozen = train_ldm(load_experiment(TINY / "ldm-txt2img.yaml", ldm_overrides(
+        data, "frozen", "run.max_steps=3", f"ldm.conditioner.init={init}", "ldm.conditioner.lr_scale=0")))
+    assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in _cond_weights(frozen).items())
+
+    slower = train_ldm(load_experiment(TINY / "ldm-txt2img.yaml", ldm_overrides(
+        data, "slower", "run.max_steps=3", f"ldm.conditioner.init={init}", "ldm.conditioner.lr_scale=0.5")))
+    weights = _cond_weights(slower)
+    changed = weights["transformer.attn_layers.layers.0.1.to_q.weight"] - encoder.state_dict()["transformer.attn_layers.layers.0.1.to_q.weight"]
+    assert changed.abs().max() > 0
+    state = torch.load(sorted((data / "slower" / "checkpoints").iterdir())[-1], weights_only=False)
+    assert [group["lr_scale"] for group in state["optimizer"]["param_groups"]] == [1.0, 0.5]
+
+
+def test_a_wrong_init_file_is_named(data, tmp_path):  # noqa: F811
+    from latent_diffusion.training.ldm import train_ldm
+
+    init, _ = _tiny_encoder_file(tmp_path / "narrow.safetensors", n_embed=32)
+    with pytest.raises(ConfigError, match="other sizes than ldm.conditioner"):
+        train_ldm(load_experiment(TINY / "ldm-txt2img.yaml", ldm_overrides(data, "x", f"ldm.conditioner.init={init}")))
+    with pytest.raises(ConfigError, match="is not a file"):
+        train_ldm(load_experiment(TINY / "ldm-txt2img.yaml", ldm_overrides(data, "x", f"ldm.conditioner.init={tmp_path / 'no'}")))
+    with pytest.raises(ConfigError, match="lr_scale must be >= 0"):
+        train_ldm(load_experiment(TINY / "ldm-txt2img.yaml", ldm_overrides(data, "x", "ldm.conditioner.lr_scale=-1")))
