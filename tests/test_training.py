@@ -66,6 +66,13 @@ def data(tmp_path: Path) -> Path:
 # ------------------------------------------------------------------ bad configs fail before training
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.relative_to(REPO).as_posix())
+def test_every_shipped_config_parses_and_validates(path):
+    from latent_diffusion.training.config import validate_experiment
+
+    validate_experiment(load_experiment(path, []))
+
+
 def test_unknown_key_and_wrong_type_are_errors(tmp_path):
     with pytest.raises(ConfigError, match="optim.lrr"):
         load_experiment(TINY / "autoencoder-kl.yaml", ["optim.lrr=1"])
