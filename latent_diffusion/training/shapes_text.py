@@ -4,14 +4,17 @@ In "a red circle right of a blue square" the UNet's cross-attention at the right
 read "red" and "circle" and not "blue" and "square". One attention read can do that only if those
 tokens already carry which place they describe, and the place depends on the relation word and on
 which side of it they stand. Learned from the diffusion loss alone, a from-scratch encoder is slow
-to put that in its tokens: the shipped model drew one-object prompts right but only about a quarter
-of two-object scenes, mostly with one object's colour or shape leaking into the other.
+to put that in its tokens: a built-in model trained that way drew every one-object prompt right but
+only about a quarter of two-object scenes, mostly with one object's colour or shape leaking into the
+other (MODEL_CARD.md, run C).
 
 The objective here asks for exactly that read. One learned query per canvas position attends once
 over the encoder's tokens, as a cross-attention query of the UNet would, and must name the shape,
 colour and size of the object at its place, or that there is none; one more query names the
-background. The grammar gives every caption's scene, so no image is involved and a few thousand
-steps take about a minute on a CPU. The LDM then starts from the result (``ldm.conditioner.init``).
+background. The grammar gives every caption's scene, so no image is involved: 1,000 steps take
+about 2 minutes on a 2-core CPU. The LDM then starts from the result and keeps it frozen
+(``ldm.conditioner.init``, ``lr_scale: 0``). ``--probe`` trains only the queries over a given
+model's encoder, which measures how much of the layout that encoder's tokens carry.
 
     python -m latent_diffusion.training.shapes_text runs/shapes/text-encoder.safetensors
     python -m latent_diffusion.training.shapes_text --probe latent_diffusion/assets/shapes-ldm.safetensors

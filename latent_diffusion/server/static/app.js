@@ -6,6 +6,7 @@ const API = "/sdapi/v1";
 let currentTab = "txt2img";
 let initImage = null;  // HTMLImageElement of the img2img / inpaint / upscale input
 let busy = false;
+let switching = false;  // a model load requested from the page is in flight
 
 async function api(path, body) {
   const options = body === undefined ? {} : {
@@ -174,7 +175,7 @@ async function generate(event) {
   } finally {
     busy = false;
     await polling;
-    $("generate").disabled = false;
+    $("generate").disabled = switching;  // a model switch started meanwhile keeps it off until loaded
     $("interrupt").disabled = true;
     $("progress-box").hidden = true;
   }
@@ -246,9 +247,11 @@ function main() {
   $("settings").addEventListener("submit", generate);
   $("interrupt").addEventListener("click", () => api("/interrupt", {}).catch((e) => showError(e.message)));
   $("model").addEventListener("change", async () => {
+    switching = true;
     $("generate").disabled = true;
     try { await api("/options", { sd_model_checkpoint: $("model").value }); } catch (e) { showError(e.message); }
-    $("generate").disabled = false;
+    switching = false;
+    $("generate").disabled = busy;
   });
   $("init_file").addEventListener("change", () => {
     const file = $("init_file").files[0];
