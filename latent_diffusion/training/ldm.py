@@ -168,13 +168,12 @@ def _train(config: ExperimentConfig, context: DistributedContext) -> Path:
         enable_gradient_checkpointing([*model.unet.input_blocks, model.unet.middle_block, *model.unet.output_blocks])
     tokenizer = make_tokenizer(spec)
     trainable = [p for p in network.parameters() if p.requires_grad]
-    optimizer = adamw(trainable, optim)
+    groups: list = trainable
     if encoder_trains and settings.conditioner.lr_scale != 1.0:
-        encoder_params = {id(p) for p in network.encoder.parameters()}
-        optimizer.param_groups.clear()
-        for params, scale in (([p for p in trainable if id(p) not in encoder_params], 1.0),
-                              ([p for p in trainable if id(p) in encoder_params], settings.conditioner.lr_scale)):
-            optimizer.add_param_group({"params": params, "lr_scale": scale})
+        in_encoder = {id(p) for p in network.encoder.parameters()}
+        groups = [{"params": [p for p in trainable if id(p) not in in_encoder], "lr_scale": 1.0},
+                  {"params": [p for p in trainable if id(p) in in_encoder], "lr_scale": settings.conditioner.lr_scale}]
+    optimizer = adamw(groups, optim)
     ema = EMA(network, optim.ema_decay) if optim.ema_decay > 0 else None
     alphas_cumprod = alphas_cumprod_for(spec.schedule).to(device=device, dtype=torch.float32)
     scale_factor = settings.scale_factor if settings.scale_factor is not None else (spec.scale_factor if settings.init_checkpoint else None)
