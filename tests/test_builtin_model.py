@@ -139,20 +139,15 @@ def test_render_folder_draws_the_asked_share_of_two_object_scenes(tmp_path):
 # Editing with the built-in models (latent_diffusion/evaluation/shapes_edits.py has the rates over
 # many cases; MODEL_CARD.md the figures). Here two cases each, fixed seeds, read back by the classifier.
 def test_builtin_model_inpaints_a_new_left_object(pipe, classifier):
-    # What inpainting must do whatever the model's binding of words to objects: keep the unmasked
-    # right object and the background, and draw something other than the old object on the left.
-    # (Whether the new object is exactly the one asked for: 33% of cases, MODEL_CARD.md.)
-    from latent_diffusion.evaluation.shapes_edits import inpaint_cases, read, run_inpaint
+    # The masked left half gets the object the prompt names (never the one it replaces, by the
+    # cases' construction); the unmasked right object and the background stay.
+    from latent_diffusion.evaluation.shapes_edits import inpaint_cases, inpaint_success, read, run_inpaint
 
     cases = inpaint_cases(2)
     with torch.no_grad():
         images = run_inpaint(pipe, cases)
     for reading, case in zip(read(classifier, images), cases):
-        old, kept = case.source.objects
-        found = {obj.position: obj for obj in reading.objects}
-        assert reading.background == case.source.background, (case.prompt, reading)
-        assert (found["right"].shape, found["right"].colour) == (kept.shape, kept.colour), (case.prompt, reading)
-        assert (found["left"].shape, found["left"].colour) != (old.shape, old.colour), (case.prompt, reading)
+        assert inpaint_success(reading, case), (case.prompt, reading)
 
 
 def test_builtin_model_recolours_through_img2img(pipe, classifier):
