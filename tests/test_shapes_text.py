@@ -80,7 +80,7 @@ def test_a_wrong_init_file_is_named(data, tmp_path):  # noqa: F811
     from latent_diffusion.training.ldm import train_ldm
 
     init, _ = _tiny_encoder_file(tmp_path / "narrow.safetensors", n_embed=32)
-    with pytest.raises(ConfigError, match="other sizes than ldm.conditioner"):
+    with pytest.raises(ConfigError, match="tensor shapes do not fit the text encoder"):
         train_ldm(load_experiment(TINY / "ldm-txt2img.yaml", ldm_overrides(data, "x", f"ldm.conditioner.init={init}")))
     with pytest.raises(ConfigError, match="is not a file"):
         train_ldm(load_experiment(TINY / "ldm-txt2img.yaml", ldm_overrides(data, "x", f"ldm.conditioner.init={tmp_path / 'no'}")))

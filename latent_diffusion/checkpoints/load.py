@@ -110,13 +110,24 @@ def _convert_dtype(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None, 
             release_file_pages(tensor)
 
 
-def _check_shapes(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], family: str) -> None:
+def check_weights_fit(weights: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], what: str) -> None:
+    """CheckpointError naming the missing, unexpected and misshapen keys when ``weights`` cannot load
+    strictly into a module whose state dict is ``expected`` (``what`` names that module)."""
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing: {_list_keys(missing)}")
+        if unexpected:
+            parts.append(f"unexpected: {_list_keys(unexpected)}")
+        raise CheckpointError(f"the file does not fit the {what}; " + "; ".join(parts))
     wrong = [
         f"{k}: file {tuple(t.shape)} vs model {tuple(expected[k].shape)}"
-        for k, t in tensors.items() if tuple(t.shape) != tuple(expected[k].shape)
+        for k, t in weights.items() if tuple(t.shape) != tuple(expected[k].shape)
     ]
     if wrong:
-        raise CheckpointError(f"tensor shapes do not fit the {family!r} model: {_list_keys(wrong)}")
+        raise CheckpointError(f"tensor shapes do not fit the {what}: {_list_keys(wrong)}")
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -140,17 +151,7 @@ def build_on_meta(spec: ModelSpec) -> LatentDiffusion:
 
 def assign_weights(model: LatentDiffusion, weights: dict[str, torch.Tensor], family: str) -> None:
     """Strictly assign ``weights`` to a meta-built model; errors name missing, unexpected and misshapen keys."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing: {_list_keys(missing)}")
-        if unexpected:
-            parts.append(f"unexpected: {_list_keys(unexpected)}")
-        raise CheckpointError(f"the file does not fit the {family!r} model; " + "; ".join(parts))
-    _check_shapes(weights, expected, family)
+    check_weights_fit(weights, model.state_dict(), f"{family!r} model")
     model.load_state_dict(weights, strict=True, assign=True)
     left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left_on_meta:

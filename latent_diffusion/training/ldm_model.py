@@ -117,21 +117,17 @@ def build_training_model(config: ExperimentConfig) -> tuple[LatentDiffusion, boo
 
 def _load_text_encoder(encoder: nn.Module, path: str) -> None:
     """Start the from-scratch text encoder from ``path`` (its own state dict), naming any mismatch."""
-    from latent_diffusion.checkpoints.io import read_state_dict
+    from latent_diffusion.checkpoints.io import CheckpointError, read_state_dict
+    from latent_diffusion.checkpoints.load import check_weights_fit
 
     if not Path(path).is_file():
         raise ConfigError(f"ldm.conditioner.init: {path} is not a file")
     tensors = read_state_dict(path)
-    expected = encoder.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ConfigError(f"ldm.conditioner.init: {path} is not a text encoder of this layout "
-                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    wrong = [f"{k} {tuple(tensors[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if tensors[k].shape != v.shape]
-    if wrong:
-        raise ConfigError(f"ldm.conditioner.init: {path} has other sizes than ldm.conditioner: {wrong[:3]}")
-    encoder.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
+    try:
+        check_weights_fit(tensors, encoder.state_dict(), "text encoder ldm.conditioner describes")
+    except CheckpointError as error:
+        raise ConfigError(f"ldm.conditioner.init: {path}: {error}") from None
+    encoder.load_state_dict(tensors, strict=True)  # copies into the module's own dtype
 
 
 def make_tokenizer(spec: ModelSpec) -> CLIPTokenizer | None:

@@ -40,6 +40,8 @@ from latent_diffusion.data.shapes import (
 )
 from latent_diffusion.models.text_encoders import BERTTextEncoder
 from latent_diffusion.models.tokenizer import CLIPTokenizer
+from latent_diffusion.training.config import OptimConfig
+from latent_diffusion.training.loop import adamw, learning_rate, set_learning_rate
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +119,7 @@ def evaluate(encoder: nn.Module, probe: LayoutProbe, data: CaptionSet) -> dict[s
             "two objects": right[data.two_objects].float().mean().item()}
 
 
-def pretrain(encoder: nn.Module, tokenizer: CLIPTokenizer, *, steps: int = 1000, batch_size: int = 128,
+def pretrain(encoder: BERTTextEncoder, tokenizer: CLIPTokenizer, *, steps: int = 1000, batch_size: int = 128,
              lr: float = 1e-3, seed: int = 0, train_encoder: bool = True, pool: int = 50_000) -> tuple[LayoutProbe, dict]:
     """Train ``encoder`` (or, with ``train_encoder=False``, only the probe) on the layout read.
 
@@ -125,19 +127,15 @@ def pretrain(encoder: nn.Module, tokenizer: CLIPTokenizer, *, steps: int = 1000,
     colour-shape pairs, which the training captions never contain).
     """
     torch.manual_seed(seed)
-    width = encoder(tokenizer([""])).shape[-1]
-    probe = LayoutProbe(width)
+    probe = LayoutProbe(encoder.config.n_embed)
     train = caption_set(pool, tokenizer, seed=seed)
-    params = [*probe.parameters(), *(p for p in encoder.parameters() if p.requires_grad and train_encoder)]
     encoder.train(train_encoder).requires_grad_(train_encoder)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
+    # Linear warm-up over the first 5% of the steps, then cosine decay to a tenth.
+    optim = OptimConfig(lr=lr, warmup_steps=max(1, steps // 20), schedule="cosine", min_lr_ratio=0.1)
+    optimizer = adamw([*probe.parameters(), *(encoder.parameters() if train_encoder else [])], optim)
     generator = torch.Generator().manual_seed(seed)
     for step in range(steps):
-        # Linear warm-up over the first 5%, cosine decay to 10%.
-        warm = max(1, steps // 20)
-        scale = (step + 1) / warm if step < warm else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
-        for group in optimizer.param_groups:
-            group["lr"] = lr * scale
+        set_learning_rate(optimizer, learning_rate(step, optim, steps))
         index = torch.randint(len(train.tokens), (batch_size,), generator=generator)
         loss, right = probe_loss(probe(encoder(train.tokens[index])), train.targets[index])
         optimizer.zero_grad(set_to_none=True)
