@@ -207,3 +207,16 @@ def test_masks_read_white_or_opaque_strokes_as_the_hole():
         assert torch.equal(prepare_mask(mask, (8, 8), blur=0, padding=0), expected)
     padded = prepare_mask(Image.fromarray(grey), (8, 8), blur=0, padding=1)
     assert padded.sum() == 25 and padded[0, 0, 1, 1] == 1
+
+
+def test_step_callback_is_per_request_and_sees_every_step(pipe):
+    seen = []
+    pipe.txt2img("a circle", seed=1, sampler="euler", step_callback=lambda step, total: seen.append((step.index, total)),
+                 **SMALL)
+    assert seen == [(0, 3), (1, 3), (2, 3)]
+    # Nothing is left on the shared pipeline: the next request reports to nobody.
+    assert not hasattr(pipe, "step_callback")
+    with pytest.raises(KeyboardInterrupt):
+        def stop(step, total):
+            raise KeyboardInterrupt
+        pipe.txt2img("a circle", seed=1, step_callback=stop, **SMALL)

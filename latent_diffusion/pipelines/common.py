@@ -44,6 +44,8 @@ DEFAULT_MODEL_FILES = ("shapes-ldm.safetensors", "shapes.safetensors")
 # The built-in super-resolution model that ``ldm upscale`` uses without ``--checkpoint``.
 DEFAULT_UPSCALER_FILES = ("shapes-sr.safetensors",)
 MAX_SEED = 2**32 - 1
+# ``callback(step, total_steps)`` after every sampler step of one request.
+StepCallback = Callable[[Step, int], None]
 
 
 def default_checkpoint_path() -> Path:
@@ -102,16 +104,21 @@ class SamplingSettings:
     sampler: SamplerSpec
     steps: int
     guidance_scale: float
+    # Called as ``step_callback(step, total_steps)`` after every sampler step of this request (the
+    # server's progress and previews); an exception raised there aborts the sampling. Passed per
+    # request, never stored on the shared Pipeline.
+    step_callback: StepCallback | None = field(default=None, compare=False)
 
     @classmethod
-    def make(cls, sampler: str, steps: int | None, guidance_scale: float) -> SamplingSettings:
+    def make(cls, sampler: str, steps: int | None, guidance_scale: float,
+             step_callback: StepCallback | None = None) -> SamplingSettings:
         spec = get_sampler(sampler)
         steps = spec.default_steps if steps is None else steps
         if not isinstance(steps, int) or not 1 <= steps <= 1000:
             raise ValueError(f"steps must be a whole number in [1, 1000], got {steps!r}")
         if not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance scale must be a finite number >= 0, got {guidance_scale}")
-        return cls(spec, steps, float(guidance_scale))
+        return cls(spec, steps, float(guidance_scale), step_callback)
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -178,9 +185,6 @@ class Pipeline:
             from latent_diffusion.nn.bf16 import BF16Autocast
 
             self.unet_forward = BF16Autocast(self.model.unet)
-        # Called as ``step_callback(step, total_steps)`` after every sampler step (the server's
-        # progress and previews); an exception raised there aborts the sampling.
-        self.step_callback: Callable[[Step, int], None] | None = None
         self.tokenizer = self._make_tokenizer()
 
     @classmethod
@@ -375,8 +379,8 @@ class Pipeline:
 
         def on_step(step: Step) -> None:
             bar.update(1)
-            if self.step_callback is not None:
-                self.step_callback(step, total)
+            if settings.step_callback is not None:
+                settings.step_callback(step, total)
 
         with _progress(total, description, self.progress) as bar, torch.no_grad():
             latents = sample(

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from latent_diffusion.diffusion.sampling import BatchNoise
-from latent_diffusion.pipelines.common import GenerationResult, Pipeline, SamplingSettings
+from latent_diffusion.pipelines.common import GenerationResult, Pipeline, SamplingSettings, StepCallback
 from latent_diffusion.pipelines.images import check_size, image_to_tensor, to_rgb
 from latent_diffusion.pipelines.txt2img import check_text_model
 
@@ -52,10 +52,11 @@ def img2img(
     batch_size: int = 1,
     batch_count: int = 1,
     clip_skip: int | None = None,
+    step_callback: StepCallback | None = None,
 ) -> GenerationResult:
     """Redraw ``image`` towards ``prompt``; ``strength`` 1 ignores the image, small values keep it."""
     check_text_model(pipe, "img2img")
-    settings = SamplingSettings.make(sampler, steps, guidance_scale)
+    settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback)
     strength = check_strength(strength)
     image = prepare_image(image, width, height, max(8, pipe.latent_factor))
     pixels = image_to_tensor(image)

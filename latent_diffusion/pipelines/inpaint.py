@@ -14,7 +14,7 @@ from PIL import Image, ImageFilter
 
 from latent_diffusion.diffusion.denoiser import Conditioning
 from latent_diffusion.diffusion.sampling import BatchNoise
-from latent_diffusion.pipelines.common import GenerationResult, Pipeline, SamplingSettings
+from latent_diffusion.pipelines.common import GenerationResult, Pipeline, SamplingSettings, StepCallback
 from latent_diffusion.pipelines.images import image_to_tensor, mask_to_tensor, tensor_to_images
 from latent_diffusion.pipelines.img2img import check_strength, prepare_image
 
@@ -54,6 +54,7 @@ def inpaint(
     batch_size: int = 1,
     batch_count: int = 1,
     clip_skip: int | None = None,
+    step_callback: StepCallback | None = None,
 ) -> GenerationResult:
     """Repaint the masked part of ``image`` (mask and image must have the same size)."""
     if not pipe.takes_text:
@@ -62,7 +63,7 @@ def inpaint(
     if pipe.concat_channels and not dedicated:
         raise ValueError(f"a {pipe.spec.family!r} model cannot inpaint (its UNet takes {pipe.concat_channels} "
                          f"image channels, an inpainting model takes {pipe.spec.latent_channels + 1})")
-    settings = SamplingSettings.make(sampler, steps, guidance_scale)
+    settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback)
     strength = check_strength(strength)
     image = prepare_image(image, None, None, max(8, pipe.latent_factor))
     soft_mask = prepare_mask(mask, image.size, blur=mask_blur, padding=mask_padding)

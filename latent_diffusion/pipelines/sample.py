@@ -13,7 +13,7 @@ import torch
 
 from latent_diffusion.diffusion.denoiser import Conditioning
 from latent_diffusion.diffusion.sampling import BatchNoise
-from latent_diffusion.pipelines.common import GenerationResult, Pipeline, SamplingSettings
+from latent_diffusion.pipelines.common import GenerationResult, Pipeline, SamplingSettings, StepCallback
 
 
 def class_count(pipe: Pipeline) -> int | None:
@@ -44,12 +44,13 @@ def sample_classes(
     seed: int | None = None,
     batch_size: int = 1,
     batch_count: int = 1,
+    step_callback: StepCallback | None = None,
 ) -> GenerationResult:
     """Images of the given classes (cycled over the images) or, for unconditional models, of nothing."""
     if pipe.takes_text or pipe.concat_channels:
         raise ValueError(f"`sample` is for class-conditional and unconditional models; this is a "
                          f"{pipe.spec.family!r} model (use txt2img, inpaint or upscale)")
-    settings = SamplingSettings.make(sampler, steps, guidance_scale)
+    settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback)
     pipe.latent_shape(1, width, height)
     n_classes = class_count(pipe)
     ids = list(class_ids or [])

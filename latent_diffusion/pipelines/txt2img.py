@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from latent_diffusion.diffusion.sampling import BatchNoise
-from latent_diffusion.pipelines.common import GenerationResult, Pipeline, SamplingSettings
+from latent_diffusion.pipelines.common import GenerationResult, Pipeline, SamplingSettings, StepCallback
 
 
 def check_text_model(pipe: Pipeline, task: str) -> None:
@@ -30,10 +30,11 @@ def txt2img(
     batch_size: int = 1,
     batch_count: int = 1,
     clip_skip: int | None = None,
+    step_callback: StepCallback | None = None,
 ) -> GenerationResult:
     """Generate ``batch_size * batch_count`` images of ``prompt``; image k has seed ``seed + k``."""
     check_text_model(pipe, "txt2img")
-    settings = SamplingSettings.make(sampler, steps, guidance_scale)
+    settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback)
     pipe.latent_shape(1, width, height)  # validates the size before any work
     extra = {"Clip skip": clip_skip}
 

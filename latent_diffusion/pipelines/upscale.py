@@ -15,7 +15,7 @@ from PIL import Image
 from latent_diffusion.diffusion.denoiser import Conditioning
 from latent_diffusion.diffusion.sampling import BatchNoise, make_generators
 from latent_diffusion.diffusion.schedules import alphas_cumprod_for
-from latent_diffusion.pipelines.common import GenerationResult, Pipeline, SamplingSettings
+from latent_diffusion.pipelines.common import GenerationResult, Pipeline, SamplingSettings, StepCallback
 from latent_diffusion.pipelines.images import image_to_tensor, tensor_to_images, to_rgb
 
 
@@ -69,6 +69,7 @@ def upscale(
     tile_size: int | None = None,
     tile_overlap: int = 16,
     clip_skip: int | None = None,
+    step_callback: StepCallback | None = None,
 ) -> GenerationResult:
     """Upscale ``image`` by the model's factor; ``tile_size`` (low-res pixels) splits large inputs."""
     if not is_upscaler(pipe):
@@ -76,7 +77,7 @@ def upscale(
                          f"{pipe.spec.family!r} model")
     if image is None or not isinstance(image, Image.Image):
         raise ValueError("upscale needs an input image")
-    settings = SamplingSettings.make(sampler, steps, guidance_scale)
+    settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback)
     text = pipe.takes_text
     augmented = pipe.spec.noise_augmentation is not None
     if augmented and not 0 <= noise_level <= (pipe.spec.max_noise_level or 350):

@@ -153,21 +153,19 @@ class StepReporter:
 
 def run_batches(job: Job, pipe: Pipeline, request: GenerationRequest, preview_every: int, task) -> tuple[
         GenerationResult, int, bool]:
-    """Run ``task(seed=...)`` once per batch (``n_iter``), keeping the finished batches if interrupted."""
+    """Run ``task(seed=..., step_callback=...)`` once per batch (``n_iter``), keeping the finished batches if interrupted."""
     seed = resolve_seed(request.seed)
     result = GenerationResult()
     job.batch_count = request.n_iter
-    pipe.step_callback = StepReporter(job, pipe, preview_every)
+    reporter = StepReporter(job, pipe, preview_every)
     interrupted = False
     try:
         for index in range(request.n_iter):
             job.batch_no, job.step = index, 0
             job.check_interrupted()
-            result.extend(task(seed=seed + index * request.batch_size))
+            result.extend(task(seed=seed + index * request.batch_size, step_callback=reporter))
     except JobInterrupted:
         interrupted = True
-    finally:
-        pipe.step_callback = None
     return result, seed, interrupted
 
 
@@ -179,8 +177,8 @@ def common_options(request: GenerationRequest) -> dict[str, Any]:
 
 def run_txt2img(job: Job, pipe: Pipeline, request: GenerationRequest, preview_every: int):
     """The txt2img job."""
-    return run_batches(job, pipe, request, preview_every, lambda seed: pipe.txt2img(
-        request.prompt, width=request.width, height=request.height, seed=seed, **common_options(request)))
+    return run_batches(job, pipe, request, preview_every, lambda **run: pipe.txt2img(
+        request.prompt, width=request.width, height=request.height, **run, **common_options(request)))
 
 
 def prepare_img2img(request: Img2ImgRequest, limits: ServerLimits) -> tuple[Image.Image, Image.Image | None]:
@@ -206,11 +204,11 @@ def run_img2img(job: Job, pipe: Pipeline, request: Img2ImgRequest, image: Image.
     """The img2img job, or inpainting when a mask was sent (original pixels kept outside it, as A1111)."""
     options = common_options(request)
     if mask is None:
-        return run_batches(job, pipe, request, preview_every, lambda seed: pipe.img2img(
-            request.prompt, image, strength=request.denoising_strength, seed=seed, **options))
-    return run_batches(job, pipe, request, preview_every, lambda seed: pipe.inpaint(
+        return run_batches(job, pipe, request, preview_every, lambda **run: pipe.img2img(
+            request.prompt, image, strength=request.denoising_strength, **run, **options))
+    return run_batches(job, pipe, request, preview_every, lambda **run: pipe.inpaint(
         request.prompt, image, mask, strength=request.denoising_strength, mask_blur=request.mask_blur,
-        mask_padding=request.inpaint_full_res_padding, keep_unmasked=True, seed=seed, **options))
+        mask_padding=request.inpaint_full_res_padding, keep_unmasked=True, **run, **options))
 
 
 def upscale_target(request: ExtrasSingleImageRequest, image: Image.Image, limits: ServerLimits) -> tuple[int, int]:
@@ -236,11 +234,7 @@ def run_upscale(job: Job, pipe: Pipeline | None, request: ExtrasSingleImageReque
         return image.convert("RGB").resize(size, method)
     if pipe is None:
         raise BadRequest(f"unknown upscaler {name!r}")
-    pipe.step_callback = StepReporter(job, pipe, 0)
-    try:
-        upscaled = pipe.upscale(image.convert("RGB"), seed=0).images[0]
-    finally:
-        pipe.step_callback = None
+    upscaled = pipe.upscale(image.convert("RGB"), seed=0, step_callback=StepReporter(job, pipe, 0)).images[0]
     return upscaled if upscaled.size == size else upscaled.resize(size, Image.Resampling.LANCZOS)
 
 
