@@ -45,7 +45,7 @@ def write_weights(spec: ModelSpec, path: Path, seed: int = 0) -> Path:
 
 def write_diffusers_configs(spec: ModelSpec, folder: Path) -> Path:
     """A diffusers folder with configs and tokenizer files only, for ``from_single_file(config=...)``."""
-    from latent_diffusion.checkpoints import convert
+    from latent_diffusion.checkpoints import diffusers_configs
     from latent_diffusion.models.tokenizer import load_clip_vocabulary
 
     def write(relative: str, data: dict) -> None:
@@ -53,10 +53,10 @@ def write_diffusers_configs(spec: ModelSpec, folder: Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(data, indent=2))
 
-    write("unet/config.json", convert._unet_diffusers_config(spec))
-    write("vae/config.json", convert._vae_diffusers_config(spec))
-    write("text_encoder/config.json", convert._text_diffusers_config(spec.conditioner))
-    write("scheduler/scheduler_config.json", convert._scheduler_config(spec))
+    write("unet/config.json", diffusers_configs.unet_config(spec))
+    write("vae/config.json", diffusers_configs.vae_config(spec))
+    write("text_encoder/config.json", diffusers_configs.text_config(spec.conditioner))
+    write("scheduler/scheduler_config.json", diffusers_configs.scheduler_config(spec))
     write("model_index.json", {
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],

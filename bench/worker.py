@@ -90,7 +90,7 @@ def run_ours(case: Case, args, spec, timer: Timer):
 
             def generate():
                 # What Pipeline.txt2img does for one image, with the sampler spacing set explicitly.
-                cond, uncond = pipe.text_conditioning(PROMPT, "", 1, None)
+                cond, uncond = pipe.text_conditioning(PROMPT, "", 1, None, width=case.size, height=case.size)
                 latents = pipe.sample_latents(settings, BatchNoise(make_generators(SEED, 1)), cond, uncond,
                                               shape=pipe.latent_shape(1, case.size, case.size))
                 return (pipe.decode(latents) + 1) / 2

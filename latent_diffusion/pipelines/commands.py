@@ -191,10 +191,8 @@ def _take_positional_prompt(args: argparse.Namespace) -> None:
 
 
 def native_image_size(pipe) -> int:
-    """Default image side: the training size of models of our own (the built-in shapes model: 64), else 512."""
-    if pipe.spec.family == "custom":
-        return int(pipe.spec.autoencoder.resolution)
-    return 512
+    """Default image side: the family's (512 for SD 1.x, 1024 for SDXL; a model of ours: its training size)."""
+    return pipe.family.native_image_size(pipe.spec)
 
 
 # ---------------------------------------------------------------------------------------------- commands

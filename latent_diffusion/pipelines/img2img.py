@@ -6,6 +6,7 @@ from PIL import Image
 
 from latent_diffusion.diffusion.sampling import BatchNoise
 from latent_diffusion.pipelines.common import GenerationResult, Pipeline, SamplingSettings, StepCallback
+from latent_diffusion.pipelines.text_conditioning import MicroConditioning
 from latent_diffusion.pipelines.images import check_size, image_to_tensor, to_rgb
 from latent_diffusion.pipelines.txt2img import check_text_model
 
@@ -53,6 +54,7 @@ def img2img(
     batch_count: int = 1,
     clip_skip: int | None = None,
     step_callback: StepCallback | None = None,
+    micro_conditioning: MicroConditioning | None = None,
 ) -> GenerationResult:
     """Redraw ``image`` towards ``prompt``; ``strength`` 1 ignores the image, small values keep it."""
     check_text_model(pipe, "img2img")
@@ -64,7 +66,8 @@ def img2img(
 
     def run_batch(first_seed: int, generators: list[torch.Generator]) -> GenerationResult:
         batch = len(generators)
-        cond, uncond = pipe.text_conditioning(prompt, negative_prompt, batch, clip_skip)
+        cond, uncond = pipe.text_conditioning(prompt, negative_prompt, batch, clip_skip, width=image.width, height=image.height,
+                                               micro=micro_conditioning)
         init_latent = pipe.encode_images(pixels.expand(batch, -1, -1, -1), generators)
         latents = pipe.sample_latents(settings, BatchNoise(generators), cond, uncond, init_latent=init_latent,
                                       strength=strength)

@@ -28,7 +28,7 @@ def class_count(pipe: Pipeline) -> int | None:
 def _class_conditioning(pipe: Pipeline, ids: torch.Tensor) -> Conditioning:
     if pipe.takes_class:
         with torch.no_grad():
-            return Conditioning(context=pipe.model.cond_stage_model(ids.to(pipe.device)).to(pipe.dtype))
+            return Conditioning(context=pipe.model.condition_encoder(ids.to(pipe.device)).to(pipe.dtype))
     return Conditioning(y=ids.to(pipe.device))
 
 

@@ -5,6 +5,7 @@ import torch
 
 from latent_diffusion.diffusion.sampling import BatchNoise
 from latent_diffusion.pipelines.common import GenerationResult, Pipeline, SamplingSettings, StepCallback
+from latent_diffusion.pipelines.text_conditioning import MicroConditioning
 
 
 def check_text_model(pipe: Pipeline, task: str) -> None:
@@ -31,6 +32,7 @@ def txt2img(
     batch_count: int = 1,
     clip_skip: int | None = None,
     step_callback: StepCallback | None = None,
+    micro_conditioning: MicroConditioning | None = None,
 ) -> GenerationResult:
     """Generate ``batch_size * batch_count`` images of ``prompt``; image k has seed ``seed + k``."""
     check_text_model(pipe, "txt2img")
@@ -40,7 +42,8 @@ def txt2img(
 
     def run_batch(first_seed: int, generators: list[torch.Generator]) -> GenerationResult:
         batch = len(generators)
-        cond, uncond = pipe.text_conditioning(prompt, negative_prompt, batch, clip_skip)
+        cond, uncond = pipe.text_conditioning(prompt, negative_prompt, batch, clip_skip, width=width, height=height,
+                                               micro=micro_conditioning)
         latents = pipe.sample_latents(settings, BatchNoise(generators), cond, uncond,
                                       shape=pipe.latent_shape(batch, width, height))
         result = GenerationResult()

@@ -20,7 +20,7 @@ from latent_diffusion.pipelines.images import image_to_tensor, tensor_to_images,
 
 
 def is_upscaler(pipe: Pipeline) -> bool:
-    return pipe.concat_channels == 3 and (pipe.spec.noise_augmentation is not None or not pipe.takes_text)
+    return pipe.family.is_upscaler(pipe.spec)
 
 
 def augment(pixels: Tensor, noise_level: int, pipe: Pipeline, generators) -> Tensor:
@@ -115,7 +115,8 @@ def upscale(
     def run_batch(first_seed: int, generators: list[torch.Generator]) -> GenerationResult:
         batch = len(generators)
         if text:
-            cond, uncond = pipe.text_conditioning(prompt, negative_prompt, batch, clip_skip)
+            cond, uncond = pipe.text_conditioning(prompt, negative_prompt, batch, clip_skip,
+                                                  width=width * f, height=height * f)
         else:
             cond, uncond = Conditioning(), None
         tile = tile_size or max(width, height)
