@@ -5,8 +5,8 @@ Each test builds our UNetModel with random weights, builds the diffusers model o
 AttentionBlock), moves the weights across by the key mapping below and compares the outputs. The
 mapping lives here on purpose: the package knows diffusers names only for the SD layouts it converts.
 
-The architectures are the released ``unet_config.params`` of the CompVis/latent-diffusion model configs,
-transcribed in RELEASED_UNETS; a fast test checks that our presets say the same.
+The architectures are the released models' ``unet_config.params``, transcribed in RELEASED_UNETS;
+a fast test checks that our presets say the same.
 """
 from __future__ import annotations
 
@@ -30,29 +30,29 @@ COMPVIS_UNET_DEFAULTS = dict(
     legacy=True, num_classes=None, dropout=0.0, dims=2,
 )
 
-# unet_config.params of models/ldm/<name>/config.yaml in CompVis/latent-diffusion.
+# unet_config.params of the released latent-diffusion paper models, keyed by our family name.
 RELEASED_UNETS = {
-    "ldm-cin256": dict(  # models/ldm/cin256
+    "ldm-cin256": dict(  # cin256
         image_size=32, in_channels=4, out_channels=4, model_channels=256, attention_resolutions=[4, 2, 1],
         num_res_blocks=2, channel_mult=[1, 2, 4], num_head_channels=32, use_spatial_transformer=True,
         transformer_depth=1, context_dim=512,
     ),
-    "ldm-text2img256": dict(  # models/ldm/text2img256
+    "ldm-text2img256": dict(  # text2img256
         image_size=64, in_channels=3, out_channels=3, model_channels=192, attention_resolutions=[8, 4, 2],
         num_res_blocks=2, channel_mult=[1, 2, 3, 5], num_head_channels=32, use_spatial_transformer=True,
         transformer_depth=1, context_dim=640,
     ),
-    "ldm-sr": dict(  # models/ldm/bsr_sr
+    "ldm-sr": dict(  # bsr_sr
         image_size=64, in_channels=6, out_channels=3, model_channels=160, attention_resolutions=[16, 8],
         num_res_blocks=2, channel_mult=[1, 2, 2, 4], num_head_channels=32,
     ),
-    "ldm-inpaint": dict(  # models/ldm/inpainting_big
+    "ldm-inpaint": dict(  # inpainting_big
         image_size=64, in_channels=7, out_channels=3, model_channels=256, attention_resolutions=[8, 4, 2],
         num_res_blocks=2, channel_mult=[1, 2, 3, 4], num_heads=8, resblock_updown=True,
     ),
     # No preset of ours: the one released LDM with scale-shift norm (with resblock up/down and
     # AttentionBlocks whose head width changes from level to level).
-    "lsun-churches256": dict(  # models/ldm/lsun_churches256
+    "lsun-churches256": dict(
         image_size=32, in_channels=4, out_channels=4, model_channels=192, attention_resolutions=[1, 2, 4, 8],
         num_res_blocks=2, channel_mult=[1, 2, 2, 4, 4], num_heads=8, use_scale_shift_norm=True,
         resblock_updown=True,
@@ -130,7 +130,7 @@ def _set_attention_heads(model: torch.nn.Module, config: UNetConfig) -> None:
     """Give every attention layer of a UNet2DModel the released head count of its width.
 
     UNet2DModel takes one head width for all levels, while a fixed ``num_heads`` makes the width
-    grow with the level; the layers it got wrong are rebuilt as diffusers' blocks build theirs.
+    grow with the level; layers with another count are rebuilt as diffusers' blocks build theirs.
     """
     for name, module in list(model.named_modules()):
         if not isinstance(module, Attention):
