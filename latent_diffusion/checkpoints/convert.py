@@ -223,12 +223,14 @@ def _read_text_encoders(root: Path, base: ModelSpec, family: Family) -> tuple[di
     return tensors, texts
 
 
-def _with_text_encoders(spec: ModelSpec, texts: dict[str, CLIPTextConfig]) -> ModelSpec:
-    """``spec`` with the text encoder configs read from a folder, in the family's order."""
+def _with_text_encoders(spec: ModelSpec, texts: dict[str, CLIPTextConfig], unet_config: dict[str, Any]) -> ModelSpec:
+    """``spec`` with the text encoder configs read from a folder, in the family's order (and SDXL's
+    micro-condition width, which the UNet's config states)."""
     parts = [part.name for part in _text_components(spec)]
     if hasattr(spec.conditioner, "text_encoders"):
         return dataclasses.replace(spec, conditioner=dataclasses.replace(
-            spec.conditioner, text_encoders=tuple(texts[name] for name in parts)))
+            spec.conditioner, text_encoders=tuple(texts[name] for name in parts),
+            fourier_dim=unet_config.get("addition_time_embed_dim", spec.conditioner.fourier_dim)))
     return dataclasses.replace(spec, conditioner=texts[parts[0]])
 
 
@@ -267,7 +269,7 @@ def load_diffusers_folder(
     components["vae"] = read_state_dict(_weights_file(root / "vae", ("diffusion_pytorch_model",)))
     provisional = _with_text_encoders(dataclasses.replace(
         base, unet=configs.unet_from_config(unet_config, base.unet),
-        autoencoder=configs.vae_from_config(vae_config, base.autoencoder)), texts)
+        autoencoder=configs.vae_from_config(vae_config, base.autoencoder)), texts, unet_config)
 
     prediction = {v: k for k, v in configs.PREDICTION_NAMES.items()}.get(scheduler.get("prediction_type", "epsilon"), "eps")
     family = detect(shapes_of(build_on_meta(provisional).state_dict())).with_prediction(prediction)

@@ -34,7 +34,9 @@ def unet_config(spec: ModelSpec, sample_size: int | None = None) -> dict[str, An
     unet = spec.unet
     widths = [unet.model_channels * m for m in unet.channel_mult]
     attends = [2**level in unet.attention_resolutions for level in range(len(widths))]
-    heads = [transformer_heads(unet, width)[0] for width in widths]
+    # Levels without attention still state a head count; any that divides them does.
+    heads = [transformer_heads(unet, width)[0] if attends[level] or unet.num_head_channels == -1
+             or width >= unet.num_head_channels else 1 for level, width in enumerate(widths)]
     depths = [unet.depth_at(level) or 1 for level in range(len(widths))]
     config = {
         "_class_name": "UNet2DConditionModel", "_diffusers_version": WRITER_VERSION,
@@ -86,7 +88,9 @@ def unet_from_config(config: dict[str, Any], base: UNetConfig) -> UNetConfig:
     # diffusers' "attention_head_dim" is, despite its name, the number of heads per level.
     heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
     heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(widths)
-    num_heads, num_head_channels = _head_settings(widths, heads)
+    # Only levels with attention (and the middle block, which takes the last level's) use theirs.
+    used = [i for i, t in enumerate(config["down_block_types"]) if "CrossAttn" in t] + [len(widths) - 1]
+    num_heads, num_head_channels = _head_settings([widths[i] for i in used], [heads[i] for i in used])
     only_cross = config.get("only_cross_attention", False)
     depth = config.get("transformer_layers_per_block", 1)
     depth = tuple(depth) if isinstance(depth, (list, tuple)) else depth

@@ -50,6 +50,8 @@ class Family:
     conditioner_prefix: ClassVar[str] = COND_PREFIX
     native_size: ClassVar[int] = 512
     default_guidance: ClassVar[float] = 7.5
+    # A model that only finishes images (SDXL's refiner): img2img or refiner, never from pure noise.
+    finishes_only: ClassVar[bool] = False
     # The diffusers pipeline class a folder of this family names in model_index.json (None: none fits).
     diffusers_pipeline: ClassVar[str | None] = None
 

@@ -88,6 +88,7 @@ class SDXLRefiner(SDXL):
     preset = presets.SDXL_REFINER
     requires = dict(embedders=("openclip",), concat_channels=0, **_SDXL)
     diffusers_pipeline = "StableDiffusionXLImg2ImgPipeline"
+    finishes_only = True
 
 
 class SDXLInpaint(SDXL):

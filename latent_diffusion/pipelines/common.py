@@ -35,6 +35,7 @@ from latent_diffusion.models.autoencoder import AutoencoderKL
 from latent_diffusion.models.vae_tiling import decode_tiled
 from latent_diffusion.pipelines.images import check_size, tensor_to_images
 from latent_diffusion.pipelines.png_info import format_parameters, model_hash
+from latent_diffusion.pipelines.refiner import HandOff, RefinerRun
 from latent_diffusion.pipelines.text_conditioning import MicroConditioning, TextConditioner
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -341,11 +342,16 @@ class Pipeline:
         strength: float = 1.0,
         keep_mask: Tensor | None = None,
         description: str = "sampling",
+        refine: RefinerRun | None = None,
     ) -> Tensor:
-        """Run the sampler under classifier-free guidance (skipped when ``uncond`` is None or scale 1)."""
-        denoiser = Denoiser(self.unet_forward, self.schedule, self.spec.prediction)
-        if uncond is not None and settings.guidance_scale != 1.0:
-            denoiser = ClassifierFreeGuidance(denoiser, uncond, settings.guidance_scale)
+        """Run the sampler under classifier-free guidance (skipped when ``uncond`` is None or scale 1);
+        ``refine`` hands the last part of the schedule to a refiner model."""
+        denoiser = self.guided_denoiser(uncond, settings.guidance_scale)
+        if refine is not None:
+            refiner = refine.refiner
+            refiner.check_fits(self)
+            denoiser = HandOff(denoiser, refiner.pipe.guided_denoiser(refine.uncond, settings.guidance_scale),
+                               refine.cond, self.schedule, refiner.switch_at)
         sigmas = sigmas_for(settings.sampler, self.schedule, settings.steps)
         total = len(sigmas) - 1 if init_latent is None else max(int((len(sigmas) - 1) * strength), 0)
 
@@ -365,6 +371,13 @@ class Pipeline:
                 "sampling produced NaN/inf latents" + (" (try without --half)" if self.dtype != torch.float32 else "")
             )
         return latents
+
+    def guided_denoiser(self, uncond: Conditioning | None, guidance_scale: float):
+        """The model as a denoiser ``D(x, sigma, cond)``, under classifier-free guidance when it applies."""
+        denoiser = Denoiser(self.unet_forward, self.schedule, self.spec.prediction)
+        if uncond is not None and guidance_scale != 1.0:
+            denoiser = ClassifierFreeGuidance(denoiser, uncond, guidance_scale)
+        return denoiser
 
     def run_batches(self, seed: int | None, batch_size: int, batch_count: int,
                     run_batch: Callable[[int, list[torch.Generator]], GenerationResult]) -> GenerationResult:

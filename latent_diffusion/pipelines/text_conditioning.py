@@ -50,12 +50,15 @@ class MicroConditioning:
             "aesthetic_score": [self.negative_aesthetic_score if negative else self.aesthetic_score],
         }
 
-    def parameters(self) -> dict[str, str | None]:
-        """What A1111-style PNG parameters record of the non-default settings."""
-        def pair(value):
+    def parameters(self) -> dict[str, str | int | None]:
+        """What the PNG parameters record of the settings that differ from the defaults."""
+        def size(value):
             return None if value is None else f"{value[0]}x{value[1]}"
-        return {"Original size": pair(self.original_size), "Target size": pair(self.target_size),
-                "Crop": None if self.crop_top_left == (0, 0) else f"{self.crop_top_left[0]},{self.crop_top_left[1]}"}
+
+        cropped = self.crop_top_left != (0, 0)
+        return {"Original size": size(self.original_size), "Target size": size(self.target_size),
+                "Crop top": self.crop_top_left[0] if cropped else None,
+                "Crop left": self.crop_top_left[1] if cropped else None}
 
 
 class TextConditioner(Protocol):
