@@ -25,6 +25,7 @@ def txt2img(
     height: int = 512,
     steps: int | None = None,
     sampler: str = "euler_a",
+    scheduler: str | None = None,
     guidance_scale: float = 7.5,
     seed: int | None = None,
     batch_size: int = 1,
@@ -34,7 +35,7 @@ def txt2img(
 ) -> GenerationResult:
     """Generate ``batch_size * batch_count`` images of ``prompt``; image k has seed ``seed + k``."""
     check_text_model(pipe, "txt2img")
-    settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback)
+    settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback, scheduler)
     pipe.latent_shape(1, width, height)  # validates the size before any work
     extra = {"Clip skip": clip_skip}
 
