@@ -26,7 +26,7 @@ from latent_diffusion.diffusion.schedulers import (
 )
 from latent_diffusion.diffusion.schedules import NoiseSchedule, make_sigmas
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.usefixtures("one_thread")]
 
 SD_CONFIG = ScheduleConfig("scaled_linear", 1000, 0.00085, 0.012)
 SCHEDULE = NoiseSchedule.from_config(SD_CONFIG)
@@ -42,15 +42,6 @@ PUBLISHED_AYS = {
     "sd1": [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029],
     "sdxl": [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029],
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: on a loaded 2-core machine a second thread only adds waiting."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def ours(name: str, steps: int, model_kind: str = "sd1") -> torch.Tensor:
