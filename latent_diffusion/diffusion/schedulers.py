@@ -57,7 +57,7 @@ def karras(schedule: NoiseSchedule, num_steps: int, rho: float = 7.0) -> Tensor:
 
 
 def polyexponential(schedule: NoiseSchedule, num_steps: int, rho: float = 1.0) -> Tensor:
-    """log-sigma a polynomial ramp ``(1 - k/(n-1))^rho`` from sigma_max down to sigma_min."""
+    """log-sigma along a polynomial ramp ``(1 - k/(n-1))^rho`` from sigma_max down to sigma_min."""
     _check_steps(num_steps)
     ramp = torch.linspace(1, 0, num_steps, dtype=torch.float64) ** rho
     low, high = math.log(schedule.sigma_min), math.log(schedule.sigma_max)
@@ -192,18 +192,13 @@ def scheduler_names() -> list[str]:
     return list(SCHEDULERS)
 
 
-def find_scheduler(name: str) -> SchedulerSpec | None:
-    """A scheduler by name, A1111 label or alias, ignoring case; None when there is none."""
-    return _LOOKUP.get(name.strip().lower())
-
-
 def get_scheduler(name: str | SchedulerSpec | None) -> SchedulerSpec:
     """Look a scheduler up by name, A1111 label ("SGM Uniform") or alias; None and "" mean Automatic."""
     if isinstance(name, SchedulerSpec):
         return name
     if name is None or not name.strip():
         return AUTOMATIC
-    spec = find_scheduler(name)
+    spec = _LOOKUP.get(name.strip().lower())
     if spec is None:
         known = ", ".join(f"{s.name} ({s.label})" for s in _SPECS)
         raise ValueError(f"unknown scheduler {name!r}; choose one of: {known}")

@@ -213,7 +213,9 @@ function applyParsed(parameters) {
   for (const [key, id] of Object.entries(fields)) {
     if (parameters[key] !== undefined && parameters[key] !== "") $(id).value = parameters[key];
   }
-  const [sampler, scheduler] = splitSampler(parameters.Sampler || "", parameters["Schedule type"] || "Automatic");
+  if (!parameters.Sampler) return;
+  // No "Schedule type" means Automatic, as A1111 reads it.
+  const [sampler, scheduler] = splitSampler(parameters.Sampler, parameters["Schedule type"] || "Automatic");
   if (hasOption("sampler_name", sampler)) $("sampler_name").value = sampler;
   if (hasOption("scheduler", scheduler)) $("scheduler").value = scheduler;
 }
