@@ -50,6 +50,9 @@ class Family:
     conditioner_prefix: ClassVar[str] = COND_PREFIX
     native_size: ClassVar[int] = 512
     default_guidance: ClassVar[float] = 7.5
+    # Which Align Your Steps sigma table the family samples with (published for SD 1.5 and SDXL; the
+    # SD 1.5 one for every other model, as A1111 does).
+    align_your_steps_table: ClassVar[str] = "sd1"
     # A model that only finishes images (SDXL's refiner): img2img or refiner, never from pure noise.
     finishes_only: ClassVar[bool] = False
     # The diffusers pipeline class a folder of this family names in model_index.json (None: none fits).

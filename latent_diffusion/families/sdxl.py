@@ -30,6 +30,7 @@ class SDXL(Family):
     conditioner_prefix = "conditioner."
     native_size = 1024
     default_guidance = 5.0
+    align_your_steps_table = "sdxl"
     diffusers_pipeline = "StableDiffusionXLPipeline"
 
     def derive_conditioner(self, shapes, spec):

@@ -45,6 +45,9 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, guidance: float, bu
     group = parser.add_argument_group("sampling")
     parser.set_defaults(default_guidance=guidance, builtin_guidance=builtin_guidance)
     group.add_argument("--sampler", default=sampler, help="sampler name or A1111 label; see `ldm samplers`")
+    group.add_argument("--scheduler", default=None,
+                       help="sigma schedule (A1111's schedule type: karras, exponential, align_your_steps, ...); "
+                            "default: the sampler's own (Automatic); see `ldm samplers`")
     group.add_argument("--steps", type=int, default=None, help="sampling steps; default: the sampler's (20, or 50 for ddim/plms)")
     group.add_argument("--cfg-scale", "--guidance-scale", dest="guidance_scale", type=float, default=None,
                        help=f"classifier-free guidance scale (1 = no guidance); default: {guidance:g}, "
@@ -151,16 +154,16 @@ def _guidance(args: argparse.Namespace) -> float:
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(sampler=args.sampler, steps=args.steps, guidance_scale=_guidance(args),
+    return dict(sampler=args.sampler, scheduler=args.scheduler, steps=args.steps, guidance_scale=_guidance(args),
                 batch_size=args.batch_size, batch_count=args.batch_count)
 
 
 def _check_common(args: argparse.Namespace) -> None:
     """Checks that need no model, so that bad options fail before a slow load."""
-    from latent_diffusion.diffusion.registry import get_sampler
+    from latent_diffusion.diffusion.registry import resolve_sampler
     from latent_diffusion.pipelines.common import resolve_seed
 
-    get_sampler(args.sampler)
+    resolve_sampler(args.sampler, args.scheduler)
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     for name in ("batch_size", "batch_count"):
@@ -297,7 +300,7 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
 
         def generate(caption: str):
             return pipe.txt2img(caption, width=args.size, height=args.size, steps=args.steps, sampler=args.sampler,
-                                guidance_scale=_guidance(args), seed=next(counter)).images[0]
+                                scheduler=args.scheduler, guidance_scale=_guidance(args), seed=next(counter)).images[0]
 
     evaluation = evaluate_generator(generate, prompts=prompts, images_per_prompt=args.images_per_prompt, seed=args.seed)
     if args.json:
@@ -310,7 +313,7 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
 
 
 def apply_png_parameters(args: argparse.Namespace) -> None:
-    """Take prompt, negative prompt, steps, sampler, CFG scale, seed, size and clip skip from a PNG."""
+    """Take prompt, negative prompt, steps, sampler, schedule type, CFG scale, seed, size and clip skip from a PNG."""
     from latent_diffusion.pipelines.png_info import parse_parameters, read_png_parameters
 
     text = read_png_parameters(args.from_png)
@@ -323,6 +326,7 @@ def apply_png_parameters(args: argparse.Namespace) -> None:
             args.width, args.height = (int(v) for v in settings["Size"].split("x"))
         args.steps = int(settings.get("Steps", args.steps or 0)) or None
         args.sampler = settings.get("Sampler", args.sampler)
+        args.scheduler = settings.get("Schedule type", args.scheduler)
         args.guidance_scale = float(settings.get("CFG scale", _guidance(args)))
         args.seed = int(settings.get("Seed", args.seed))
         args.clip_skip = int(settings["Clip skip"]) if "Clip skip" in settings else args.clip_skip
@@ -341,7 +345,7 @@ def add_task_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--height", "-H", type=int, default=None,
                    help="image height in pixels (multiple of 8); default: the model's native size")
     p.add_argument("--from-png", default=None,
-                   help="regenerate a PNG written by ldm/A1111: its prompt, seed, size, sampler, steps, CFG")
+                   help="regenerate a PNG written by ldm/A1111: its prompt, seed, size, sampler, schedule type, steps, CFG")
     add_sampling_options(p, guidance=7.5)
     add_model_options(p)
     add_output_options(p, "txt2img")

@@ -27,9 +27,10 @@ from latent_diffusion.checkpoints.io import CheckpointError, read_state_dict
 from latent_diffusion.checkpoints.load import LoadedModel
 from latent_diffusion.diffusion.denoiser import Conditioning, Denoiser
 from latent_diffusion.diffusion.guidance import ClassifierFreeGuidance
-from latent_diffusion.diffusion.registry import SamplerSpec, get_sampler, sigmas_for
+from latent_diffusion.diffusion.registry import SamplerSpec, resolve_sampler, sigmas_for
 from latent_diffusion.diffusion.samplers import Step
 from latent_diffusion.diffusion.sampling import BatchNoise, make_generators, sample
+from latent_diffusion.diffusion.schedulers import AUTOMATIC, SchedulerSpec
 from latent_diffusion.diffusion.schedules import NoiseSchedule
 from latent_diffusion.models.autoencoder import AutoencoderKL
 from latent_diffusion.models.vae_tiling import decode_tiled
@@ -108,17 +109,19 @@ class SamplingSettings:
     # server's progress and previews); an exception raised there aborts the sampling. Passed per
     # request, never stored on the shared Pipeline.
     step_callback: StepCallback | None = field(default=None, compare=False)
+    # The sigma schedule; Automatic runs the sampler's own.
+    scheduler: SchedulerSpec = AUTOMATIC
 
     @classmethod
     def make(cls, sampler: str, steps: int | None, guidance_scale: float,
-             step_callback: StepCallback | None = None) -> SamplingSettings:
-        spec = get_sampler(sampler)
+             step_callback: StepCallback | None = None, scheduler: str | None = None) -> SamplingSettings:
+        spec, scheduler_spec = resolve_sampler(sampler, scheduler)
         steps = spec.default_steps if steps is None else steps
         if not isinstance(steps, int) or not 1 <= steps <= 1000:
             raise ValueError(f"steps must be a whole number in [1, 1000], got {steps!r}")
         if not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance scale must be a finite number >= 0, got {guidance_scale}")
-        return cls(spec, steps, float(guidance_scale), step_callback)
+        return cls(spec, steps, float(guidance_scale), step_callback, scheduler_spec)
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -352,7 +355,8 @@ class Pipeline:
             refiner.check_fits(self)
             denoiser = HandOff(denoiser, refiner.pipe.guided_denoiser(refine.uncond, settings.guidance_scale),
                                refine.cond, self.schedule, refiner.switch_at)
-        sigmas = sigmas_for(settings.sampler, self.schedule, settings.steps)
+        sigmas = sigmas_for(settings.sampler, self.schedule, settings.steps, scheduler=settings.scheduler,
+                            model_kind=self.family.align_your_steps_table)
         total = len(sigmas) - 1 if init_latent is None else max(int((len(sigmas) - 1) * strength), 0)
 
         def on_step(step: Step) -> None:
@@ -402,7 +406,9 @@ class Pipeline:
                         width: int, height: int, extra: dict[str, Any] | None = None) -> str:
         """The A1111 ``parameters`` text for one image."""
         values: dict[str, Any] = {
-            "Steps": settings.steps, "Sampler": settings.sampler.label, "CFG scale": _number(settings.guidance_scale),
+            "Steps": settings.steps, "Sampler": settings.sampler.label,
+            "Schedule type": None if settings.scheduler.is_automatic else settings.scheduler.label,
+            "CFG scale": _number(settings.guidance_scale),
             "Seed": seed, "Size": f"{width}x{height}", "Model hash": self.hash, "Model": self.name,
         }
         values.update(extra or {})

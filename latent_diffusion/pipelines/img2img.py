@@ -49,6 +49,7 @@ def img2img(
     height: int | None = None,
     steps: int | None = None,
     sampler: str = "euler_a",
+    scheduler: str | None = None,
     guidance_scale: float = 7.5,
     seed: int | None = None,
     batch_size: int = 1,
@@ -63,7 +64,7 @@ def img2img(
     ``refiner`` takes the latents over for the last part of the schedule (as in txt2img).
     """
     check_text_model(pipe, "img2img")
-    settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback)
+    settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback, scheduler)
     strength = check_strength(strength)
     image = prepare_image(image, width, height, max(8, pipe.latent_factor))
     pixels = image_to_tensor(image)

@@ -52,6 +52,7 @@ def inpaint(
     strength: float = 1.0,
     steps: int | None = None,
     sampler: str = "euler_a",
+    scheduler: str | None = None,
     guidance_scale: float = 7.5,
     seed: int | None = None,
     batch_size: int = 1,
@@ -67,7 +68,7 @@ def inpaint(
     if pipe.concat_channels and not dedicated:
         raise ValueError(f"a {pipe.spec.family!r} model cannot inpaint (its UNet takes {pipe.concat_channels} "
                          f"image channels, an inpainting model takes {pipe.spec.latent_channels + 1})")
-    settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback)
+    settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback, scheduler)
     strength = check_strength(strength)
     image = prepare_image(image, None, None, max(8, pipe.latent_factor))
     soft_mask = prepare_mask(mask, image.size, blur=mask_blur, padding=mask_padding)

@@ -30,6 +30,7 @@ def txt2img(
     height: int = 512,
     steps: int | None = None,
     sampler: str = "euler_a",
+    scheduler: str | None = None,
     guidance_scale: float = 7.5,
     seed: int | None = None,
     batch_size: int = 1,
@@ -44,7 +45,7 @@ def txt2img(
     ``refiner`` (e.g. SDXL's) takes the latents over for the last part of the schedule.
     """
     check_text_model(pipe, "txt2img")
-    settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback)
+    settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback, scheduler)
     pipe.latent_shape(1, width, height)  # validates the size before any work
     if refiner is not None:
         refiner.check_fits(pipe)

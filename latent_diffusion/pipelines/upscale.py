@@ -62,6 +62,7 @@ def upscale(
     noise_level: int = 20,
     steps: int | None = None,
     sampler: str = "euler_a",
+    scheduler: str | None = None,
     guidance_scale: float = 7.5,
     seed: int | None = None,
     batch_size: int = 1,
@@ -77,7 +78,7 @@ def upscale(
                          f"{pipe.spec.family!r} model")
     if image is None or not isinstance(image, Image.Image):
         raise ValueError("upscale needs an input image")
-    settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback)
+    settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback, scheduler)
     text = pipe.takes_text
     augmented = pipe.spec.noise_augmentation is not None
     if augmented and not 0 <= noise_level <= (pipe.spec.max_noise_level or 350):

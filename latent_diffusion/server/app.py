@@ -22,14 +22,15 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from latent_diffusion.diffusion.registry import SAMPLERS
+from latent_diffusion.diffusion.schedulers import SCHEDULERS
 from latent_diffusion.pipelines.common import Pipeline
 from latent_diffusion.server import generate as gen
 from latent_diffusion.server.jobs import Job, JobQueue, QueueFull
 from latent_diffusion.server.models import ModelManager
 from latent_diffusion.server.schemas import (
     ErrorResponse, ExtrasSingleImageRequest, ExtrasSingleImageResponse, ImageResponse, Img2ImgRequest, Options,
-    PNGInfoRequest, PNGInfoResponse, ProgressResponse, ProgressState, SamplerItem, SDModelItem, Txt2ImgRequest,
-    UpscalerItem,
+    PNGInfoRequest, PNGInfoResponse, ProgressResponse, ProgressState, SamplerItem, SchedulerItem, SDModelItem,
+    Txt2ImgRequest, UpscalerItem,
 )
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -211,6 +212,11 @@ def create_app(config: ServerConfig | None = None, *, models: ModelManager | Non
     @app.get("/sdapi/v1/samplers", response_model=list[SamplerItem])
     async def samplers():
         return [SamplerItem(name=s.label, aliases=[s.name, *s.aliases], options={}) for s in SAMPLERS.values()]
+
+    @app.get("/sdapi/v1/schedulers", response_model=list[SchedulerItem])
+    async def schedulers():
+        return [SchedulerItem(name=s.name, label=s.label, aliases=list(s.aliases) or None, default_rho=s.default_rho,
+                              need_inner_model=s.need_inner_model) for s in SCHEDULERS.values()]
 
     @app.get("/sdapi/v1/sd-models", response_model=list[SDModelItem])
     async def sd_models():
