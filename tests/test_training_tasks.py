@@ -39,7 +39,8 @@ def test_task_trains_and_samples(data, task, extra):
 
 
 def test_latent_cache_trains(data):
-    from latent_diffusion.training.ldm import cache_latents, train_ldm
+    from latent_diffusion.training.latents import cache_latents
+    from latent_diffusion.training.ldm import train_ldm
 
     config = load_experiment(TINY / "ldm-txt2img.yaml", ldm_overrides(data, "cached", "run.max_steps=2"))
     cache = cache_latents(config, str(data / "latents.safetensors"))
