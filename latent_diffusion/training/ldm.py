@@ -34,18 +34,9 @@ from latent_diffusion.training.loop import (
     set_learning_rate,
 )
 from latent_diffusion.training.metrics import MetricsLogger
+from latent_diffusion.training.objective import min_snr_weight, network_input_and_target
 
 log = logging.getLogger(__name__)
-
-
-def min_snr_weight(snr: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023) expressed for each prediction target."""
-    clipped = snr.clamp(max=gamma)
-    if prediction == "eps":
-        return clipped / snr
-    if prediction == "v":
-        return clipped / (snr + 1)
-    return clipped
 
 
 def train_ldm(config: ExperimentConfig) -> Path:
@@ -94,7 +85,7 @@ class _NoisedBatch:
     condition: torch.Tensor | None  # token ids or labels when the condition encoder trains
     frozen_context: torch.Tensor | None  # the frozen encoder's output otherwise
     target: torch.Tensor
-    alpha_bar: torch.Tensor
+    alpha_bar: torch.Tensor  # [B], of each sample's timestep
 
 
 class _LDMTrainer:
@@ -207,9 +198,8 @@ class _LDMTrainer:
             condition = None
         t = torch.cat([torch.randint(0, self.spec.schedule.timesteps, (1,), generator=g) for g in generators]).to(self.device)
         eps = torch.cat([torch.randn((1, *z.shape[1:]), generator=g) for g in generators]).to(self.device)
-        alpha_bar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        x_t = alpha_bar.sqrt() * z + (1 - alpha_bar).sqrt() * eps
-        target = {"eps": eps, "x0": z, "v": alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * z}[self.spec.prediction]
+        alpha_bar = self.alphas_cumprod[t]
+        x_t, target = network_input_and_target(self.spec.prediction, z, eps, alpha_bar)
         model_input = torch.cat([x_t, concat], dim=1) if concat is not None else x_t
         return _NoisedBatch(model_input, t, condition, frozen_context, target, alpha_bar)
 
@@ -235,8 +225,7 @@ class _LDMTrainer:
             prediction = self.wrapped(noised.model_input, noised.t.float(), noised.condition, noised.frozen_context)
             per_sample = F.mse_loss(prediction.float(), noised.target, reduction="none").mean(dim=(1, 2, 3))
             if self.settings.min_snr_gamma is not None:
-                alpha_bar = noised.alpha_bar.view(-1)
-                snr = alpha_bar / (1 - alpha_bar)
+                snr = noised.alpha_bar / (1 - noised.alpha_bar)
                 per_sample = per_sample * min_snr_weight(snr, self.settings.min_snr_gamma, self.spec.prediction)
             return per_sample.mean()
 
