@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from latent_diffusion.config import ConfigError
 from latent_diffusion.models.autoencoder import AutoencoderKL, VQModel
-from latent_diffusion.training import checkpointing
+from latent_diffusion.training import checkpointing, resume
 from latent_diffusion.training.config import ExperimentConfig, to_plain, validate_experiment
 from latent_diffusion.training.data import ImageFolderDataset, ShardedBatches, make_loader, scan_image_folder, split_validation
 from latent_diffusion.training.distributed import DistributedContext, all_reduce_mean, setup_distributed, teardown_distributed
@@ -133,7 +133,7 @@ class _AutoencoderTrainer:
         self.opt_d = adamw(self.discriminator.parameters(), self.optim, lr=self.loss_cfg.disc_lr or self.optim.lr)
         self.ema = EMA(self.model, self.optim.ema_decay) if self.optim.ema_decay > 0 else None
         self.inception = InceptionFeatures(self.run.inception_weights, self.device) if self.run.inception_weights else None
-        self.start_step = self._resume()
+        self.start_step, rng = self._resume()
         self.generator = DistributedDataParallel(self.model) if context.enabled else self.model
         self.disc_ddp = DistributedDataParallel(self.discriminator) if context.enabled else self.discriminator
         self.sampler = ShardedBatches(len(self.train_records), self.run.batch_size, grad_accum=self.optim.grad_accum,
@@ -147,6 +147,9 @@ class _AutoencoderTrainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.json").write_text(json.dumps(to_plain(config), indent=2))
         self.last_layer = self.model.get_last_layer()
+        if rng is not None:
+            # Last: opening the data loader draws from the global generator, which dropout then uses.
+            checkpointing.restore_rng_states(rng)
 
     def _build_networks(self) -> None:
         """The autoencoder, the PatchGAN discriminator and the perceptual loss network."""
@@ -167,21 +170,20 @@ class _AutoencoderTrainer:
             model = self.model
             enable_gradient_checkpointing([*model.encoder.down, model.encoder.mid, model.decoder.mid, *model.decoder.up])
 
-    def _resume(self) -> int:
-        """Restore the newest checkpoint of ``run.out_dir`` (when resuming); the step to continue from."""
-        state = checkpointing.load_latest_training_state(self.out_dir) if self.run.resume else None
-        if state is None:
-            return 0
+    def _resume(self) -> tuple[int, dict | None]:
+        """Restore the newest checkpoint of ``run.out_dir`` (when resuming): the step to continue from and
+        the RNG states, which the caller restores once nothing else draws from them before the first step."""
+        networks = {"model": self.model, "discriminator": self.discriminator}
+        found = resume.open_checkpoint(self.config, networks, ("autoencoder.safetensors",), self.context.is_main)
+        if found is None:
+            return 0, None
+        state, path = found
         self.model.load_state_dict(state["model"])
         self.discriminator.load_state_dict(state["discriminator"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
-        if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
-        checkpointing.restore_rng_states(state["rng"])
-        if self.context.is_main:
-            log.info("resumed from step %d", int(state["step"]))
-        return int(state["step"])
+        resume.load_optimizer_state(self.opt_g, state["opt_g"], "autoencoder optimiser", path)
+        resume.load_optimizer_state(self.opt_d, state["opt_d"], "discriminator optimiser", path)
+        self.ema = resume.restore_ema(self.ema, state["ema"], self.model)
+        return int(state["step"]), state["rng"]
 
     def train_step(self, step: int) -> None:
         """Generator step over ``optim.grad_accum`` micro-batches, then the discriminator's, logs and checkpoints."""

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from latent_diffusion.config import ConfigError
 from latent_diffusion.diffusion.schedules import alphas_cumprod_for
-from latent_diffusion.training import checkpointing
+from latent_diffusion.training import checkpointing, resume
 from latent_diffusion.training.config import ExperimentConfig, to_plain, validate_experiment
 from latent_diffusion.training.data import ImageFolderDataset, ShardedBatches, make_loader, scan_image_folder
 from latent_diffusion.training.distributed import DistributedContext, setup_distributed, teardown_distributed
@@ -104,7 +104,7 @@ class _LDMTrainer:
         self.alphas_cumprod = alphas_cumprod_for(self.spec.schedule).to(device=self.device, dtype=torch.float32)
         init_scale = self.spec.scale_factor if self.settings.init_checkpoint else None
         self.scale_factor = self.settings.scale_factor if self.settings.scale_factor is not None else init_scale
-        self.start_step = self._resume()
+        self.start_step, rng = self._resume()
         self.wrapped = DistributedDataParallel(self.network) if context.enabled else self.network
         self._open_data(dataset, collate)
         self.logger = MetricsLogger(self.out_dir, context.is_main)
@@ -112,6 +112,9 @@ class _LDMTrainer:
         if context.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.json").write_text(json.dumps(to_plain(config), indent=2))
+        if rng is not None:
+            # Last: opening the data loader draws from the global generator, which dropout then uses.
+            checkpointing.restore_rng_states(rng)
 
     def _build_model(self) -> None:
         """The LatentDiffusion model with its first stage (and a pre-trained condition encoder) frozen."""
@@ -139,18 +142,18 @@ class _LDMTrainer:
         return [{"params": [p for p in self.trainable if id(p) not in in_encoder], "lr_scale": 1.0},
                 {"params": [p for p in self.trainable if id(p) in in_encoder], "lr_scale": scale}]
 
-    def _resume(self) -> int:
-        """Restore the newest checkpoint of ``run.out_dir`` (when resuming); the step to continue from."""
-        state = checkpointing.load_latest_training_state(self.out_dir) if self.run.resume else None
-        if state is None:
-            return 0
+    def _resume(self) -> tuple[int, dict | None]:
+        """Restore the newest checkpoint of ``run.out_dir`` (when resuming): the step to continue from and
+        the RNG states, which the caller restores once nothing else draws from them before the first step."""
+        found = resume.open_checkpoint(self.config, {"network": self.network}, ("model.safetensors",), self.context.is_main)
+        if found is None:
+            return 0, None
+        state, path = found
         self.network.load_state_dict(state["network"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
+        resume.load_optimizer_state(self.optimizer, state["optimizer"], "optimizer", path)
+        self.ema = resume.restore_ema(self.ema, state["ema"], self.network)
         self.scale_factor = float(state["scale_factor"])
-        checkpointing.restore_rng_states(state["rng"])
-        return int(state["step"])
+        return int(state["step"]), state["rng"]
 
     def _open_data(self, dataset, collate) -> None:
         """This rank's stream of micro-batches from ``start_step`` on."""
