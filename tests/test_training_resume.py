@@ -11,7 +11,7 @@ from latent_diffusion.checkpoints.io import read_state_dict
 from latent_diffusion.config import ConfigError
 from latent_diffusion.training import checkpointing
 from latent_diffusion.training.config import load_experiment
-from test_training import TINY, make_images, tiny_autoencoder
+from test_training import TINY, images_and_autoencoder
 
 # A small unconditional LDM and the tiny autoencoder, each with dropout on, EMA, and a checkpoint every 2 steps.
 LDM = ["ldm.task=unconditional", "ldm.unet.context_dim=null", "ldm.unet.use_spatial_transformer=false",
@@ -33,10 +33,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("resume")
-    make_images(root / "images")
-    tiny_autoencoder(root / "ae.safetensors")
-    return root
+    return images_and_autoencoder(tmp_path_factory.mktemp("resume"))
 
 
 def config_for(stage: str, data: Path, out: Path, *extra: str):
