@@ -159,14 +159,14 @@ def test_temporary_files_of_an_interrupted_save_are_removed_on_the_next_start(da
 
 def test_changed_optimiser_settings_on_resume_are_named_and_used(data, tmp_path, caplog):
     from latent_diffusion.training.distributed import setup_distributed
-    from latent_diffusion.training.ldm import _LDMTrainer
+    from latent_diffusion.training.ldm import LDMTrainer
 
     out = tmp_path / "run"
     train("ldm", config_for("ldm", data, out, "run.max_steps=2", "optim.lr=1e-3", "optim.weight_decay=0.0"))
     changed = config_for("ldm", data, out, "run.max_steps=4", "optim.lr=5e-4", "optim.weight_decay=0.1",
                          "optim.betas=[0.8, 0.99]", "run.log_every=3")
     with caplog.at_level(logging.WARNING):
-        trainer = _LDMTrainer(changed, setup_distributed("cpu"))
+        trainer = LDMTrainer(changed, setup_distributed("cpu"))
     warning = "\n".join(r.getMessage() for r in caplog.records)
     assert "this start's values are used" in warning and "optim.lr: 0.001 in the checkpoint, 0.0005 now" in warning
     assert "optim.weight_decay: 0.0 in the checkpoint, 0.1 now" in warning and "run.log_every" not in warning, warning

@@ -109,7 +109,7 @@ def train_autoencoder(config: ExperimentConfig) -> Path:
     validate_experiment(config)
     context = setup_distributed(config.run.device)
     try:
-        trainer = _AutoencoderTrainer(config, context)
+        trainer = AutoencoderTrainer(config, context)
         for step in range(trainer.start_step, config.run.max_steps):
             trainer.train_step(step)
         return trainer.finish()
@@ -117,7 +117,7 @@ def train_autoencoder(config: ExperimentConfig) -> Path:
         teardown_distributed()
 
 
-class _AutoencoderTrainer:
+class AutoencoderTrainer:
     """One stage-1 run: autoencoder, discriminator, their optimisers, EMA and data position."""
 
     def __init__(self, config: ExperimentConfig, context: DistributedContext) -> None:

@@ -44,7 +44,7 @@ def train_ldm(config: ExperimentConfig) -> Path:
     validate_experiment(config)
     context = setup_distributed(config.run.device)
     try:
-        trainer = _LDMTrainer(config, context)
+        trainer = LDMTrainer(config, context)
         for step in range(trainer.start_step, config.run.max_steps):
             trainer.train_step(step)
         return trainer.finish()
@@ -88,7 +88,7 @@ class _NoisedBatch:
     alpha_bar: torch.Tensor  # [B], of each sample's timestep
 
 
-class _LDMTrainer:
+class LDMTrainer:
     """One stage-2 run: the model, optimiser, EMA and data position, advanced one optimiser step at a time."""
 
     def __init__(self, config: ExperimentConfig, context: DistributedContext) -> None:
@@ -186,6 +186,7 @@ class _LDMTrainer:
 
     @torch.no_grad()
     def _noised_batch(self, batch: dict, generators: list[torch.Generator]) -> _NoisedBatch:
+        """Latents noised to random timesteps, with their conditions and the network's target."""
         # Each sample's generator is drawn in a fixed order: latent noise, mask, condition dropout, t, eps.
         images = batch["image"].to(self.device) if "image" in batch else None
         z = self._scaled_latents(batch, images, generators)
