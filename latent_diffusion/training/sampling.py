@@ -9,7 +9,7 @@ from latent_diffusion.diffusion.registry import resolve_sampler, sigmas_for
 from latent_diffusion.diffusion.sampling import BatchNoise, sample
 from latent_diffusion.diffusion.schedules import NoiseSchedule
 from latent_diffusion.training.ldm_model import make_tokenizer, random_masks, concat_condition
-from latent_diffusion.training.ldm import encode_latents
+from latent_diffusion.training.latents import encode_latents
 
 
 @torch.no_grad()
