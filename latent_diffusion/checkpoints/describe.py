@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from latent_diffusion.checkpoints.io import CheckpointError, read_state_dict, sniff_format
-from latent_diffusion.checkpoints.load import EMA_PREFIX, build_on_meta, described_spec, resolve_spec
+from latent_diffusion.checkpoints.load import (
+    EMA_PREFIX, build_on_meta, described_spec, errors_name_file, resolve_spec,
+)
 from latent_diffusion.checkpoints.schedule_buffers import read_training_schedule
 
 
@@ -24,8 +26,9 @@ def describe_checkpoint(
     path = Path(path)
     file_format = sniff_format(path)
     state_dict = read_state_dict(path)  # lazy: memory-mapped, nothing is read until touched
-    stated = described_spec(state_dict, path=path, family=family, config_yaml=config_yaml)
-    spec, found = resolve_spec(state_dict, family=family, prediction=prediction, spec=stated)
+    with errors_name_file(path):
+        stated = described_spec(state_dict, path=path, family=family, config_yaml=config_yaml)
+        spec, found = resolve_spec(state_dict, family=family, prediction=prediction, spec=stated)
     model_keys = set(build_on_meta(spec).state_dict())
 
     parameters: dict[str, int] = {}

@@ -260,7 +260,21 @@ def _numpy_scalar_globals() -> list:
     ]
 
 
+def _check_torch_zip(path: Path) -> None:
+    """CheckpointError unless the zip archive has the layout ``torch.save`` writes (``<name>/data.pkl``)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, EOFError) as error:
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({error})") from None
+    if not any(name.count("/") == 1 and name.endswith("/data.pkl") for name in names):
+        shown = ", ".join(names[:3]) + (f", ... ({len(names)} files)" if len(names) > 3 else "")
+        raise CheckpointError(f"{path}: a zip archive holding {shown or 'nothing'}, not a PyTorch checkpoint")
+
+
 def _torch_load(path: Path, kind: FileFormat) -> object:
+    if kind == "torch-zip":
+        _check_torch_zip(path)
     allowed = _METADATA_GLOBALS + _numpy_scalar_globals()
     with torch.serialization.safe_globals(allowed):
         try:

@@ -8,6 +8,7 @@ that names the keys.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from latent_diffusion.checkpoints.io import CheckpointError, read_state_dict, release_file_pages
 from latent_diffusion.checkpoints.schedule_buffers import TrainingSchedule, read_training_schedule
@@ -124,9 +126,20 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return dtype
 
 
+class _SkipInitialisation(TorchFunctionMode):
+    """Leaves ``torch.nn.init`` calls out: meta tensors hold no values to initialise, and ``normal_`` on
+    the meta device would import torch._dynamo (1.5 s of every command's start)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return kwargs["tensor"] if "tensor" in kwargs else args[0]
+        return func(*args, **kwargs)
+
+
 def build_on_meta(spec: ModelSpec) -> LatentDiffusion:
     """The model with shapes only (no memory, no initialisation), ready for ``load_state_dict(assign=True)``."""
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInitialisation():
         return LatentDiffusion(spec)
 
 
@@ -286,11 +299,23 @@ def load_checkpoint(
     """
     path = Path(path)
     state_dict = read_state_dict(path)
-    spec = described_spec(state_dict, path=path, family=family, config_yaml=config_yaml)
-    return load_state_dict_into_model(
-        state_dict, source=path, family=family, prediction=prediction, spec=spec,
-        use_ema=use_ema, dtype=dtype, device=device, unet_dtype=unet_dtype,
-    )
+    with errors_name_file(path):
+        spec = described_spec(state_dict, path=path, family=family, config_yaml=config_yaml)
+        return load_state_dict_into_model(
+            state_dict, source=path, family=family, prediction=prediction, spec=spec,
+            use_ema=use_ema, dtype=dtype, device=device, unet_dtype=unet_dtype,
+        )
+
+
+@contextlib.contextmanager
+def errors_name_file(path: Path):
+    """Prefix ``path`` to the CheckpointErrors raised inside (detection and fitting speak of keys only)."""
+    try:
+        yield
+    except CheckpointError as error:
+        if str(path) in str(error):
+            raise
+        raise CheckpointError(f"{path}: {error}") from None
 
 
 SPEC_METADATA_KEY = "latent_diffusion.spec"
