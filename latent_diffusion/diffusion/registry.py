@@ -6,14 +6,18 @@ scheduler name, choose both at once.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from torch import Tensor
-
-from . import samplers as s
 from .schedulers import SCHEDULERS, ModelKind, SchedulerSpec, get_scheduler, scheduler_sigmas
-from .schedules import FinalSigma, NoiseSchedule, Spacing, make_sigmas
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from .schedules import FinalSigma, NoiseSchedule, Spacing
+
+_FUNCTIONS = "latent_diffusion.diffusion.samplers"
 
 
 @dataclass(frozen=True)
@@ -26,7 +30,8 @@ class SamplerSpec:
 
     name: str  # command-line name, ComfyUI's spelling where it has one
     label: str  # A1111's display name
-    function: Callable[..., Tensor]
+    # The function, or its name in .samplers (imported on first use: listing needs no PyTorch).
+    implementation: Callable[..., Tensor] | str
     spacing: Spacing = "linspace"  # k-diffusion's default (A1111's "Uniform")
     final: FinalSigma = "zero"
     default_steps: int = 20
@@ -34,23 +39,30 @@ class SamplerSpec:
     stochastic: bool = False
     aliases: tuple[str, ...] = ()
 
+    @property
+    def function(self) -> Callable[..., Tensor]:
+        if isinstance(self.implementation, str):
+            return getattr(importlib.import_module(_FUNCTIONS), self.implementation)
+        return self.implementation
+
 
 _SPECS = (
-    SamplerSpec("euler", "Euler", s.sample_euler),
-    SamplerSpec("euler_ancestral", "Euler a", s.sample_euler_ancestral, stochastic=True, aliases=("euler_a",)),
-    SamplerSpec("heun", "Heun", s.sample_heun),
-    SamplerSpec("lms", "LMS", s.sample_lms),
-    SamplerSpec("dpmpp_2s_ancestral", "DPM++ 2S a", s.sample_dpmpp_2s_ancestral, stochastic=True),
-    SamplerSpec("dpmpp_2m", "DPM++ 2M", s.sample_dpmpp_2m),
-    SamplerSpec("dpmpp_2m_sde", "DPM++ 2M SDE", s.sample_dpmpp_2m_sde, stochastic=True),
-    SamplerSpec("uni_pc", "UniPC", s.sample_unipc, aliases=("unipc",)),
-    # CompVis' DDIM and PLMS: "uniform" steps, ending at the smallest trained level, 50 steps.
+    SamplerSpec("euler", "Euler", "sample_euler"),
+    SamplerSpec("euler_ancestral", "Euler a", "sample_euler_ancestral", stochastic=True, aliases=("euler_a",)),
+    SamplerSpec("heun", "Heun", "sample_heun"),
+    SamplerSpec("lms", "LMS", "sample_lms"),
+    SamplerSpec("dpmpp_2s_ancestral", "DPM++ 2S a", "sample_dpmpp_2s_ancestral", stochastic=True),
+    SamplerSpec("dpmpp_2m", "DPM++ 2M", "sample_dpmpp_2m"),
+    SamplerSpec("dpmpp_2m_sde", "DPM++ 2M SDE", "sample_dpmpp_2m_sde", stochastic=True),
+    SamplerSpec("uni_pc", "UniPC", "sample_unipc", aliases=("unipc",)),
+    # CompVis' DDIM and PLMS: "uniform" steps, ending at the smallest trained level, 50 steps. DDIM
+    # with eta 0 adds no noise after the starting noise: deterministic.
     SamplerSpec(
-        "ddim", "DDIM", s.sample_ddim, spacing="uniform", final="sigma_min", default_steps=50,
-        options={"eta": 0.0}, stochastic=True,
+        "ddim", "DDIM", "sample_ddim", spacing="uniform", final="sigma_min", default_steps=50,
+        options={"eta": 0.0},
     ),
-    SamplerSpec("plms", "PLMS", s.sample_plms, spacing="uniform", final="sigma_min", default_steps=50),
-    SamplerSpec("ddpm", "DDPM", s.sample_ddpm, spacing="uniform", default_steps=100, stochastic=True),
+    SamplerSpec("plms", "PLMS", "sample_plms", spacing="uniform", final="sigma_min", default_steps=50),
+    SamplerSpec("ddpm", "DDPM", "sample_ddpm", spacing="uniform", default_steps=100, stochastic=True),
 )
 
 SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in _SPECS}
@@ -131,6 +143,8 @@ def sigmas_for(
     ``spacing`` and ``steps_offset`` override the sampler's own schedule; ``model_kind`` picks the
     per-family table of schedulers that have one (Align Your Steps).
     """
+    from .schedules import make_sigmas
+
     chosen = get_scheduler(scheduler)
     num_steps = num_steps or spec.default_steps
     if not chosen.is_automatic:
