@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -23,13 +24,21 @@ def check_size(width: int, height: int, multiple: int = 8) -> None:
 
 
 def load_image(path: str | os.PathLike, *, what: str = "image") -> Image.Image:
-    """Open an image file fully (so later errors cannot happen half-way through a job)."""
+    """Open an image file fully (so later errors cannot happen half-way through a job).
+
+    Pillow refuses images over twice its ``MAX_IMAGE_PIXELS`` (about 179 million pixels, 0.5 GiB as
+    RGB) before decoding them; below that, whether a size fits the model is checked when it runs.
+    """
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return image.copy()
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} file not found: {path}") from None
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"{what} file {path} is too large to read: {error}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"{what} file {path} is not a readable image ({error})") from None
 

@@ -14,14 +14,19 @@ import hashlib
 import json
 import os
 import re
+import struct
+import zlib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Mapping
 
 from PIL import Image, PngImagePlugin
 
-from latent_diffusion.checkpoints.io import atomic_write
-
 PARAMETERS_KEY = "parameters"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+# No tool writes parameters this long; the bound keeps a crafted chunk from asking for gigabytes
+# (Pillow bounds its text chunks alike).
+MAX_TEXT_BYTES = 2**20
 _NEGATIVE_PREFIX = "Negative prompt:"
 # "Key: value" pairs of the last line; a value is a JSON string or runs to the next comma.
 _PAIR = re.compile(r'\s*(\w[\w \-/+.()]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
@@ -78,6 +83,8 @@ def model_hash(path: str | os.PathLike) -> str:
 
 def save_png(image: Image.Image, path: str | os.PathLike, parameters: str) -> Path:
     """Write a PNG with a ``parameters`` text chunk; atomically, so no half-written file remains."""
+    from latent_diffusion.checkpoints.io import atomic_write
+
     path = Path(path)
     info = PngImagePlugin.PngInfo()
     info.add_text(PARAMETERS_KEY, parameters)
@@ -87,12 +94,68 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: str) -> Pa
 
 
 def read_png_parameters(path: str | os.PathLike) -> str | None:
-    """The ``parameters`` text of a PNG, or None when it has none."""
+    """The ``parameters`` text of a PNG, or None when it has none.
+
+    Only the PNG's chunks are walked; its pixels are never decoded, so a huge image (a decompression
+    bomb) costs nothing.
+    """
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.info.get(PARAMETERS_KEY) or getattr(image, "text", {}).get(PARAMETERS_KEY)
+        with open(path, "rb") as handle:
+            if handle.read(len(_PNG_SIGNATURE)) != _PNG_SIGNATURE:
+                return _parameters_of_other_image(path)
+            return _find_parameters(handle, path)
     except FileNotFoundError:
         raise FileNotFoundError(f"no such image file: {path}") from None
-    except (OSError, SyntaxError) as error:
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder, not an image") from None
+
+
+def _find_parameters(handle: BinaryIO, path: str | os.PathLike) -> str | None:
+    while True:
+        header = handle.read(8)
+        if len(header) < 8:
+            raise ValueError(f"{path} is not a readable image (the PNG ends without its IEND chunk)")
+        length, kind = struct.unpack(">I4s", header)
+        if kind == b"IEND":
+            return None
+        if kind in _TEXT_CHUNKS and length <= MAX_TEXT_BYTES:
+            text = _parameters_text(kind, handle.read(length), path)
+            if text is not None:
+                return text
+            length = 0
+        handle.seek(length + 4, os.SEEK_CUR)  # the data, then the CRC
+
+
+def _parameters_text(kind: bytes, data: bytes, path: str | os.PathLike) -> str | None:
+    """The text of a tEXt / zTXt / iTXt chunk whose keyword is ``parameters`` (None for other keywords)."""
+    keyword, _, rest = data.partition(b"\0")
+    if keyword != PARAMETERS_KEY.encode():
+        return None
+    if kind == b"tEXt":
+        return rest.decode("latin-1")
+    if kind == b"zTXt":
+        return _inflate(rest[1:], path).decode("latin-1")
+    compressed, rest = rest[:1] == b"\1", rest[2:]
+    _language, _, rest = rest.partition(b"\0")
+    _translated_keyword, _, rest = rest.partition(b"\0")
+    return (_inflate(rest, path) if compressed else rest).decode("utf-8", errors="replace")
+
+
+def _inflate(data: bytes, path: str | os.PathLike) -> bytes:
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(data, MAX_TEXT_BYTES)
+    except zlib.error as error:
+        raise ValueError(f"{path}: corrupt compressed parameters text ({error})") from None
+    if inflater.unconsumed_tail:
+        raise ValueError(f"{path}: the parameters text is longer than {MAX_TEXT_BYTES} bytes")
+    return text
+
+
+def _parameters_of_other_image(path: str | os.PathLike) -> str | None:
+    """Images other than PNG: what Pillow reads from the header (the pixels stay undecoded)."""
+    try:
+        with Image.open(path) as image:
+            return image.info.get(PARAMETERS_KEY)
+    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
         raise ValueError(f"{path} is not a readable image ({error})") from None
