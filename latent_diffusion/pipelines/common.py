@@ -35,6 +35,7 @@ from latent_diffusion.diffusion.schedules import NoiseSchedule
 from latent_diffusion.models.autoencoder import AutoencoderKL
 from latent_diffusion.models.vae_tiling import decode_tiled
 from latent_diffusion.pipelines.images import check_size, tensor_to_images
+from latent_diffusion.pipelines.memory import check_encoding, check_sampling
 from latent_diffusion.pipelines.png_info import format_parameters, model_hash
 from latent_diffusion.pipelines.refiner import HandOff, RefinerRun
 from latent_diffusion.pipelines.text_conditioning import MicroConditioning, TextConditioner
@@ -216,7 +217,9 @@ class Pipeline:
         """
         from latent_diffusion.checkpoints.convert import load_diffusers_folder
         from latent_diffusion.checkpoints.load import load_checkpoint
+        from latent_diffusion.pipelines.device import check_device
 
+        check_device(device)
         path = Path(path) if path is not None else default_checkpoint_path()
         if not path.exists():
             raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -296,6 +299,7 @@ class Pipeline:
     # ------------------------------------------------------------------ latents <-> images
     def encode_images(self, pixels: Tensor, generators: Sequence[torch.Generator] | None) -> Tensor:
         """Scaled latents of images in [-1, 1]; a KL posterior is sampled with each image's generator."""
+        check_encoding(self, pixels.shape[-1], pixels.shape[-2])
         vae = self.model.first_stage_model
         pixels = pixels.to(self.device, self.dtype)
         with torch.no_grad():
@@ -349,6 +353,9 @@ class Pipeline:
     ) -> Tensor:
         """Run the sampler under classifier-free guidance (skipped when ``uncond`` is None or scale 1);
         ``refine`` hands the last part of the schedule to a refiner model."""
+        batch, _channels, latent_height, latent_width = shape if init_latent is None else init_latent.shape
+        check_sampling(self, batch, latent_width, latent_height,
+                       guided=uncond is not None and settings.guidance_scale != 1.0)
         denoiser = self.guided_denoiser(uncond, settings.guidance_scale)
         if refine is not None:
             refiner = refine.refiner
