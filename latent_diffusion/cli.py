@@ -50,19 +50,7 @@ def _cmd_samplers(args: argparse.Namespace) -> None:
         schedulers.append((scheduler.name, scheduler.label, ", ".join(scheduler.aliases)))
     note = ("--scheduler picks the sigma schedule apart from the sampler (automatic: the sampler's own); "
             "combined names such as 'DPM++ 2M Karras' or dpmpp_2m_karras pick both.")
-    _print_lines([*_table(samplers), "", *_table(schedulers), "", note])
-
-
-def _print_lines(lines: list[str]) -> None:
-    """Print to stdout; a reader that stops early (``ldm samplers | head -3``) ends the output quietly."""
-    try:
-        sys.stdout.write("\n".join(lines) + "\n")
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # Point stdout at /dev/null so that the interpreter's own flush at exit fails no more.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+    print("\n".join([*_table(samplers), "", *_table(schedulers), "", note]))
 
 
 def _cmd_png_info(args: argparse.Namespace) -> None:
@@ -109,7 +97,7 @@ def _build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(
             name, help=help_text, description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
         )
-        sub.set_defaults(func=func)
+        sub.set_defaults(func=func, command_parser=sub)
         return sub
 
     info = add("info", _cmd_info, "Say what a checkpoint file is: family, parameter counts, dtype, EMA.")
@@ -145,21 +133,79 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = _build_parser()
-    args = parser.parse_args(argv)
+class _ReaderMayLeave:
+    """sys.stdout / sys.stderr during a command: once the reader has gone (``ldm info | head -3``)
+    further output is dropped and the command carries on, so a generation still writes all its images."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self._reader_gone = False
+
+    def write(self, text: str) -> int:
+        self._guarded(self._stream.write, text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._guarded(self._stream.flush)
+
+    def _guarded(self, call: Callable, *args) -> None:
+        if self._reader_gone:
+            return
+        try:
+            call(*args)
+        except BrokenPipeError:
+            self._reader_gone = True
+            # Point the descriptor at /dev/null, so that the interpreter's own flush at exit succeeds.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    # PyTorch reports a failed allocation as a RuntimeError (torch.OutOfMemoryError on GPUs).
+    return isinstance(error, MemoryError) or (
+        isinstance(error, RuntimeError) and ("out of memory" in str(error) or "not enough memory" in str(error)))
+
+
+def _error_line(error: BaseException) -> str:
+    if _is_out_of_memory(error):
+        return (f"ran out of memory ({str(error).splitlines()[0] if str(error) else 'MemoryError'}); "
+                "try --tiled-vae, a smaller size or a smaller --batch-size")
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return str(error)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         args.func(args)
-    except (UsageError, ValueError, FileNotFoundError, FloatingPointError) as error:
+    except (UsageError, ValueError, OSError, FloatingPointError, MemoryError, RuntimeError) as error:
         # Our loaders and validators raise ValueError subclasses with a message meant for users.
-        if os.environ.get("LDM_DEBUG"):
+        if os.environ.get("LDM_DEBUG") or (isinstance(error, RuntimeError) and not _is_out_of_memory(error)):
             raise
-        print(f"ldm {args.command}: error: {error}", file=sys.stderr)
+        print(f"ldm {args.command}: error: {_error_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ldm {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # with the command's own usage line, not the top-level one
+        getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = (_ReaderMayLeave(stream) for stream in streams)
+    try:
+        return _run(args)
+    finally:
+        sys.stdout.flush()
+        sys.stdout, sys.stderr = streams
 
 
 if __name__ == "__main__":

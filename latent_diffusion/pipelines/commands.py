@@ -6,10 +6,10 @@ written atomically with their A1111 ``parameters`` chunk as soon as each batch i
 from __future__ import annotations
 
 import argparse
-import re
-import sys
 from pathlib import Path
 from typing import Any, Callable
+
+from latent_diffusion.pipelines.outputs import Writer, check_output_folder
 
 DEFAULT_SAMPLER = "euler_a"
 
@@ -65,6 +65,8 @@ def add_output_options(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def add_prompt_options(parser: argparse.ArgumentParser, *, clip_skip: bool = True) -> None:
+    parser.add_argument("prompt_text", nargs="?", default=None, metavar="PROMPT",
+                        help="the prompt (the same as --prompt)")
     group = parser.add_argument_group("prompt")
     group.add_argument("--prompt", "-p", default="",
                        help="prompt; A1111 emphasis: (word:1.3), (word) x1.1, [word] /1.1, BREAK; any length")
@@ -96,48 +98,6 @@ def _load_image_arg(path: str | None, what: str):
     return load_image(path, what=what)
 
 
-def _next_index(outdir: Path) -> int:
-    numbers = [int(m.group(1)) for p in outdir.glob("*.png") if (m := re.match(r"(\d{5})-", p.name))]
-    return max(numbers, default=-1) + 1
-
-
-class Writer:
-    """Saves images as they come: ``OUTDIR/NNNNN-SEED.png``, numbered after the files already there."""
-
-    def __init__(self, outdir: str, quiet: bool) -> None:
-        self.outdir = Path(outdir)
-        self.quiet = quiet
-        self.images: list = []
-        self.first_parameters: str | None = None
-        self.index = None
-
-    def save(self, result) -> None:
-        from latent_diffusion.pipelines.png_info import save_png
-
-        if self.index is None:
-            self.outdir.mkdir(parents=True, exist_ok=True)
-            self.index = _next_index(self.outdir)
-        for image, parameters, seed in zip(result.images, result.parameters, result.seeds):
-            path = save_png(image, self.outdir / f"{self.index:05d}-{seed}.png", parameters)
-            self.index += 1
-            self.images.append(image)
-            self.first_parameters = self.first_parameters or parameters
-            if not self.quiet:
-                print(path)
-        for warning in result.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
-
-    def save_grid(self) -> None:
-        from latent_diffusion.pipelines.images import make_grid
-        from latent_diffusion.pipelines.png_info import save_png
-
-        if len(self.images) > 1 and len({image.size for image in self.images}) == 1:
-            path = save_png(make_grid(self.images), self.outdir / f"grid-{self.index - 1:05d}.png",
-                            self.first_parameters or "")
-            if not self.quiet:
-                print(path)
-
-
 def _pipeline(args: argparse.Namespace):
     from latent_diffusion.pipelines.common import Pipeline
 
@@ -162,8 +122,12 @@ def _check_common(args: argparse.Namespace) -> None:
     """Checks that need no model, so that bad options fail before a slow load."""
     from latent_diffusion.diffusion.registry import resolve_sampler
     from latent_diffusion.pipelines.common import resolve_seed
+    from latent_diffusion.pipelines.device import check_device
 
     resolve_sampler(args.sampler, args.scheduler)
+    check_device(args.device)
+    if getattr(args, "outdir", None) is not None:
+        check_output_folder(args.outdir)
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     for name in ("batch_size", "batch_count"):
@@ -193,6 +157,13 @@ def _take_positional_prompt(args: argparse.Namespace) -> None:
     args.prompt = text
 
 
+def _check_given_size(args: argparse.Namespace) -> None:
+    """-W/-H as given. 0 is an error rather than "the default size", which is what leaving them out means."""
+    for flag, value in (("--width", args.width), ("--height", args.height)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{flag} {value}: give a positive multiple of 8, or leave {flag} out for the default")
+
+
 def native_image_size(pipe) -> int:
     """Default image side: the family's (512 for SD 1.x, 1024 for SDXL; a model of ours: its training size)."""
     return pipe.family.native_image_size(pipe.spec)
@@ -206,6 +177,7 @@ def cmd_txt2img(args: argparse.Namespace) -> None:
     if args.from_png:
         apply_png_parameters(args)
     _check_common(args)
+    _check_given_size(args)
     if args.width is not None or args.height is not None:
         check_size(args.width or 64, args.height or 64)
     read_prompts(args)
@@ -220,7 +192,9 @@ def cmd_txt2img(args: argparse.Namespace) -> None:
 def cmd_img2img(args: argparse.Namespace) -> None:
     from latent_diffusion.pipelines.images import check_size, to_rgb
 
+    _take_positional_prompt(args)
     _check_common(args)
+    _check_given_size(args)
     image = to_rgb(_load_image_arg(args.init_image, "init image"), what="init image")
     if args.width or args.height:
         check_size(args.width or image.width, args.height or image.height)
@@ -237,6 +211,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     from latent_diffusion.pipelines.images import check_size, to_rgb
     from latent_diffusion.pipelines.inpaint import prepare_mask
 
+    _take_positional_prompt(args)
     _check_common(args)
     image = to_rgb(_load_image_arg(args.image, "image"), what="image")
     mask = _load_image_arg(args.mask, "mask")
@@ -253,12 +228,14 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
 def cmd_upscale(args: argparse.Namespace) -> None:
     from latent_diffusion.pipelines.images import to_rgb
 
+    _take_positional_prompt(args)
     _check_common(args)
     image = to_rgb(_load_image_arg(args.image, "image"), what="image")
     read_prompts(args)
     if args.checkpoint is None:
         from latent_diffusion.pipelines.common import default_upscaler_path
 
+        args.guidance_scale = _guidance(args)  # the built-in model's, before its path replaces None
         args.checkpoint = str(default_upscaler_path())
     pipe = _pipeline(args)
     _run_prompts(args, lambda prompt, **kw: pipe.upscale(
@@ -337,8 +314,6 @@ def apply_png_parameters(args: argparse.Namespace) -> None:
 def add_task_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
     """Register txt2img, img2img, inpaint, upscale and sample with ``add(name, func, help)``."""
     p = add("txt2img", cmd_txt2img, "Generate images from a text prompt.")
-    p.add_argument("prompt_text", nargs="?", default=None, metavar="PROMPT",
-                   help="the prompt (the same as --prompt)")
     add_prompt_options(p)
     p.add_argument("--width", "-W", type=int, default=None,
                    help="image width in pixels (multiple of 8); default: the model's native size")

@@ -25,6 +25,14 @@ def class_count(pipe: Pipeline) -> int | None:
     return None
 
 
+def _what_to_run_instead(pipe: Pipeline) -> str:
+    if pipe.family.is_upscaler(pipe.spec):
+        return f"the model {pipe.name!r} enlarges images: run `ldm upscale -i IMAGE`"
+    if pipe.concat_channels:
+        return f"the model {pipe.name!r} repaints images: run `ldm inpaint -i IMAGE -m MASK`"
+    return f"the model {pipe.name!r} draws from a text prompt: run `ldm txt2img \"PROMPT\"`"
+
+
 def _class_conditioning(pipe: Pipeline, ids: torch.Tensor) -> Conditioning:
     if pipe.takes_class:
         with torch.no_grad():
@@ -49,8 +57,8 @@ def sample_classes(
 ) -> GenerationResult:
     """Images of the given classes (cycled over the images) or, for unconditional models, of nothing."""
     if pipe.takes_text or pipe.concat_channels:
-        raise ValueError(f"`sample` is for class-conditional and unconditional models; this is a "
-                         f"{pipe.spec.family!r} model (use txt2img, inpaint or upscale)")
+        raise ValueError(f"`sample` draws images of a class, or of nothing, from class-conditional and "
+                         f"unconditional models; {_what_to_run_instead(pipe)}")
     settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback, scheduler)
     pipe.latent_shape(1, width, height)
     n_classes = class_count(pipe)

@@ -78,8 +78,9 @@ def upscale(
                          f"{pipe.spec.family!r} model")
     if image is None or not isinstance(image, Image.Image):
         raise ValueError("upscale needs an input image")
-    settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback, scheduler)
     text = pipe.takes_text
+    # Without a prompt there is nothing to guide by: the model runs unguided, and its PNGs say so.
+    settings = SamplingSettings.make(sampler, steps, guidance_scale if text else 1.0, step_callback, scheduler)
     augmented = pipe.spec.noise_augmentation is not None
     if augmented and not 0 <= noise_level <= (pipe.spec.max_noise_level or 350):
         raise ValueError(f"noise level must be in [0, {pipe.spec.max_noise_level or 350}], got {noise_level}")
