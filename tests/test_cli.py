@@ -100,7 +100,7 @@ def test_txt2img_writes_pngs_that_png_info_reads_and_that_regenerate_the_same_im
     result = ldm("txt2img", "-c", models["sd1"], "-p", "a red (circle:1.2), green", "-n", "blurry", "-W", 32, "-H", 32,
                  "--steps", 3, "--seed", 7, "--batch-size", 2, "--grid", "-o", out)
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["00000-7.png", "00001-8.png", "grid-00001.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["00000-7.png", "00001-8.png", "grid-00000-00001.png"]
     info = ldm("png-info", out / "00001-8.png", "--json")
     settings = json.loads(info.stdout)
     assert settings["prompt"] == "a red (circle:1.2), green" and settings["negative_prompt"] == "blurry"
