@@ -233,3 +233,57 @@ def test_ldm_info_names_the_family_and_its_parts(files, capsys):
     assert "text_encoder " in out and "CLIP ViT-L/14" in out and "text_encoder_2" in out and "ViT-bigG" in out
     main(["info", str(files[1])])
     assert "sdxl-refiner" in capsys.readouterr().out
+
+
+def test_cli_txt2img_with_refiner_and_size_options(files, tmp_path, capsys):
+    from latent_diffusion.cli import main
+    from latent_diffusion.pipelines.png_info import parse_parameters, read_png_parameters
+
+    out = tmp_path / "out"
+    code = main(["txt2img", PROMPT, "-c", str(files[0]), "--refiner", str(files[1]), "--refiner-switch-at", "0.6",
+                 "--original-size", "1024x768", "-W", "32", "-H", "32", "--steps", "3", "--sampler", "euler",
+                 "--seed", "4", "-o", str(out), "-q"])
+    assert code in (None, 0)
+    (image,) = out.glob("*.png")
+    _, _, settings = parse_parameters(read_png_parameters(image))
+    assert settings["Refiner switch at"] == "0.6" and settings["Original size"] == "1024x768"
+    assert settings["CFG scale"] == "5"  # the SDXL family's default guidance
+    command = ["txt2img", PROMPT, "-c", str(files[0]), "--refiner", str(files[1]), "-o", str(out)]
+    assert main([*command, "--refiner-switch-at", "1"]) == 2
+    assert "strictly between 0 and 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*command, "--original-size", "big"])
+    assert "AxB" in capsys.readouterr().err
+    assert main([*command[:-2], "--refiner", str(tmp_path / "missing.safetensors"), "-o", str(out)]) == 2
+    assert "refiner not found" in capsys.readouterr().err
+
+
+def _psnr(a, b) -> float:
+    a, b = _array(a), _array(b)
+    return float(10 * np.log10(1 / max(np.mean((a - b) ** 2), 1e-12)))
+
+
+@pytest.mark.parametrize("mode", ["lean", "tiled_vae", "bf16"])
+def test_run_modes_work_for_sdxl_with_a_refiner(files, base, refiner, mode):
+    from latent_diffusion.nn.bf16 import has_native_bf16
+
+    if mode == "bf16" and not has_native_bf16("cpu"):
+        pytest.skip("this CPU has no native bfloat16")
+    options = dict(negative_prompt="blurry", width=SIZE, height=SIZE, steps=4, sampler="dpmpp_2m", seed=SEED)
+    exact = base.txt2img(PROMPT, refiner=Refiner(refiner, 0.6), **options)
+    fast_base = Pipeline.from_checkpoint(files[0], progress=False, **{mode: True})
+    fast_refiner = Pipeline.from_checkpoint(files[1], progress=False, **{mode: True})
+    fast = fast_base.txt2img(PROMPT, refiner=Refiner(fast_refiner, 0.6), **options)
+    # Tiled decoding is exact; lean and bf16 round the weights or the arithmetic.
+    assert _psnr(exact.images, fast.images) >= {"lean": 40, "tiled_vae": 80, "bf16": 30}[mode]
+
+
+def test_separate_sdxl_vae_file_replaces_the_autoencoder(files, tmp_path):
+    from latent_diffusion.checkpoints.io import save_safetensors
+    from pipeline_tiny import random_state
+
+    vae = {k.removeprefix("first_stage_model."): v for k, v in random_state(TINY_SDXL, seed=7).items()
+           if k.startswith("first_stage_model.")}
+    save_safetensors(vae, tmp_path / "sdxl_vae.safetensors")
+    pipe = Pipeline.from_checkpoint(files[0], vae=tmp_path / "sdxl_vae.safetensors", progress=False)
+    assert torch.equal(pipe.model.first_stage_model.state_dict()["decoder.conv_out.weight"], vae["decoder.conv_out.weight"])
