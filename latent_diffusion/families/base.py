@@ -38,6 +38,10 @@ class Component:
 SCHEDULE_BUFFER_REASON = "diffusion schedule buffers"
 
 
+_ENCODER_WORDS = {"CLIPTextConfig": "CLIP text transformer", "BERTTextConfig": "BERT-style text transformer",
+                  "ClassEmbedderConfig": "class embedding"}
+
+
 class Family:
     """A kind of latent diffusion model (a released architecture, or one this package trained)."""
 
@@ -132,9 +136,9 @@ class Family:
         parts = [Component("unet", UNET_PREFIX, "denoising UNet", spec.unet),
                  Component("vae", VAE_PREFIX, f"{spec.autoencoder.kind.upper()} autoencoder", spec.autoencoder)]
         if spec.conditioner is not None:
+            kind = type(spec.conditioner).__name__
             parts.append(Component("text_encoder" if self.takes_text(spec) else "class_embedder",
-                                   self.conditioner_prefix, type(spec.conditioner).__name__.removesuffix("Config"),
-                                   spec.conditioner))
+                                   self.conditioner_prefix, _ENCODER_WORDS.get(kind, kind), spec.conditioner))
         return parts
 
     # ------------------------------------------------------------------ what it does
