@@ -19,12 +19,12 @@ from latent_diffusion.diffusion.sampling import BatchNoise, make_generators
 from latent_diffusion.pipelines.common import Pipeline
 from latent_diffusion.pipelines.refiner import Refiner
 from latent_diffusion.pipelines.text_conditioning import MicroConditioning
+from test_pipeline_oracle import TOLERANCE, _as_array as _array, _assert_images_match
 from pipeline_tiny import (
     SD_SCHEDULER, TINY_SD1, TINY_SDXL, TINY_SDXL_REFINER, diffusers_folder, sdxl_components, write_checkpoint,
 )
 
 diffusers = pytest.importorskip("diffusers")
-TOLERANCE = 2 / 255
 PROMPT = "a red circle above a blue square"
 SEED, BATCH, SIZE, STEPS = 3, 2, 32, 5
 
@@ -56,17 +56,6 @@ def _reference(cls, path, folder, **options):
     pipe = cls(**sdxl_components(diffusers_folder(path, folder)), scheduler=_scheduler(), **options)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def _array(images) -> np.ndarray:
-    return np.stack([np.asarray(image, dtype=np.float32) / 255 for image in images])
-
-
-def _assert_images_match(ours, reference: np.ndarray) -> None:
-    ours = _array(ours)
-    assert ours.shape == reference.shape
-    assert np.abs(ours - reference).max() <= TOLERANCE, np.abs(ours - reference).max()
-    assert ours.std() > 0.02
 
 
 def _noise():
