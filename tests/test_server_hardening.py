@@ -226,3 +226,7 @@ def test_builtin_upscaler_refuses_inputs_beyond_its_training(models_dir):
         served = http.post("/sdapi/v1/extra-single-image", json={
             "image": b64_png(noise(16, 16)), "upscaling_resize": 4, "upscaler_1": name})
         assert served.status_code == 200 and png_from_b64(served.json()["image"]).size == (64, 64)
+        # Its UNet halves the input once: 2 pixels would leave one at the lowest level, where it fails.
+        tiny = http.post("/sdapi/v1/extra-single-image", json={
+            "image": b64_png(noise(2, 2)), "upscaling_resize": 4, "upscaler_1": name})
+        assert tiny.status_code == 400 and "needs at least 4 pixels per side" in tiny.json()["detail"]

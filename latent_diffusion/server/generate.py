@@ -255,7 +255,7 @@ def run_upscale(job: Job, pipe: Pipeline | None, request: ExtrasSingleImageReque
         if max(image.size) * factor > limits.upscaled_limit:
             raise BadRequest(f"upscaler {name!r} makes a {image.width * factor}x{image.height * factor} image from "
                              f"this input, more than this server's limit of {limits.upscaled_limit} pixels per side")
-        tile, overlap = upscale_tiles(pipe, limits.upscale_tile)
+        tile, overlap = upscale_tiles(pipe, image, limits.upscale_tile)
         try:
             upscaled = pipe.upscale(image.convert("RGB"), seed=0, tile_size=tile, tile_overlap=overlap,
                                     step_callback=StepReporter(job, pipe, 0)).images[0]
@@ -273,9 +273,13 @@ def resample(image: Image.Image, size: tuple[int, int], name: str) -> Image.Imag
     return image.convert("RGB").resize(size, method)
 
 
-def upscale_tiles(pipe: Pipeline, largest: int) -> tuple[int, int]:
-    """Tile side and overlap (input pixels) for ``pipe``: at most ``largest``, a multiple of what its UNet divides."""
+def upscale_tiles(pipe: Pipeline, image: Image.Image, largest: int) -> tuple[int, int]:
+    """Tile side and overlap (input pixels) for ``pipe``: at most ``largest``, a multiple of what its UNet
+    divides; an input smaller than two of those is refused (the UNet's lowest level would be one pixel)."""
     multiple = 2 ** (len(pipe.spec.unet.channel_mult) - 1)
+    if min(image.size) < 2 * multiple:
+        raise BadRequest(f"input {image.width}x{image.height} is too small for this super-resolution model: it "
+                         f"needs at least {2 * multiple} pixels per side")
     tile = max(largest - largest % multiple, 2 * multiple)
     return tile, min(UPSCALE_TILE_OVERLAP, tile // 4)
 
