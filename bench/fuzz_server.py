@@ -56,12 +56,12 @@ class Tally:
 
 
 # ------------------------------------------------------------------------------------------ schemathesis
-def run_schemathesis(url: str, examples: int, seed: int) -> tuple[int, bool, str]:
-    """(test cases, passed, summary) of ``st run`` over the server's own schema."""
+def run_schemathesis(url: str, examples: int, seed: int, work: Path) -> tuple[int, bool, str]:
+    """(test cases, passed, summary) of ``st run`` over the server's own schema (its cache kept in ``work``)."""
     command = ["st", "run", f"{url}/openapi.json", "--checks", CHECKS, "--max-examples", str(examples),
                "--seed", str(seed), "--workers", "2", "--phases", "examples,coverage,fuzzing", "--no-color",
                "--suppress-health-check", "all", "--request-timeout", "120"]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=work)
     generated = re.search(r"(\d+) generated", result.stdout)
     tail = result.stdout[result.stdout.find("Test cases:"):] if "Test cases:" in result.stdout else result.stdout
     return int(generated.group(1)) if generated else 0, result.returncode == 0, tail[-4000:].strip()
@@ -261,7 +261,7 @@ def main(argv=None) -> None:
     started = time.monotonic()
     with served(SERVER_OPTIONS, work / "server.log") as (url, process):
         rss_before = rss_bytes(process.pid)
-        st_cases, st_passed, st_summary = run_schemathesis(url, args.examples, args.seed)
+        st_cases, st_passed, st_summary = run_schemathesis(url, args.examples, args.seed, work)
         print(f"schemathesis: {st_cases} requests, {'passed' if st_passed else 'FAILED'}\n{st_summary}", flush=True)
         tally = Tally()
         send_malformed(url, args.rounds, tally)
