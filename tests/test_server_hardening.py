@@ -16,22 +16,13 @@ pytest.importorskip("uvicorn")
 
 from latent_diffusion.server.app import ServerConfig  # noqa: E402
 from latent_diffusion.server.generate import ServerLimits  # noqa: E402
-from pipeline_tiny import TINY_X4, write_checkpoint  # noqa: E402
-from server_fixtures import b64_png, png_from_b64, running_server, tiny_models  # noqa: E402
+from server_fixtures import (  # noqa: E402, F401 - models_dir, upscaler_path: fixtures
+    b64_png, models_dir, png_from_b64, running_server, upscaler_path,
+)
 
 SMALL = {"width": 32, "height": 32, "steps": 3}
 LIMITS = ServerLimits(max_size=64, max_steps=400, max_images=4, max_body_bytes=1_000_000)
 ERROR_KEYS = {"error", "detail", "body", "errors"}
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory):
-    return tiny_models(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
-def upscaler_path(tmp_path_factory):
-    return write_checkpoint(TINY_X4, tmp_path_factory.mktemp("upscalers") / "tiny-x4.safetensors")
 
 
 @pytest.fixture(scope="module")
