@@ -68,7 +68,7 @@ def _type(field: dict[str, Any], schemas: dict[str, Any]) -> str:
     text = field.get("type", "any")
     if text == "array":
         text = f"array of {_type(field.get('items', {}), schemas)}"
-    bounds = [f"{word} {field[key]}" for key, word in (("minimum", ">="), ("exclusiveMinimum", ">"),
+    bounds = [f"{word} {_number(field[key])}" for key, word in (("minimum", ">="), ("exclusiveMinimum", ">"),
                                                       ("maximum", "<="), ("exclusiveMaximum", "<"),
                                                       ("minLength", "length >="), ("maxLength", "length <="),
                                                       ("minItems", "items >="), ("maxItems", "items <="))
@@ -76,6 +76,10 @@ def _type(field: dict[str, Any], schemas: dict[str, Any]) -> str:
     if "enum" in field:
         bounds.append("one of " + ", ".join(map(str, field["enum"])))
     return text + (f" ({', '.join(bounds)})" if bounds else "")
+
+
+def _number(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _default(field: dict[str, Any]) -> str:
