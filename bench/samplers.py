@@ -24,6 +24,7 @@ from latent_diffusion.config import ScheduleConfig
 from latent_diffusion.diffusion import samplers
 from latent_diffusion.diffusion.analytic import GaussianMixture
 from latent_diffusion.diffusion.registry import SAMPLERS, SamplerSpec, sigmas_for
+from latent_diffusion.diffusion.schedulers import AUTOMATIC, SCHEDULERS, SchedulerSpec
 from latent_diffusion.diffusion.sampling import sample
 from latent_diffusion.diffusion.schedules import NoiseSchedule, karras_sigmas
 
@@ -82,11 +83,24 @@ def sliced_wasserstein(samples: torch.Tensor, reference: torch.Tensor, direction
     return (ours - theirs).abs().mean().item()
 
 
-def run_registered(spec: SamplerSpec):
+def run_registered(spec: SamplerSpec, scheduler: SchedulerSpec = AUTOMATIC):
     def run(denoiser, steps, n):
-        return sample(spec, denoiser, sigmas_for(spec, SCHEDULE, steps), torch.randn_like, shape=(n, 2), **F64)
+        sigmas = sigmas_for(spec, SCHEDULE, steps, scheduler=scheduler)
+        return sample(spec, denoiser, sigmas, torch.randn_like, shape=(n, 2), **F64)
 
     return run
+
+
+# Every sampler on its own schedule; these also with Karras sigmas (A1111's "... Karras" names).
+WITH_KARRAS = ("lms", "dpmpp_2s_ancestral", "dpmpp_2m", "dpmpp_2m_sde")
+
+
+def registered_runs():
+    """(label, spacing, run) of each row of the distribution table."""
+    for name, spec in SAMPLERS.items():
+        yield f"{spec.label} (`{name}`)", spec.spacing, run_registered(spec)
+        if name in WITH_KARRAS:
+            yield f"{spec.label} Karras (`{name}_karras`)", "karras", run_registered(spec, SCHEDULERS["karras"])
 
 
 def table(title: str, header: list[str], rows: list[list[str]]) -> str:
@@ -98,8 +112,8 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
 def distribution_table(nfes: list[int], num_samples: int) -> str:
     reference = DATA.sample(8 * num_samples, torch.Generator().manual_seed(1))
     rows = []
-    for name, spec in SAMPLERS.items():
-        run, cells = run_registered(spec), []
+    for label, spacing, run in registered_runs():
+        cells = []
         for nfe in nfes:
             steps = steps_within(run, nfe)
             if steps is None:
@@ -107,7 +121,7 @@ def distribution_table(nfes: list[int], num_samples: int) -> str:
                 continue
             torch.manual_seed(0)
             cells.append(f"{sliced_wasserstein(run(DATA.denoise, steps, num_samples), reference):.4f}")
-        rows.append([f"{spec.label} (`{name}`)", spec.spacing, *cells])
+        rows.append([label, spacing, *cells])
     floor = sum(
         sliced_wasserstein(DATA.sample(num_samples, torch.Generator().manual_seed(seed)), reference)
         for seed in range(2, 6)

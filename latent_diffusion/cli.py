@@ -26,16 +26,43 @@ def _cmd_info(args: argparse.Namespace) -> None:
     print(json.dumps(description, indent=2, default=str) if args.json else format_description(description))
 
 
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+
+
+def _own_schedule(spec) -> str:
+    """A sampler's own schedule in scheduler terms (the spacings are named in diffusion/schedules.py)."""
+    name = {"linspace": "uniform", "uniform": "ddim"}.get(spec.spacing, spec.spacing)
+    return name + (", ending at sigma_min" if spec.final == "sigma_min" else "")
+
+
 def _cmd_samplers(args: argparse.Namespace) -> None:
     from latent_diffusion.diffusion.registry import SAMPLERS
+    from latent_diffusion.diffusion.schedulers import SCHEDULERS
 
-    rows = [("NAME", "A1111 NAME", "STEPS", "SPACING", "KIND")]
+    samplers = [("SAMPLER", "A1111 NAME", "STEPS", "KIND", "AUTOMATIC SCHEDULE")]
     for spec in SAMPLERS.values():
         kind = "stochastic" if spec.stochastic else "deterministic"
-        rows.append((spec.name, spec.label, str(spec.default_steps), spec.spacing, kind))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        samplers.append((spec.name, spec.label, str(spec.default_steps), kind, _own_schedule(spec)))
+    schedulers = [("SCHEDULER", "A1111 NAME", "ALIASES")]
+    for scheduler in SCHEDULERS.values():
+        schedulers.append((scheduler.name, scheduler.label, ", ".join(scheduler.aliases)))
+    note = ("--scheduler picks the sigma schedule apart from the sampler (automatic: the sampler's own); "
+            "combined names such as 'DPM++ 2M Karras' or dpmpp_2m_karras pick both.")
+    _print_lines([*_table(samplers), "", *_table(schedulers), "", note])
+
+
+def _print_lines(lines: list[str]) -> None:
+    """Print to stdout; a reader that stops early (``ldm samplers | head -3``) ends the output quietly."""
+    try:
+        sys.stdout.write("\n".join(lines) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Point stdout at /dev/null so that the interpreter's own flush at exit fails no more.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _cmd_png_info(args: argparse.Namespace) -> None:

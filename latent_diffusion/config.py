@@ -33,7 +33,7 @@ def from_mapping(cls: type[T], values: Mapping[str, Any], *, ignore: tuple[str, 
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """The CompVis ``openaimodel.UNetModel`` (SD 1.x/2.x and the latent-diffusion paper models)."""
+    """The CompVis / Stability ``openaimodel.UNetModel`` (SD 1.x/2.x, SDXL, the latent-diffusion paper models)."""
 
     in_channels: int = 4
     out_channels: int = 4
@@ -46,11 +46,17 @@ class UNetConfig:
     num_head_channels: int = -1  # -1: derive from num_heads
     # True: SpatialTransformer (self + cross attention, GEGLU); False: the older AttentionBlock.
     use_spatial_transformer: bool = True
-    transformer_depth: int = 1
+    # Transformer blocks per SpatialTransformer: one number for every level, or one per level (SDXL:
+    # (0, 2, 10)). Levels without attention carry 0, so equal models compare equal whatever a YAML
+    # wrote there; the middle block takes ``transformer_depth_middle``, by default the last level's.
+    transformer_depth: int | tuple[int, ...] = 1
+    transformer_depth_middle: int | None = None
     context_dim: int | None = 768
     use_linear_in_transformer: bool = False  # SD 2: linear proj_in/proj_out instead of 1x1 conv
-    # Class-conditional UNet (label_emb); the SD x4 upscaler uses it for its noise level.
-    num_classes: int | None = None
+    # Class-conditional UNet (label_emb, an embedding table); the SD x4 upscaler uses it for its noise
+    # level. "sequential": SDXL's ADM vector input, an MLP from adm_in_channels to the time embedding.
+    num_classes: int | Literal["sequential"] | None = None
+    adm_in_channels: int | None = None
     disable_self_attentions: tuple[bool, ...] | None = None  # per level; x4 upscaler
     disable_middle_self_attn: bool = False
     # Ours, not in CompVis or SD: fixed 2-D sinusoidal positions added to every SpatialTransformer's
@@ -67,9 +73,28 @@ class UNetConfig:
     def __post_init__(self) -> None:
         if self.num_heads == -1 and self.num_head_channels == -1:
             raise ConfigError("UNetConfig: set num_heads or num_head_channels")
-        if self.use_spatial_transformer and self.context_dim is None:
-            # Self-attention only transformer blocks are legal: context defaults to the input.
-            pass
+        # One order (coarsest first, as the YAMLs list them), so that equal models compare equal.
+        object.__setattr__(self, "attention_resolutions", tuple(sorted(set(self.attention_resolutions), reverse=True)))
+        if (self.num_classes == "sequential") != (self.adm_in_channels is not None):
+            raise ConfigError("UNetConfig: num_classes='sequential' and adm_in_channels go together "
+                              f"(got {self.num_classes!r} and {self.adm_in_channels!r})")
+        depth = self.transformer_depth
+        if isinstance(depth, (tuple, list)):
+            if len(depth) != len(self.channel_mult):
+                raise ConfigError(f"UNetConfig: transformer_depth has {len(depth)} entries for "
+                                  f"{len(self.channel_mult)} levels")
+            if self.transformer_depth_middle is None:
+                object.__setattr__(self, "transformer_depth_middle", int(depth[-1]))
+            with_attention = [2**level in self.attention_resolutions for level in range(len(depth))]
+            object.__setattr__(self, "transformer_depth",
+                               tuple(int(d) if attends else 0 for d, attends in zip(depth, with_attention)))
+
+    def depth_at(self, level: int | None) -> int:
+        """Transformer blocks of the SpatialTransformers at ``level`` (None: the middle block)."""
+        depth = self.transformer_depth
+        if level is None:
+            return self.transformer_depth_middle or (depth if isinstance(depth, int) else depth[-1])
+        return depth if isinstance(depth, int) else depth[level]
 
 
 @dataclass(frozen=True)
@@ -125,6 +150,9 @@ class CLIPTextConfig:
     # penultimate layer (SD 2, as FrozenOpenCLIPEmbedder(layer="penultimate"), which still applies ln_final).
     skip_last_layers: int = 0
     pad_with_eos: bool = True  # SD 1 (transformers' tokenizer) pads with <|endoftext|>; OpenCLIP with 0
+    # Whether the context passes the final LayerNorm: SD 1 and 2 apply it even to an earlier layer's
+    # output; SDXL hands both encoders' penultimate hidden states on as they are.
+    normalize_context: bool = True
 
 
 @dataclass(frozen=True)
@@ -146,7 +174,44 @@ class ClassEmbedderConfig:
     embed_dim: int = 512
 
 
-ConditionerConfig = CLIPTextConfig | BERTTextConfig | ClassEmbedderConfig | None
+# Numbers SDXL conditions on besides the text, in the order they join the ADM vector, with how many
+# values each holds (Podell et al. 2023, Sec. 2.2: "micro-conditioning").
+MICRO_CONDITIONS = {"original_size": 2, "crop_coords_top_left": 2, "target_size": 2, "aesthetic_score": 1}
+
+
+@dataclass(frozen=True)
+class GeneralConditionerConfig:
+    """SDXL's list of embedders (``conditioner.embedders.N``): text encoders first, then numbers.
+
+    The text encoders' hidden states are concatenated into the cross-attention context; the
+    ``pooled_from`` encoder's projected end-token output starts the ADM vector, followed by
+    ``fourier_dim`` sinusoidal features of each number in ``micro_conditions``.
+    """
+
+    text_encoders: tuple[CLIPTextConfig, ...] = ()
+    pooled_from: int = -1
+    micro_conditions: tuple[str, ...] = ("original_size", "crop_coords_top_left", "target_size")
+    fourier_dim: int = 256
+
+    def __post_init__(self) -> None:
+        if not self.text_encoders:
+            raise ConfigError("GeneralConditionerConfig: at least one text encoder")
+        unknown = [name for name in self.micro_conditions if name not in MICRO_CONDITIONS]
+        if unknown:
+            raise ConfigError(f"GeneralConditionerConfig: unknown micro-conditions {unknown}; "
+                              f"known: {list(MICRO_CONDITIONS)}")
+
+    @property
+    def context_dim(self) -> int:
+        return sum(encoder.width for encoder in self.text_encoders)
+
+    @property
+    def vector_dim(self) -> int:
+        pooled = self.text_encoders[self.pooled_from].width
+        return pooled + self.fourier_dim * sum(MICRO_CONDITIONS[name] for name in self.micro_conditions)
+
+
+ConditionerConfig = CLIPTextConfig | BERTTextConfig | ClassEmbedderConfig | GeneralConditionerConfig | None
 
 
 @dataclass(frozen=True)
@@ -228,6 +293,34 @@ SD2_X4_UPSCALER = ModelSpec(
     max_noise_level=350,
 )
 
+# SDXL 1.0 (Stability's sd_xl_base.yaml / sd_xl_refiner.yaml): CLIP ViT-L and OpenCLIP ViT-bigG, both
+# read at their penultimate layer without the final LayerNorm; the VAE of SD with its own scale.
+SDXL_CLIP_L = dataclasses.replace(CLIP_L, skip_last_layers=1, normalize_context=False)
+OPENCLIP_BIGG = CLIPTextConfig(
+    layout="openclip", width=1280, layers=32, heads=20, activation="gelu", skip_last_layers=1,
+    pad_with_eos=False, normalize_context=False,
+)
+SDXL_UNET = UNetConfig(
+    model_channels=320, channel_mult=(1, 2, 4), attention_resolutions=(4, 2), num_heads=-1,
+    num_head_channels=64, transformer_depth=(1, 2, 10), context_dim=2048, use_linear_in_transformer=True,
+    legacy=False, num_classes="sequential", adm_in_channels=2816,
+)
+SDXL_REFINER_UNET = UNetConfig(
+    model_channels=384, channel_mult=(1, 2, 4, 4), attention_resolutions=(4, 2), num_heads=-1,
+    num_head_channels=64, transformer_depth=4, context_dim=1280, use_linear_in_transformer=True,
+    legacy=False, num_classes="sequential", adm_in_channels=2560,
+)
+SDXL_CONDITIONER = GeneralConditionerConfig(text_encoders=(SDXL_CLIP_L, OPENCLIP_BIGG))
+SDXL_REFINER_CONDITIONER = GeneralConditionerConfig(
+    text_encoders=(OPENCLIP_BIGG,), micro_conditions=("original_size", "crop_coords_top_left", "aesthetic_score"),
+)
+SDXL_SCALE_FACTOR = 0.13025
+SDXL = ModelSpec("sdxl", SDXL_UNET, SD_VAE, SDXL_CONDITIONER, scale_factor=SDXL_SCALE_FACTOR)
+SDXL_REFINER = ModelSpec("sdxl-refiner", SDXL_REFINER_UNET, SD_VAE, SDXL_REFINER_CONDITIONER,
+                         scale_factor=SDXL_SCALE_FACTOR)
+SDXL_INPAINT = ModelSpec("sdxl-inpaint", dataclasses.replace(SDXL_UNET, in_channels=9), SD_VAE, SDXL_CONDITIONER,
+                         conditioning="hybrid", scale_factor=SDXL_SCALE_FACTOR)
+
 # The latent-diffusion paper's released models (CompVis/latent-diffusion models/ldm/*/config.yaml).
 _LDM_SCHEDULE = ScheduleConfig(kind="scaled_linear", linear_start=0.0015, linear_end=0.0195)
 _VQ_F4 = AutoencoderConfig(
@@ -288,7 +381,7 @@ LDM_INPAINT = ModelSpec(
 PRESETS: dict[str, ModelSpec] = {
     spec.family: spec
     for spec in (
-        SD1, SD1_INPAINT, SD2, SD2_V, SD2_INPAINT, SD2_X4_UPSCALER,
+        SD1, SD1_INPAINT, SD2, SD2_V, SD2_INPAINT, SD2_X4_UPSCALER, SDXL, SDXL_REFINER, SDXL_INPAINT,
         LDM_CIN256, LDM_TEXT2IMG256, LDM_BSR_SR, LDM_INPAINT,
     )
 }
@@ -301,7 +394,7 @@ def preset(name: str) -> ModelSpec:
         raise ConfigError(f"unknown model family {name!r}; known: {sorted(PRESETS)}") from None
 
 
-_CONDITIONER_TYPES = (CLIPTextConfig, BERTTextConfig, ClassEmbedderConfig)
+_CONDITIONER_TYPES = (CLIPTextConfig, BERTTextConfig, ClassEmbedderConfig, GeneralConditionerConfig)
 
 
 def spec_to_dict(spec: ModelSpec) -> dict[str, Any]:
@@ -332,5 +425,8 @@ def spec_from_dict(values: Mapping[str, Any]) -> ModelSpec:
         fitting = [cls for cls in _CONDITIONER_TYPES if set(conditioner) <= {f.name for f in dataclasses.fields(cls)}]
         if len(fitting) != 1:
             raise ConfigError(f"model spec: cannot tell the conditioner type from keys {sorted(conditioner)}")
+        if fitting[0] is GeneralConditionerConfig:
+            conditioner = {**conditioner, "text_encoders": [from_mapping(CLIPTextConfig, encoder)
+                                                            for encoder in conditioner.get("text_encoders", ())]}
         values["conditioner"] = from_mapping(fitting[0], conditioner)
     return from_mapping(ModelSpec, values)

@@ -19,3 +19,12 @@ def assert_close_to_reference(ours: torch.Tensor, reference: torch.Tensor, rel: 
     scale = reference.abs().max().item()
     err = (ours.float() - reference.float()).abs().max().item()
     assert err <= rel * scale, f"max abs diff {err:.3g} > {rel:g} x max |ref| {scale:.3g}"
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny tensors: on a loaded 2-core machine a second thread only adds waiting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 
 from latent_diffusion.checkpoints.io import save_safetensors
-from latent_diffusion.config import SD1, SD2_X4_UPSCALER, AutoencoderConfig, ClassEmbedderConfig, ModelSpec
+from latent_diffusion.config import (
+    SD1, SD2_X4_UPSCALER, SDXL, SDXL_REFINER, AutoencoderConfig, ClassEmbedderConfig, ModelSpec,
+)
 from latent_diffusion.models.ldm import LatentDiffusion
 
 # Full CLIP vocabulary (our tokenizer's ids), everything else tiny. The VAE downsamples by 4 with
@@ -28,6 +30,27 @@ TINY_X4 = dataclasses.replace(
                              disable_self_attentions=(True, True, False)),
     autoencoder=TINY_VAE,
     conditioner=dataclasses.replace(SD2_X4_UPSCALER.conditioner, width=128, layers=3, heads=2),
+)
+# SDXL's structure in miniature: a level without attention, per-level transformer depth, two text
+# encoders (CLIP-L and bigG layouts) whose penultimate layers make the context, the pooled bigG
+# output and 8-wide Fourier features of the sizes in the ADM vector.
+# Head widths are SDXL's 64 (files cannot state another), so the attention levels are 64 and 128 wide.
+_TINY_XL_TEXT = tuple(dataclasses.replace(encoder, width=64, layers=3, heads=1)
+                      for encoder in SDXL.conditioner.text_encoders)
+TINY_SDXL = dataclasses.replace(
+    SDXL,
+    unet=dataclasses.replace(SDXL.unet, model_channels=32, channel_mult=(1, 2, 4), num_res_blocks=1,
+                             transformer_depth=(0, 1, 2), transformer_depth_middle=None,
+                             context_dim=128, adm_in_channels=64 + 6 * 8),
+    autoencoder=TINY_VAE,
+    conditioner=dataclasses.replace(SDXL.conditioner, text_encoders=_TINY_XL_TEXT, fourier_dim=8),
+)
+TINY_SDXL_REFINER = dataclasses.replace(
+    SDXL_REFINER,
+    unet=dataclasses.replace(SDXL_REFINER.unet, model_channels=32, channel_mult=(1, 2, 4), num_res_blocks=1,
+                             transformer_depth=2, context_dim=64, adm_in_channels=64 + 5 * 8),
+    autoencoder=TINY_VAE,
+    conditioner=dataclasses.replace(SDXL_REFINER.conditioner, text_encoders=_TINY_XL_TEXT[1:], fourier_dim=8),
 )
 TINY_CLASS = ModelSpec(
     "custom",
@@ -59,13 +82,16 @@ def write_checkpoint(spec: ModelSpec, path: Path, seed: int = 0) -> Path:
 
 
 def diffusers_folder(checkpoint: Path, folder: Path, family: str | None = None) -> Path:
-    """Our checkpoint as a diffusers folder, plus a transformers tokenizer on our vocabulary."""
+    """Our checkpoint as a diffusers folder, plus transformers tokenizers on our vocabulary."""
     from latent_diffusion.checkpoints.convert import save_diffusers_folder
     from latent_diffusion.checkpoints.load import load_checkpoint
 
     save_diffusers_folder(load_checkpoint(checkpoint, family=family), folder)
-    (folder / "tokenizer").mkdir(exist_ok=True)
-    write_clip_tokenizer_files(folder / "tokenizer")
+    for text_encoder in ("text_encoder", "text_encoder_2"):
+        if (folder / text_encoder).is_dir():
+            tokenizer = folder / text_encoder.replace("text_encoder", "tokenizer")
+            tokenizer.mkdir(exist_ok=True)
+            write_clip_tokenizer_files(tokenizer)
     return folder
 
 
@@ -78,6 +104,30 @@ def write_clip_tokenizer_files(folder: Path) -> Path:
     merges = "\n".join(" ".join(pair) for pair in vocabulary.merges)
     (folder / "merges.txt").write_text("#version: 0.2\n" + merges + "\n", encoding="utf-8")
     return folder
+
+
+def sdxl_components(folder: Path) -> dict:
+    """unet, vae, text encoders and tokenizers of an SDXL folder written by :func:`diffusers_folder`
+    (the second tokenizer pads with "!", id 0, as SDXL's does)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    def tokenizer(name: str, **options):
+        return CLIPTokenizer(vocab=str(folder / name / "vocab.json"), merges=str(folder / name / "merges.txt"),
+                             model_max_length=77, **options)
+
+    components = dict(
+        unet=UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True).eval(),
+        vae=AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True).eval(),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2",
+                                                                   local_files_only=True).eval(),
+        tokenizer_2=tokenizer("tokenizer_2", pad_token="!"),
+    )
+    if (folder / "text_encoder").is_dir():
+        components.update(
+            text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True).eval(),
+            tokenizer=tokenizer("tokenizer"))
+    return components
 
 
 def diffusers_components(folder: Path) -> dict:

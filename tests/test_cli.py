@@ -62,7 +62,37 @@ def test_help_explains_every_option_with_its_default(command):
 
 def test_samplers_lists_a1111_names():
     result = ldm("samplers")
-    assert result.returncode == 0 and "DPM++ 2M Karras" in result.stdout and "euler_ancestral" in result.stdout
+    assert result.returncode == 0 and "euler_ancestral" in result.stdout
+    rows = [line.split() for line in result.stdout.splitlines()]
+    assert ["dpmpp_2m", "DPM++", "2M", "20", "deterministic", "uniform"] in rows
+    # The schedulers follow the samplers, under their machine names and A1111 labels.
+    assert ["karras", "Karras"] in rows and ["align_your_steps", "Align", "Your", "Steps", "AYS"] in rows
+    assert "'DPM++ 2M Karras' or dpmpp_2m_karras pick both" in result.stdout
+
+
+def test_samplers_piped_into_a_reader_that_stops_early_ends_quietly():
+    # The reader is gone before anything is written (as `ldm samplers | head -1` once head has exited).
+    process = subprocess.Popen([sys.executable, "-m", "latent_diffusion.cli", "samplers"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=300) == 0
+    assert "BrokenPipeError" not in stderr and "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+
+
+def test_scheduler_option_is_written_to_the_png_and_restored_from_it(models, tmp_path):
+    common = ("-c", models["sd1"], "-p", "a square", "-W", 32, "-H", 32, "--steps", 4, "--seed", 3, "-q")
+    result = ldm("txt2img", *common, "--sampler", "DPM++ 2M", "--scheduler", "exponential", "-o", tmp_path / "exp")
+    assert result.returncode == 0, result.stderr
+    png = tmp_path / "exp" / "00000-3.png"
+    assert "Sampler: DPM++ 2M, Schedule type: Exponential, CFG scale" in ldm("png-info", png).stdout
+    assert json.loads(ldm("png-info", png, "--json").stdout)["Schedule type"] == "Exponential"
+    again = ldm("txt2img", "-c", models["sd1"], "--from-png", png, "-o", tmp_path / "again", "-q")
+    assert again.returncode == 0, again.stderr
+    assert np.array_equal(_pixels(tmp_path / "again" / "00000-3.png"), _pixels(png))
+    plain = ldm("txt2img", *common, "--sampler", "DPM++ 2M", "-o", tmp_path / "plain")
+    assert plain.returncode == 0, plain.stderr
+    assert not np.array_equal(_pixels(tmp_path / "plain" / "00000-3.png"), _pixels(png))
 
 
 def test_txt2img_writes_pngs_that_png_info_reads_and_that_regenerate_the_same_image(models, tmp_path):
@@ -139,6 +169,10 @@ BAD_INPUTS = {
     "width not multiple of 8": (["txt2img", "-c", "{sd1}", "-W", 30, "-H", 32], "not a multiple of 8"),
     "steps <= 0": (["txt2img", "-c", "{sd1}", "--steps", 0], "steps"),
     "unknown sampler": (["txt2img", "-c", "{sd1}", "--sampler", "warp_drive"], "unknown sampler"),
+    "unknown scheduler": (["txt2img", "-c", "{sd1}", "--scheduler", "wobbly"],
+                          "unknown scheduler 'wobbly'; choose one of: automatic (Automatic), uniform (Uniform)"),
+    "two schedulers": (["img2img", "-c", "{sd1}", "-i", "{images}/image.png", "--sampler", "dpmpp_2m_karras",
+                        "--scheduler", "beta"], "already chooses the Karras scheduler"),
     "missing init image": (["img2img", "-c", "{sd1}", "-i", "{images}/missing.png"], "not found"),
     "not an image": (["img2img", "-c", "{sd1}", "-i", "{images}/not-an-image.png"], "not a readable image"),
     "init image size": (["img2img", "-c", "{sd1}", "-i", "{images}/image.png", "-W", 36], "multiple of 8"),

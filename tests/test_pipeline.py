@@ -54,9 +54,12 @@ def test_parameters_text_regenerates_the_image(pipe):
                          sampler="DPM++ 2M Karras", clip_skip=2, **SMALL)
     prompt, negative, settings = parse_parameters(first.parameters[0])
     width, height = (int(v) for v in settings["Size"].split("x"))
+    # A1111 1.9+ writes the old combined name as a sampler and a schedule type.
+    assert (settings["Sampler"], settings["Schedule type"]) == ("DPM++ 2M", "Karras")
     again = pipe.txt2img(prompt, negative_prompt=negative, width=width, height=height, steps=int(settings["Steps"]),
-                         sampler=settings["Sampler"], guidance_scale=float(settings["CFG scale"]),
-                         seed=int(settings["Seed"]), clip_skip=int(settings["Clip skip"]))
+                         sampler=settings["Sampler"], scheduler=settings["Schedule type"],
+                         guidance_scale=float(settings["CFG scale"]), seed=int(settings["Seed"]),
+                         clip_skip=int(settings["Clip skip"]))
     assert np.array_equal(_array(first.images[0]), _array(again.images[0]))
     assert settings["Model hash"] == pipe.hash and settings["Model"] == "tiny"
 
@@ -142,6 +145,8 @@ def test_without_a_built_in_model_the_error_says_to_pass_a_checkpoint():
     (lambda p: p.txt2img("x", width=36, height=32, steps=1), "multiple of 8"),
     (lambda p: p.txt2img("x", steps=0, **{k: v for k, v in SMALL.items() if k != "steps"}), "steps"),
     (lambda p: p.txt2img("x", sampler="nope", **SMALL), "unknown sampler"),
+    (lambda p: p.txt2img("x", scheduler="wobbly", **SMALL), "unknown scheduler 'wobbly'.*karras \\(Karras\\)"),
+    (lambda p: p.img2img("x", _image(32), sampler="DPM++ 2M Karras", scheduler="Beta", steps=1), "already chooses"),
     (lambda p: p.txt2img("x", batch_size=0, **SMALL), "batch size"),
     (lambda p: p.img2img("x", _image(32), strength=0.0, steps=1), "strength"),
     (lambda p: p.img2img("x", None, steps=1), "init image"),
@@ -220,3 +225,68 @@ def test_step_callback_is_per_request_and_sees_every_step(pipe):
         def stop(step, total):
             raise KeyboardInterrupt
         pipe.txt2img("a circle", seed=1, step_callback=stop, **SMALL)
+
+
+# The combined names the sampler registry listed before schedulers were chosen apart.
+OLD_KARRAS_NAMES = {"lms_karras": "lms", "DPM++ 2S a Karras": "dpmpp_2s_ancestral", "dpmpp_2m_karras": "dpmpp_2m",
+                    "DPM++ 2M Karras": "dpmpp_2m", "DPM++ 2M SDE Karras": "dpmpp_2m_sde"}
+
+
+@pytest.mark.parametrize("old_name", sorted(OLD_KARRAS_NAMES))
+def test_old_combined_sampler_names_give_bitwise_the_old_images(pipe, old_name):
+    from latent_diffusion.diffusion.registry import SAMPLERS, SamplerSpec
+    from latent_diffusion.diffusion.sampling import BatchNoise, make_generators
+    from latent_diffusion.pipelines.common import SamplingSettings
+
+    # The old registry entry, run on the sampler's own-schedule path: make_sigmas(spacing="karras").
+    sampler = SAMPLERS[OLD_KARRAS_NAMES[old_name]]
+    old_entry = SamplerSpec(old_name, old_name, sampler.function, spacing="karras", stochastic=sampler.stochastic)
+    cond, uncond = pipe.text_conditioning("a red circle", "", 2, None)
+    latents = pipe.sample_latents(SamplingSettings(old_entry, 4, 7.5), BatchNoise(make_generators(9, 2)), cond,
+                                  uncond, shape=pipe.latent_shape(2, 32, 32))
+    old_images = pipe.to_images(latents, [])
+    new = pipe.txt2img("a red circle", sampler=old_name, seed=9, batch_size=2, guidance_scale=7.5, **{**SMALL, "steps": 4})
+    split = pipe.txt2img("a red circle", sampler=sampler.label, scheduler="Karras", seed=9, batch_size=2,
+                         guidance_scale=7.5, **{**SMALL, "steps": 4})
+    for old_image, image, split_image in zip(old_images, new.images, split.images):
+        assert np.array_equal(_array(image), _array(old_image))
+        assert np.array_equal(_array(split_image), _array(old_image))
+    automatic = pipe.txt2img("a red circle", sampler=sampler.name, seed=9, guidance_scale=7.5, **{**SMALL, "steps": 4})
+    assert not np.array_equal(_array(automatic.images[0]), _array(old_images[0]))
+
+
+def test_every_task_takes_a_scheduler_and_writes_its_schedule_type(pipe, x4):
+    image, mask = _image(32), Image.fromarray(np.pad(np.full((16, 16), 255, np.uint8), 8))
+    unconditional = _vq_pipeline(3, "none")
+    runs = {
+        "txt2img": lambda **kw: pipe.txt2img("a star", **SMALL, **kw),
+        "img2img": lambda **kw: pipe.img2img("a star", image, steps=4, strength=0.8, **kw),
+        "inpaint": lambda **kw: pipe.inpaint("a star", image, mask, steps=3, **kw),
+        "upscale": lambda **kw: x4.upscale(_image(16, seed=2), "sharp", steps=3, noise_level=30, **kw),
+        "sample": lambda **kw: unconditional.sample(width=16, height=16, steps=3, **kw),
+    }
+    for task, run in runs.items():
+        automatic = run(sampler="euler", seed=2)
+        scheduled = run(sampler="euler", scheduler="exponential", seed=2)
+        assert "Schedule type" not in automatic.parameters[0], task
+        assert "Sampler: Euler, Schedule type: Exponential, CFG scale" in scheduled.parameters[0], task
+        if task != "sample":  # the tiny VQ autoencoder snaps both latents to the same codes
+            assert not np.array_equal(_array(automatic.images[0]), _array(scheduled.images[0])), task
+
+
+def test_align_your_steps_takes_the_table_of_the_model_family(pipe, monkeypatch):
+    import dataclasses
+
+    def visited(family: str) -> list[float]:
+        monkeypatch.setattr(pipe, "spec", dataclasses.replace(pipe.spec, family=family))
+        steps = []
+        pipe.txt2img("a star", sampler="euler", scheduler="Align Your Steps", seed=1, width=32, height=32, steps=10,
+                     step_callback=lambda step, total: steps.append(step.sigma))
+        return steps
+
+    # The published 10-step levels (Sabour et al. 2024), without the last, which a run replaces by 0.
+    sd15 = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152]
+    sdxl = [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113]
+    np.testing.assert_allclose(visited("sd1"), sd15, rtol=1e-12)
+    np.testing.assert_allclose(visited("sdxl"), sdxl, rtol=1e-12)
+    np.testing.assert_allclose(visited("sd2"), sd15, rtol=1e-12)

@@ -176,7 +176,8 @@ def test_full_size_sd15_txt2img_at_256_matches_stable_diffusion_pipeline(tmp_pat
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from latent_diffusion.checkpoints.convert import _unet_diffusers_config, _vae_diffusers_config, to_diffusers
+    from latent_diffusion.checkpoints.convert import to_diffusers
+    from latent_diffusion.checkpoints.diffusers_configs import unet_config, vae_config
     from latent_diffusion.checkpoints.load import load_state_dict_into_model
     from latent_diffusion.config import SD1
     from pipeline_tiny import random_state, write_clip_tokenizer_files
@@ -185,8 +186,8 @@ def test_full_size_sd15_txt2img_at_256_matches_stable_diffusion_pipeline(tmp_pat
     named = to_diffusers(SD1, state)
     ours = Pipeline(load_state_dict_into_model(dict(state), spec=SD1), name="sd15-random", progress=False)
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**{k: v for k, v in _unet_diffusers_config(SD1).items() if not k.startswith("_")})
-        vae = AutoencoderKL(**{k: v for k, v in _vae_diffusers_config(SD1).items() if not k.startswith("_")})
+        unet = UNet2DConditionModel(**{k: v for k, v in unet_config(SD1).items() if not k.startswith("_")})
+        vae = AutoencoderKL(**{k: v for k, v in vae_config(SD1).items() if not k.startswith("_")})
     unet.load_state_dict(named["unet"], assign=True)
     vae.load_state_dict(named["vae"], assign=True)
     text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,

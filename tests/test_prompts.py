@@ -114,9 +114,11 @@ def test_encode_weighted_prompts_concatenates_windows_and_pads_batch():
         return chunks_of(prompt)
 
     def fake_encoder(tokens):
-        return tokens.float().unsqueeze(-1).expand(-1, -1, 4).clone()
+        return tokens.float().unsqueeze(-1).expand(-1, -1, 4).clone(), tokens[:, 1].float()
 
-    out = encode_weighted_prompts(["short", " ".join(["w"] * 100)], chunker, fake_encoder)
+    out, pooled = encode_weighted_prompts(["short", " ".join(["w"] * 100)], chunker, fake_encoder)
     assert out.shape == (2, 154, 4)
+    # The pooled output is the first window's: its first word, not the long prompt's 76th.
+    assert pooled.tolist() == out[:, 1, 0].tolist()
     # The short prompt's second window is the empty prompt's window: start, end, padding.
     assert out[0, 77, 0] == 49406 and out[0, 78, 0] == 49407

@@ -10,7 +10,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from latent_diffusion.config import ScheduleConfig
 from latent_diffusion.diffusion import samplers
 from latent_diffusion.diffusion.denoiser import Denoiser
-from latent_diffusion.diffusion.registry import SAMPLERS, get_sampler, sampler_names, sigmas_for
+from latent_diffusion.diffusion.registry import SAMPLERS, get_sampler, resolve_sampler, sampler_names, sigmas_for
+from latent_diffusion.diffusion.schedulers import SCHEDULERS
 from latent_diffusion.diffusion.sampling import BatchNoise, InpaintingDenoiser, make_generators, sample
 from latent_diffusion.diffusion.schedules import NoiseSchedule, make_sigmas, scale_from_vp
 
@@ -127,10 +128,11 @@ def test_registry_names_and_lookup():
         for key in (spec.name, spec.label, *spec.aliases):
             owners.setdefault(key.lower(), set()).add(spec.name)
     assert all(len(o) == 1 for o in owners.values()), "two samplers answer to the same name"
-    assert get_sampler("DPM++ 2M Karras") is SAMPLERS["dpmpp_2m_karras"]
     assert get_sampler("euler_a") is get_sampler("Euler a") is SAMPLERS["euler_ancestral"]
-    assert SAMPLERS["dpmpp_2m_karras"].function is samplers.sample_dpmpp_2m
-    for required in ("ddpm", "ddim", "plms", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2s_ancestral",
+    # Samplers are samplers; "DPM++ 2M Karras" is a sampler with a scheduler (tests/test_schedulers.py).
+    assert resolve_sampler("DPM++ 2M Karras") == (SAMPLERS["dpmpp_2m"], SCHEDULERS["karras"])
+    assert SAMPLERS["dpmpp_2m"].function is samplers.sample_dpmpp_2m
+    for required in ("ddpm", "ddim", "plms", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2s_ancestral",
                      "euler", "euler_ancestral", "heun", "lms", "uni_pc"):
         assert required in names
     with pytest.raises(ValueError, match="unknown sampler"):

@@ -69,7 +69,7 @@ def pixels(image_b64: str) -> np.ndarray:
 
 def test_listings(client):
     samplers = client.get("/sdapi/v1/samplers").json()
-    assert {"Euler a", "DPM++ 2M Karras", "DDIM"} <= {s["name"] for s in samplers}
+    assert {"Euler a", "DPM++ 2M", "DDIM"} <= {s["name"] for s in samplers}
     assert all({"name", "aliases", "options"} <= set(s) for s in samplers)
     models = client.get("/sdapi/v1/sd-models").json()
     assert [m["model_name"] for m in models] == ["alpha", "beta"]
@@ -100,6 +100,34 @@ def test_txt2img_images_carry_parameters_and_repeat_by_seed(client):
     again = txt2img(client, prompt="a red circle", negative_prompt="blue", seed=1236, sampler_name="DPM++ 2M",
                     cfg_scale=5)
     np.testing.assert_array_equal(pixels(again["images"][0]), pixels(body["images"][2]))
+
+
+def test_schedulers_listing_has_a1111s_shape(client):
+    schedulers = client.get("/sdapi/v1/schedulers").json()
+    assert all(set(item) == {"name", "label", "aliases", "default_rho", "need_inner_model"} for item in schedulers)
+    by_name = {item["name"]: item for item in schedulers}
+    assert schedulers[0] == {"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1.0,
+                             "need_inner_model": False}
+    assert by_name["karras"] == {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0,
+                                 "need_inner_model": False}
+    assert by_name["sgm_uniform"]["aliases"] == ["SGMUniform"] and by_name["sgm_uniform"]["need_inner_model"]
+    assert {"uniform", "exponential", "polyexponential", "simple", "normal", "ddim", "beta",
+            "align_your_steps"} <= set(by_name)
+
+
+def test_scheduler_field_is_used_and_written_to_the_parameters(client):
+    request = dict(prompt="a square", seed=21, steps=4, width=32, height=32)
+    karras = txt2img(client, sampler_name="DPM++ 2M", scheduler="Karras", **request)
+    assert "Sampler: DPM++ 2M, Schedule type: Karras, CFG scale" in json.loads(karras["info"])["infotexts"][0]
+    assert json.loads(karras["info"])["scheduler"] == "Karras"
+    # The old combined name is the same sampler and schedule; the sampler alone (Automatic) is not.
+    combined = txt2img(client, sampler_name="DPM++ 2M Karras", scheduler="Automatic", **request)
+    np.testing.assert_array_equal(pixels(combined["images"][0]), pixels(karras["images"][0]))
+    automatic = txt2img(client, sampler_name="DPM++ 2M", **request)
+    assert "Schedule type" not in json.loads(automatic["info"])["infotexts"][0]
+    assert not np.array_equal(pixels(automatic["images"][0]), pixels(karras["images"][0]))
+    info = client.post("/sdapi/v1/png-info", json={"image": karras["images"][0]}).json()
+    assert info["parameters"]["Schedule type"] == "Karras"
 
 
 def test_eight_concurrent_clients_get_their_own_results(client, base_url):
@@ -248,6 +276,10 @@ BAD_REQUESTS = [
     ("/sdapi/v1/txt2img", {**SMALL, "steps": 0}, 422, "steps"),
     ("/sdapi/v1/txt2img", {**SMALL, "batch_size": 3, "n_iter": 2}, 400, "6 images"),
     ("/sdapi/v1/txt2img", {**SMALL, "sampler_name": "Magic"}, 400, "unknown sampler"),
+    ("/sdapi/v1/txt2img", {**SMALL, "scheduler": "Wobbly"}, 400,
+     "unknown scheduler 'Wobbly'; choose one of: automatic (Automatic), uniform (Uniform), karras (Karras)"),
+    ("/sdapi/v1/img2img", {**SMALL, "init_images": [b64_png(Image.new("RGB", (32, 32)))],
+                           "sampler_name": "DPM++ 2M Karras", "scheduler": "Beta"}, 400, "already chooses"),
     ("/sdapi/v1/txt2img", {**SMALL, "seed": -5}, 422, "seed"),
     ("/sdapi/v1/txt2img", {**SMALL, "cfg_scale": "lots"}, 422, "cfg_scale"),
     ("/sdapi/v1/img2img", {**SMALL, "init_images": ["not base64!"]}, 400, "not valid base64"),

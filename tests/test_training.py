@@ -56,11 +56,16 @@ def ldm_overrides(tmp_path: Path, out: str, *extra: str) -> list[str]:
             f"ldm.first_stage={tmp_path / 'ae.safetensors'}", *extra]
 
 
+def images_and_autoencoder(root: Path) -> Path:
+    """``root`` with the training images in images/ and a random tiny stage-1 result in ae.safetensors."""
+    make_images(root / "images")
+    tiny_autoencoder(root / "ae.safetensors")
+    return root
+
+
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
-    make_images(tmp_path / "images")
-    tiny_autoencoder(tmp_path / "ae.safetensors")
-    return tmp_path
+    return images_and_autoencoder(tmp_path)
 
 
 # ------------------------------------------------------------------ bad configs fail before training

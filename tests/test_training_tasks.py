@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from latent_diffusion.training.config import load_experiment
-from test_training import TINY, ldm_overrides, make_images, tiny_autoencoder
+from test_training import TINY, images_and_autoencoder, ldm_overrides
 
 CONCAT_UNET = ["ldm.unet.context_dim=null", "ldm.unet.use_spatial_transformer=false", "ldm.conditioner.kind=none",
                "run.max_steps=2", "run.sample_every=2", "run.num_samples=2"]
@@ -15,10 +15,7 @@ CONCAT_UNET = ["ldm.unet.context_dim=null", "ldm.unet.use_spatial_transformer=fa
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tasks")
-    make_images(root / "images")
-    tiny_autoencoder(root / "ae.safetensors")
-    return root
+    return images_and_autoencoder(tmp_path_factory.mktemp("tasks"))
 
 
 @pytest.mark.parametrize("task, extra", [
@@ -39,7 +36,8 @@ def test_task_trains_and_samples(data, task, extra):
 
 
 def test_latent_cache_trains(data):
-    from latent_diffusion.training.ldm import cache_latents, train_ldm
+    from latent_diffusion.training.latents import cache_latents
+    from latent_diffusion.training.ldm import train_ldm
 
     config = load_experiment(TINY / "ldm-txt2img.yaml", ldm_overrides(data, "cached", "run.max_steps=2"))
     cache = cache_latents(config, str(data / "latents.safetensors"))

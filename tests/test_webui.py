@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import shutil
 
@@ -124,8 +125,21 @@ def test_model_switch_from_the_page(page, base_url):
     assert httpx.get(base_url + "/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("alpha")
 
 
-def test_dropped_png_fills_the_parameters(page):
-    text = "two green triangles\nNegative prompt: noise\nSteps: 7, Sampler: DDIM, CFG scale: 3.5, Seed: 99, Size: 24x40"
+def test_schedule_type_dropdown_is_sent_and_written(page):
+    labels = page.eval_on_selector_all("#scheduler option", "options => options.map(o => o.value)")
+    assert labels[0] == "Automatic" and {"Karras", "Exponential", "Align Your Steps", "SGM Uniform"} <= set(labels)
+    assert page.input_value("#scheduler") == "Automatic"
+    page.fill("#prompt", "a green square")
+    page.select_option("#sampler_name", "DPM++ 2M")
+    page.select_option("#scheduler", "Karras")
+    fill_small(page)
+    page.click("#generate")
+    page.locator("#gallery .result").first.wait_for()
+    parameters = page.locator("#gallery .result .parameters").first.inner_text()
+    assert "Sampler: DPM++ 2M, Schedule type: Karras, CFG scale" in parameters
+
+
+def drop_png(page, text: str) -> None:
     from PIL import PngImagePlugin
 
     info = PngImagePlugin.PngInfo()
@@ -138,6 +152,24 @@ def test_dropped_png_fills_the_parameters(page):
         transfer.items.add(new File([bytes], "old.png", {type: "image/png"}));
         document.dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true, cancelable: true}));
     }""", base64.b64encode(buffer.getvalue()).decode())
+    # The page fills the fields in the same task as it shows the text.
+    page.wait_for_function(f"document.getElementById('pnginfo-text').textContent === {json.dumps(text)}")
+
+
+@pytest.mark.parametrize("settings, sampler, scheduler", [
+    ("Sampler: Euler, Schedule type: Exponential", "Euler", "Exponential"),
+    ("Sampler: DPM++ 2M Karras", "DPM++ 2M", "Karras"),  # written before schedulers were chosen apart
+    ("Sampler: DDIM", "DDIM", "Automatic"),
+])
+def test_dropped_png_sets_sampler_and_schedule_type(page, settings, sampler, scheduler):
+    page.select_option("#scheduler", "Beta")
+    drop_png(page, f"a cat\nSteps: 5, {settings}, CFG scale: 3, Seed: 9, Size: 24x40")
+    assert (page.input_value("#sampler_name"), page.input_value("#scheduler")) == (sampler, scheduler)
+
+
+def test_dropped_png_fills_the_parameters(page):
+    text = "two green triangles\nNegative prompt: noise\nSteps: 7, Sampler: DDIM, CFG scale: 3.5, Seed: 99, Size: 24x40"
+    drop_png(page, text)
     page.wait_for_function("document.getElementById('prompt').value === 'two green triangles'")
     values = {field: page.input_value(f"#{field}") for field in
               ("negative_prompt", "steps", "cfg_scale", "seed", "width", "height", "sampler_name")}

@@ -11,12 +11,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from latent_diffusion.checkpoints.detect import COND_PREFIX, UNET_PREFIX, VAE_PREFIX, derive_spec, detect_family
 from latent_diffusion.checkpoints.io import CheckpointError, read_state_dict, sniff_format
-from latent_diffusion.checkpoints.load import EMA_PREFIX, build_on_meta
+from latent_diffusion.checkpoints.load import EMA_PREFIX, build_on_meta, described_spec, resolve_spec
 from latent_diffusion.checkpoints.schedule_buffers import read_training_schedule
-
-_COMPONENTS = (("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text_encoder", COND_PREFIX))
 
 
 def describe_checkpoint(
@@ -27,21 +24,18 @@ def describe_checkpoint(
     path = Path(path)
     file_format = sniff_format(path)
     state_dict = read_state_dict(path)  # lazy: memory-mapped, nothing is read until touched
-    detection = detect_family(state_dict, family)
-    if config_yaml is not None:
-        from latent_diffusion.checkpoints.yaml_config import spec_from_yaml
-
-        spec = spec_from_yaml(config_yaml, family=detection.family)
-    else:
-        spec = derive_spec(state_dict, detection, prediction)
+    stated = described_spec(state_dict, path=path, family=family, config_yaml=config_yaml)
+    spec, found = resolve_spec(state_dict, family=family, prediction=prediction, spec=stated)
     model_keys = set(build_on_meta(spec).state_dict())
 
     parameters: dict[str, int] = {}
     dtypes: dict[str, dict[str, int]] = {}
-    for component, prefix in _COMPONENTS:
-        tensors = [t for k, t in state_dict.items() if k.startswith(prefix) and k in model_keys]
-        parameters[component] = sum(t.numel() for t in tensors)
-        dtypes[component] = dict(Counter(str(t.dtype).removeprefix("torch.") for t in tensors))
+    parts: dict[str, str] = {}
+    for component in found.components(spec):
+        tensors = [t for k, t in state_dict.items() if k.startswith(component.prefix) and k in model_keys]
+        parameters[component.name] = sum(t.numel() for t in tensors)
+        dtypes[component.name] = dict(Counter(str(t.dtype).removeprefix("torch.") for t in tensors))
+        parts[component.name] = component.what
     ema_tensors = [t for k, t in state_dict.items()
                    if k.startswith(EMA_PREFIX) and k not in ("model_ema.decay", "model_ema.num_updates")]
     try:
@@ -54,16 +48,19 @@ def describe_checkpoint(
         "format": file_format,
         "file_size_bytes": path.stat().st_size,
         "family": spec.family,
-        "description": detection.variant.description,
+        "description": found.description,
         "prediction": spec.prediction,
-        "prediction_from": "argument" if prediction else ("yaml" if config_yaml else "family default"),
+        "prediction_from": "argument" if prediction else (
+            "yaml" if config_yaml else ("file metadata" if stated is not None else "family default")),
         "conditioning": spec.conditioning,
         "parameters": parameters,
         "dtypes": dtypes,
+        "parts": parts,
         "ema": {"present": bool(ema_tensors), "tensors": len(ema_tensors),
                 "parameters": sum(t.numel() for t in ema_tensors)},
         "schedule": {
-            "source": "file buffers" if stored is not None else ("yaml" if config_yaml else "family preset"),
+            "source": "file buffers" if stored is not None else (
+                "yaml" if config_yaml else ("file metadata" if stated is not None else "family preset")),
             "kind": schedule.kind if stored is None or stored.config is not None else "custom",
             "timesteps": schedule.timesteps, "linear_start": schedule.linear_start, "linear_end": schedule.linear_end,
         },
@@ -90,7 +87,7 @@ def format_description(description: dict[str, Any]) -> str:
     ]
     for component, count in d["parameters"].items():
         kinds = ", ".join(f"{k} x{n}" for k, n in d["dtypes"][component].items()) or "-"
-        lines.append(f"  {component:<13}{_count(count):>12} parameters   [{kinds}]")
+        lines.append(f"  {component:<15}{_count(count):>12} parameters   [{kinds}]  {d['parts'][component]}")
     ema = d["ema"]
     lines.append(f"EMA weights: {'yes, ' + _count(ema['parameters']) + ' parameters' if ema['present'] else 'no'}")
     s = d["schedule"]

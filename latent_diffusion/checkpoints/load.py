@@ -18,14 +18,11 @@ from typing import Any, Mapping
 
 import torch
 
-from latent_diffusion.checkpoints.detect import (
-    COND_PREFIX, UNET_PREFIX, VAE_PREFIX, Detection, Variant, derive_spec, detect_family, read_features,
-)
 from latent_diffusion.checkpoints.io import CheckpointError, read_state_dict, release_file_pages
-from latent_diffusion.checkpoints.schedule_buffers import (
-    SCHEDULE_BUFFER_NAMES, TrainingSchedule, read_training_schedule,
-)
+from latent_diffusion.checkpoints.schedule_buffers import TrainingSchedule, read_training_schedule
 from latent_diffusion.config import ModelSpec
+from latent_diffusion.families import Family, detect, get_family, read_features, shapes_of
+from latent_diffusion.families.features import UNET_PREFIX
 from latent_diffusion.models.ldm import LatentDiffusion
 
 EMA_PREFIX = "model_ema."
@@ -49,14 +46,19 @@ class LoadedModel:
 
     model: LatentDiffusion
     spec: ModelSpec
+    family: Family
     source: Path | None
-    description: str  # the detected family, in words
     training_schedule: TrainingSchedule | None  # from the file's buffers; None when it has none
     ema: EMAInfo
     dtype: torch.dtype | None  # None: the file's dtypes were kept
     file_dtypes: dict[str, int] = field(default_factory=dict)  # dtype name -> number of tensors
     # Recognised tensors that are not network weights: reason -> keys.
     set_aside: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def description(self) -> str:
+        """The family, in words."""
+        return self.family.description
 
 
 def ema_key(model_key: str) -> str:
@@ -67,27 +69,6 @@ def ema_key(model_key: str) -> str:
 def _list_keys(keys: list[str], limit: int = 10) -> str:
     shown = ", ".join(keys[:limit])
     return f"{shown}, ... ({len(keys)} in all)" if len(keys) > limit else f"{shown} ({len(keys)})"
-
-
-def _reason_to_set_aside(key: str, detection: Detection, model_keys: set[str]) -> str | None:
-    """Why a file key that the model does not own is still expected, or None when it is not."""
-    if key in SCHEDULE_BUFFER_NAMES:
-        return "diffusion schedule buffers"
-    if key == "scale_factor":
-        return "latent scale factor"
-    if key.startswith(EMA_PREFIX):
-        return "EMA weights"
-    if key.startswith("low_scale_model."):
-        return "noise-augmentation schedule of the low-resolution image"
-    if key.endswith("embeddings.position_ids") and key.startswith(COND_PREFIX):
-        return "text encoder position ids (always 0..N-1, recomputed)"
-    if key in (f"{COND_PREFIX}model.logit_scale", f"{COND_PREFIX}model.text_projection"):
-        return "unused CLIP projection"
-    if key.startswith(f"{VAE_PREFIX}loss."):
-        return "autoencoder training loss (discriminator, LPIPS)"
-    if key.startswith(COND_PREFIX) and detection.features.condition_encoder == "first-stage":
-        return "second copy of the first stage (conditioning by the autoencoder)"
-    return None
 
 
 def _apply_ema(state_dict: dict[str, torch.Tensor], unet_keys: list[str]) -> None:
@@ -163,12 +144,30 @@ def _dtype_counts(tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
     return dict(Counter(str(t.dtype).replace("torch.", "") for t in tensors.values()))
 
 
-def _detect_or_describe(state_dict: Mapping[str, torch.Tensor], family: str | None, spec: ModelSpec) -> Detection:
-    """Detection when the configuration is given: an architecture no family matches is fine then."""
-    try:
-        return detect_family(state_dict, family)
-    except CheckpointError:
-        return Detection(Variant(spec.family, "configured by the given YAML", {}), read_features(state_dict))
+def _set_aside(state_dict: Mapping[str, torch.Tensor], model_keys: set[str], spec: ModelSpec,
+               family: Family) -> dict[str, list[str]]:
+    """The file's tensors the model does not own, by the reason they are expected; anything
+    unexpected, and anything the model misses, is an error that names the keys."""
+    features = read_features(state_dict)
+    set_aside: dict[str, list[str]] = {}
+    unexpected = []
+    for key in state_dict:
+        if key in model_keys:
+            continue
+        reason = family.set_aside_reason(key, features)
+        if reason is None:
+            unexpected.append(key)
+        else:
+            set_aside.setdefault(reason, []).append(key)
+    missing = sorted(model_keys - set(state_dict))
+    if missing or unexpected:
+        parts = [f"missing: {_list_keys(missing)}"] if missing else []
+        if unexpected:
+            parts.append(f"unexpected: {_list_keys(sorted(unexpected))}")
+        raise CheckpointError(
+            f"the file does not fit the {spec.family!r} model it looks like ({family.description}); " + "; ".join(parts)
+        )
+    return set_aside
 
 
 def load_state_dict_into_model(
@@ -186,35 +185,11 @@ def load_state_dict_into_model(
     """:func:`load_checkpoint` for a state dict already in memory (``spec`` skips shape derivation)."""
     target_dtype = resolve_dtype(dtype)
     file_dtypes = _dtype_counts(state_dict)
-    if spec is None:
-        detection = detect_family(state_dict, family)
-        spec = derive_spec(state_dict, detection, prediction)
-    else:
-        detection = _detect_or_describe(state_dict, family, spec)
-        if prediction is not None:
-            spec = dataclasses.replace(spec, prediction=prediction)
+    spec, found = resolve_spec(state_dict, family=family, prediction=prediction, spec=spec)
     model = build_on_meta(spec)
     model_keys = set(model.state_dict())
+    set_aside = _set_aside(state_dict, model_keys, spec, found)
 
-    set_aside: dict[str, list[str]] = {}
-    unexpected = []
-    for key in state_dict:
-        if key in model_keys:
-            continue
-        reason = _reason_to_set_aside(key, detection, model_keys)
-        if reason is None:
-            unexpected.append(key)
-        else:
-            set_aside.setdefault(reason, []).append(key)
-    missing = sorted(model_keys - set(state_dict))
-    if missing or unexpected:
-        parts = [f"missing: {_list_keys(missing)}"] if missing else []
-        if unexpected:
-            parts.append(f"unexpected: {_list_keys(sorted(unexpected))}")
-        raise CheckpointError(
-            f"the file does not fit the {spec.family!r} model it looks like ({detection.variant.description}); "
-            + "; ".join(parts)
-        )
 
     ema_tensors = [k for k in state_dict if k.startswith(EMA_PREFIX) and k not in _EMA_BOOKKEEPING]
     decay = state_dict.get("model_ema.decay")
@@ -253,15 +228,39 @@ def load_state_dict_into_model(
     if torch.device(device).type != "cpu":
         model.to(device)
     return LoadedModel(
-        model=model, spec=spec, source=source, description=detection.variant.description,
+        model=model, spec=spec, family=found, source=source,
         training_schedule=training_schedule, ema=ema, dtype=target_dtype, file_dtypes=file_dtypes,
         set_aside=set_aside,
     )
 
 
+def resolve_spec(state_dict: Mapping[str, Any], *, family: str | None = None, prediction: str | None = None,
+                 spec: ModelSpec | None = None) -> tuple[ModelSpec, Family]:
+    """The spec to build and its family: ``spec`` as given (a YAML or our own metadata described the
+    file, so an architecture no preset has is fine), else detected from the keys and shapes."""
+    if spec is None:
+        found = detect(state_dict, family).with_prediction(prediction)
+        return found.derive_spec(shapes_of(state_dict), prediction), found
+    if prediction is not None:
+        spec = dataclasses.replace(spec, prediction=prediction)
+    return spec, get_family(spec.family)
+
+
+def described_spec(state_dict: Mapping[str, Any], *, path: Path | None, family: str | None = None,
+                   config_yaml: str | os.PathLike | Mapping[str, Any] | None = None) -> ModelSpec | None:
+    """The spec a CompVis YAML or the file's own metadata states, or None (then keys tell)."""
+    from latent_diffusion.checkpoints.yaml_config import spec_from_yaml
+
+    if config_yaml is not None:
+        return spec_from_yaml(config_yaml, family=family or _detected_family_or_none(state_dict))
+    if family is None and path is not None:
+        return _spec_from_metadata(path)
+    return None
+
+
 def _detected_family_or_none(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     try:
-        return detect_family(state_dict).family
+        return detect(state_dict).name
     except CheckpointError:
         return None
 
@@ -285,15 +284,9 @@ def load_checkpoint(
     weights into the UNet. ``dtype``: None -> float32; a floating dtype -> that; "keep" -> as stored.
     ``unet_dtype`` overrides it for the UNet (bf16 mode), converted tensor by tensor as it loads.
     """
-    from latent_diffusion.checkpoints.yaml_config import spec_from_yaml
-
     path = Path(path)
     state_dict = read_state_dict(path)
-    spec = None
-    if config_yaml is not None:
-        spec = spec_from_yaml(config_yaml, family=family or _detected_family_or_none(state_dict))
-    elif family is None:
-        spec = _spec_from_metadata(path)
+    spec = described_spec(state_dict, path=path, family=family, config_yaml=config_yaml)
     return load_state_dict_into_model(
         state_dict, source=path, family=family, prediction=prediction, spec=spec,
         use_ema=use_ema, dtype=dtype, device=device, unet_dtype=unet_dtype,

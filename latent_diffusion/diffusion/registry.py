@@ -1,4 +1,9 @@
-"""The samplers under the names users know from A1111 and ComfyUI, with their default step selection."""
+"""The samplers under the names users know from A1111 and ComfyUI, each with its own default step selection.
+
+A sampler and its sigma schedule (:mod:`.schedulers`) are chosen apart. The combined names of older
+A1111 versions ("DPM++ 2M Karras", ``dpmpp_2m_karras``), and any sampler name followed by a
+scheduler name, choose both at once.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,17 +12,22 @@ from typing import Any, Callable, Mapping
 from torch import Tensor
 
 from . import samplers as s
+from .schedulers import SCHEDULERS, ModelKind, SchedulerSpec, get_scheduler, scheduler_sigmas
 from .schedules import FinalSigma, NoiseSchedule, Spacing, make_sigmas
 
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """One entry of the ``--sampler`` list: a sampler function and how it is run by default."""
+    """One entry of the ``--sampler`` list: a sampler function and how it is run by default.
+
+    ``spacing``, ``final`` and ``default_steps`` are the sampler's own schedule, which the
+    "Automatic" scheduler runs.
+    """
 
     name: str  # command-line name, ComfyUI's spelling where it has one
     label: str  # A1111's display name
     function: Callable[..., Tensor]
-    spacing: Spacing = "linspace"  # k-diffusion's default ("normal" in ComfyUI)
+    spacing: Spacing = "linspace"  # k-diffusion's default (A1111's "Uniform")
     final: FinalSigma = "zero"
     default_steps: int = 20
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -30,18 +40,9 @@ _SPECS = (
     SamplerSpec("euler_ancestral", "Euler a", s.sample_euler_ancestral, stochastic=True, aliases=("euler_a",)),
     SamplerSpec("heun", "Heun", s.sample_heun),
     SamplerSpec("lms", "LMS", s.sample_lms),
-    SamplerSpec("lms_karras", "LMS Karras", s.sample_lms, spacing="karras"),
     SamplerSpec("dpmpp_2s_ancestral", "DPM++ 2S a", s.sample_dpmpp_2s_ancestral, stochastic=True),
-    SamplerSpec(
-        "dpmpp_2s_ancestral_karras", "DPM++ 2S a Karras", s.sample_dpmpp_2s_ancestral, spacing="karras",
-        stochastic=True,
-    ),
     SamplerSpec("dpmpp_2m", "DPM++ 2M", s.sample_dpmpp_2m),
-    SamplerSpec("dpmpp_2m_karras", "DPM++ 2M Karras", s.sample_dpmpp_2m, spacing="karras"),
     SamplerSpec("dpmpp_2m_sde", "DPM++ 2M SDE", s.sample_dpmpp_2m_sde, stochastic=True),
-    SamplerSpec(
-        "dpmpp_2m_sde_karras", "DPM++ 2M SDE Karras", s.sample_dpmpp_2m_sde, spacing="karras", stochastic=True
-    ),
     SamplerSpec("uni_pc", "UniPC", s.sample_unipc, aliases=("unipc",)),
     # CompVis' DDIM and PLMS: "uniform" steps, ending at the smallest trained level, 50 steps.
     SamplerSpec(
@@ -61,12 +62,58 @@ def sampler_names() -> list[str]:
     return list(SAMPLERS)
 
 
+def _unknown_sampler(name: str) -> ValueError:
+    return ValueError(f"unknown sampler {name!r}; choose one of {sampler_names()} (a name may end in a "
+                      f"scheduler, as in 'DPM++ 2M Karras' or dpmpp_2m_karras; see `ldm samplers`)")
+
+
+def _split_combined(name: str) -> tuple[SamplerSpec, SchedulerSpec] | None:
+    """(sampler, scheduler) of "<sampler> <scheduler>" or "<sampler>_<scheduler>" in any spelling of each."""
+    key = name.strip().lower()
+    for scheduler in SCHEDULERS.values():
+        for spelling in (scheduler.name, scheduler.label, *scheduler.aliases):
+            for separator in (" ", "_"):
+                suffix = separator + spelling.lower()
+                if key.endswith(suffix) and (sampler := _LOOKUP.get(key[: -len(suffix)])) is not None:
+                    return sampler, scheduler
+    return None
+
+
 def get_sampler(name: str) -> SamplerSpec:
-    """Look a sampler up by its name, A1111 label ("DPM++ 2M Karras") or alias, ignoring case."""
-    try:
-        return _LOOKUP[name.strip().lower()]
-    except KeyError:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {sampler_names()}") from None
+    """Look a sampler up by its name, A1111 label ("DPM++ 2M") or alias, ignoring case.
+
+    A combined name ("DPM++ 2M Karras") is refused here, where its scheduler would be lost; use
+    :func:`resolve_sampler` for those.
+    """
+    spec = _LOOKUP.get(name.strip().lower())
+    if spec is not None:
+        return spec
+    combined = _split_combined(name)
+    if combined is not None:
+        sampler, scheduler = combined
+        raise ValueError(f"{name!r} is the sampler {sampler.label!r} with the scheduler {scheduler.label!r}; "
+                         "name the sampler alone here")
+    raise _unknown_sampler(name)
+
+
+def resolve_sampler(name: str, scheduler: str | SchedulerSpec | None = None) -> tuple[SamplerSpec, SchedulerSpec]:
+    """The sampler and scheduler a user asked for: ``name`` may carry a scheduler ("DPM++ 2M Karras").
+
+    ``scheduler`` None, "" or Automatic leaves the choice to the name (the sampler's own schedule
+    when it carries none); a scheduler that contradicts the one in the name is an error.
+    """
+    chosen = get_scheduler(scheduler)
+    spec = _LOOKUP.get(name.strip().lower())
+    if spec is not None:
+        return spec, chosen
+    combined = _split_combined(name)
+    if combined is None:
+        raise _unknown_sampler(name)
+    spec, carried = combined
+    if not chosen.is_automatic and chosen is not carried:
+        raise ValueError(f"sampler {name!r} already chooses the {carried.label} scheduler, but the scheduler "
+                         f"{chosen.label!r} was asked for; give the sampler as {spec.label!r}")
+    return spec, carried
 
 
 def sigmas_for(
@@ -74,14 +121,20 @@ def sigmas_for(
     schedule: NoiseSchedule,
     num_steps: int | None = None,
     *,
+    scheduler: str | SchedulerSpec | None = None,
     spacing: Spacing | None = None,
     steps_offset: int = 0,
+    model_kind: ModelKind = "sd1",
 ) -> Tensor:
-    """The sigma sequence a sampler runs by default (steps and spacing may be overridden)."""
-    return make_sigmas(
-        schedule,
-        num_steps or spec.default_steps,
-        spacing or spec.spacing,
-        steps_offset=steps_offset,
-        final=spec.final,
-    )
+    """The sigma sequence a sampler runs: its own by default ("Automatic"), or a named scheduler's.
+
+    ``spacing`` and ``steps_offset`` override the sampler's own schedule; ``model_kind`` picks the
+    per-family table of schedulers that have one (Align Your Steps).
+    """
+    chosen = get_scheduler(scheduler)
+    num_steps = num_steps or spec.default_steps
+    if not chosen.is_automatic:
+        if spacing is not None or steps_offset:
+            raise ValueError(f"spacing and steps_offset apply to the sampler's own schedule, not to {chosen.label}")
+        return scheduler_sigmas(chosen, schedule, num_steps, model_kind)
+    return make_sigmas(schedule, num_steps, spacing or spec.spacing, steps_offset=steps_offset, final=spec.final)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .denoiser import Conditioning
-from .registry import SamplerSpec, get_sampler
+from .registry import SamplerSpec, resolve_sampler
 from .samplers import Callback, DenoiserFn, NoiseSource
 from .schedules import img2img_sigmas, scale_to_vp
 
@@ -101,7 +101,8 @@ def sample(
     ``init_latent + sigma * noise`` (diffusers' and CompVis' img2img). A sequence that ends above 0
     (CompVis DDIM) is returned at that level in the network's frame, as the references return it.
     """
-    spec = get_sampler(sampler) if isinstance(sampler, str) else sampler
+    # A name's scheduler part ("DPM++ 2M Karras") chose ``sigmas`` already; the sampler is what runs.
+    spec = resolve_sampler(sampler)[0] if isinstance(sampler, str) else sampler
     if keep_mask is not None and init_latent is None:
         raise ValueError("inpainting (keep_mask) needs init_latent, the latent of the image to keep")
     if init_latent is None:

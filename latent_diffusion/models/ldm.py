@@ -1,7 +1,8 @@
 """The latent diffusion model as its checkpoints store it: three networks under their original names.
 
 A CompVis / Stable Diffusion single file keeps the denoiser under ``model.diffusion_model.``, the
-autoencoder under ``first_stage_model.`` and the condition encoder under ``cond_stage_model.``.
+autoencoder under ``first_stage_model.`` and the condition encoder under ``cond_stage_model.``
+(SDXL: its list of embedders under ``conditioner.``).
 :class:`LatentDiffusion` has exactly that module tree, so its ``state_dict()`` keys are the file's
 network keys and a file loads with ``strict=True``. It holds structure only; the diffusion maths,
 sampling, training and file handling live in their own modules.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from latent_diffusion.config import ModelSpec
+from latent_diffusion.config import GeneralConditionerConfig, ModelSpec
 from latent_diffusion.models.autoencoder import AutoencoderKL, VQModel
 from latent_diffusion.models.text_encoders import build_condition_encoder
 from latent_diffusion.models.unet import UNetModel
@@ -37,8 +38,12 @@ class LatentDiffusion(nn.Module):
         self.spec = spec
         self.model = DiffusionModelSlot(UNetModel(spec.unet))
         self.first_stage_model = build_first_stage(spec)
-        # None for unconditional and image-concatenation models (LDM inpainting re-uses the first stage).
-        self.cond_stage_model = build_condition_encoder(spec.conditioner)
+        encoder = build_condition_encoder(spec.conditioner)
+        if isinstance(spec.conditioner, GeneralConditionerConfig):
+            self.conditioner = encoder
+        else:
+            # None for unconditional and image-concatenation models (LDM inpainting re-uses the first stage).
+            self.cond_stage_model = encoder
 
     @property
     def unet(self) -> UNetModel:
@@ -50,11 +55,12 @@ class LatentDiffusion(nn.Module):
 
     @property
     def condition_encoder(self) -> nn.Module | None:
-        return self.cond_stage_model
+        """``cond_stage_model`` (SD, CompVis) or ``conditioner`` (SDXL), wherever the file keeps it."""
+        return self.conditioner if hasattr(self, "conditioner") else self.cond_stage_model
 
     def component_parameter_counts(self) -> dict[str, int]:
         """Parameters per network: ``unet``, ``vae``, ``cond`` (0 when there is no condition encoder)."""
         def count(module: nn.Module | None) -> int:
             return 0 if module is None else sum(p.numel() for p in module.parameters())
 
-        return {"unet": count(self.unet), "vae": count(self.first_stage_model), "cond": count(self.cond_stage_model)}
+        return {"unet": count(self.unet), "vae": count(self.first_stage_model), "cond": count(self.condition_encoder)}

@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latent_diffusion.config import BERTTextConfig, ClassEmbedderConfig, CLIPTextConfig, ConditionerConfig
+from latent_diffusion.config import (
+    BERTTextConfig, ClassEmbedderConfig, CLIPTextConfig, ConditionerConfig, GeneralConditionerConfig,
+)
 from latent_diffusion.nn.attention import attention
 
 # SD 1 files written by transformers < 4.31 also store this buffer. It is always arange(77), and some
@@ -273,6 +275,9 @@ class CLIPTextEncoder(nn.Module):
             raise ValueError(f"clip_skip must lie in [1, {self.config.layers}], got {clip_skip}")
         return self.config.layers - (clip_skip - 1)
 
+    def _context(self, x: torch.Tensor) -> torch.Tensor:
+        return self._text_model.final_norm(x) if self.config.normalize_context else x
+
     def encode(self, tokens: torch.Tensor, clip_skip: int | None = None) -> TextEncoding:
         """Hidden states (as :meth:`forward`) plus the pooled end-token features of the last layer."""
         body = self._text_model
@@ -282,10 +287,10 @@ class CLIPTextEncoder(nn.Module):
         context = None
         for index, block in enumerate(body.blocks):
             if index == layers_to_run:
-                context = body.final_norm(x)
+                context = self._context(x)
             x = block(x)
         final = body.final_norm(x)
-        context = final if context is None else context
+        context = self._context(x) if context is None else context
         # The end token has the largest id, so argmax finds its first occurrence (CLIP's rule).
         pooled = final[torch.arange(final.shape[0], device=final.device), tokens.argmax(dim=-1)]
         projected = pooled @ body.text_projection if self.config.layout == "openclip" else None
@@ -296,14 +301,15 @@ class CLIPTextEncoder(nn.Module):
 
         ``clip_skip=None`` follows ``config.skip_last_layers`` (0 for SD 1; 1 for SD 2, matching
         ``FrozenOpenCLIPEmbedder(layer="penultimate")``, which also applies ``ln_final``).
-        ``clip_skip=k`` is A1111's "Clip skip" setting: drop the last ``k - 1`` layers.
+        ``clip_skip=k`` is A1111's "Clip skip" setting: drop the last ``k - 1`` layers. Without
+        ``config.normalize_context`` (SDXL) the hidden states come without the final LayerNorm.
         """
         body = self._text_model
         _check_token_ids(tokens, self.config.vocab_size, self.config.context_length, "CLIPTextEncoder")
         x = body.embed(tokens)
         for block in body.blocks[: self._layers_to_run(clip_skip)]:
             x = block(x)
-        return body.final_norm(x)
+        return self._context(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,4 +426,8 @@ def build_condition_encoder(config: ConditionerConfig) -> nn.Module | None:
         return BERTTextEncoder(config)
     if isinstance(config, ClassEmbedderConfig):
         return ClassEmbedder(config)
+    if isinstance(config, GeneralConditionerConfig):
+        from latent_diffusion.models.conditioner import GeneralConditioner
+
+        return GeneralConditioner(config)
     raise ValueError(f"no condition encoder for config type {type(config).__name__}")

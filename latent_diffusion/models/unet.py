@@ -1,4 +1,4 @@
-"""The denoising UNet of Latent Diffusion / Stable Diffusion 1.x-2.x (CompVis ``openaimodel.UNetModel``).
+"""The denoising UNet of Latent Diffusion / Stable Diffusion 1.x, 2.x and XL (``openaimodel.UNetModel``).
 
 The module tree, and so every state-dict key, is the reference's: ``time_embed``, ``label_emb``,
 ``input_blocks.N.M``, ``middle_block``, ``output_blocks.N.M``, ``out`` -- the keys found under
@@ -86,15 +86,21 @@ def _validate(config: UNetConfig) -> None:
     if config.use_spatial_transformer:
         if config.dims != 2:
             raise ConfigError("UNetConfig: the SpatialTransformer works on 2-D feature maps only (dims=2)")
-        if config.transformer_depth < 1:
-            raise ConfigError("UNetConfig: transformer_depth must be at least 1")
+        levels = [level for level in range(len(config.channel_mult)) if 2**level in config.attention_resolutions]
+        if any(config.depth_at(level) < 1 for level in [*levels, None]):
+            raise ConfigError(f"UNetConfig: every level with attention needs transformer_depth >= 1, got "
+                              f"{config.transformer_depth} (middle {config.depth_at(None)})")
     dsa = config.disable_self_attentions
     if dsa is not None and len(dsa) != len(config.channel_mult):
         raise ConfigError(
             f"UNetConfig: disable_self_attentions has {len(dsa)} entries for {len(config.channel_mult)} levels"
         )
-    if config.num_classes is not None and (not isinstance(config.num_classes, int) or config.num_classes < 1):
-        raise ConfigError(f"UNetConfig: num_classes must be a positive int or None, got {config.num_classes!r}")
+    if config.num_classes == "sequential":
+        if not isinstance(config.adm_in_channels, int) or config.adm_in_channels < 1:
+            raise ConfigError(f"UNetConfig: adm_in_channels must be a positive int, got {config.adm_in_channels!r}")
+    elif config.num_classes is not None and (not isinstance(config.num_classes, int) or config.num_classes < 1):
+        raise ConfigError(f"UNetConfig: num_classes must be a positive int, 'sequential' or None, "
+                          f"got {config.num_classes!r}")
 
 
 class UNetModel(nn.Module):
@@ -108,7 +114,11 @@ class UNetModel(nn.Module):
         base = config.model_channels
         self.time_embed_dim = time_dim = 4 * base
         self.time_embed = nn.Sequential(nn.Linear(base, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
-        if config.num_classes is not None:
+        if config.num_classes == "sequential":
+            # SDXL's ADM input: a vector (pooled text + size features) through a two-layer MLP.
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(config.adm_in_channels, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim)))
+        elif config.num_classes is not None:
             self.label_emb = nn.Embedding(config.num_classes, time_dim)
 
         res_blocks = _res_blocks_per_level(config)
@@ -184,7 +194,7 @@ class UNetModel(nn.Module):
         heads, head_dim = transformer_heads(c, channels)
         # The reference builds its transformers without dropout whatever the config says.
         return SpatialTransformer(
-            channels, heads, head_dim, depth=c.transformer_depth, context_dim=c.context_dim,
+            channels, heads, head_dim, depth=c.depth_at(level), context_dim=c.context_dim,
             disable_self_attn=disable_self_attn, use_linear=c.use_linear_in_transformer,
             positions=c.transformer_positions,
         )
@@ -198,14 +208,15 @@ class UNetModel(nn.Module):
     ) -> torch.Tensor:
         """Predict from noisy latents ``x`` [B, C, H, W] at ``timesteps`` [B] (float or int).
 
-        ``context`` [B, L, context_dim] feeds cross-attention; ``y`` [B] holds class ids (or the
-        x4 upscaler's noise level) when the config has ``num_classes``.
+        ``context`` [B, L, context_dim] feeds cross-attention; ``y`` holds class ids [B] (or the
+        x4 upscaler's noise level) when the config has ``num_classes``, the ADM vector
+        [B, adm_in_channels] when it is "sequential" (SDXL).
         """
         timesteps = self._check_inputs(x, timesteps, context, y)
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
         if self.config.num_classes is not None:
-            emb = emb + self.label_emb(y)
+            emb = emb + self.label_emb(y.to(dtype) if y.is_floating_point() else y)
         if context is not None:
             context = context.to(dtype)
         h = x.to(dtype)
@@ -253,6 +264,11 @@ class UNetModel(nn.Module):
         if c.num_classes is None:
             if y is not None:
                 raise ValueError("y (class labels) given, but this UNet is not class-conditional (num_classes=None)")
+        elif c.num_classes == "sequential":
+            if y is None or y.shape != (batch, c.adm_in_channels) or not y.is_floating_point():
+                got = None if y is None else f"{tuple(y.shape)} {y.dtype}"
+                raise ValueError(f"this UNet takes an ADM vector: pass y as floats shaped [{batch}, {c.adm_in_channels}], "
+                                 f"got {got}")
         else:
             if y is None:
                 raise ValueError("this UNet is class-conditional (num_classes set): pass y shaped [B]")

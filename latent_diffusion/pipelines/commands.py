@@ -38,6 +38,61 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda, cuda:1, mps)")
 
 
+def add_sdxl_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("SDXL")
+    group.add_argument("--refiner", default=None, metavar="FILE",
+                       help="a refiner model (.safetensors/.ckpt or diffusers folder) that finishes the image")
+    group.add_argument("--refiner-switch-at", type=float, default=0.8, metavar="FRACTION",
+                       help="where the refiner takes over, as a fraction of the noise schedule in (0, 1) (A1111: 0.8)")
+    group.add_argument("--original-size", type=_size, default=None, metavar="WxH",
+                       help="size conditioning: the size the model should think the image had; default: the image's")
+    group.add_argument("--target-size", type=_size, default=None, metavar="WxH", help="size conditioning; default: the image's")
+    group.add_argument("--crop-top-left", type=_size, default=None, metavar="TOPxLEFT",
+                       help="crop conditioning in pixels; default 0x0 (an uncropped image)")
+    group.add_argument("--aesthetic-score", type=float, default=6.0, help="refiner's score for the prompt (A1111: 6)")
+    group.add_argument("--negative-aesthetic-score", type=float, default=2.5,
+                       help="refiner's score for the negative prompt (A1111: 2.5)")
+
+
+def _size(text: str) -> tuple[int, int]:
+    """"1024x768" -> (1024, 768)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"expected two whole numbers as AxB (e.g. 1024x768), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def _sdxl_kwargs(args: argparse.Namespace, pipe) -> dict[str, Any]:
+    """The refiner and micro-conditioning keywords of txt2img and img2img."""
+    from latent_diffusion.pipelines.refiner import Refiner
+    from latent_diffusion.pipelines.text_conditioning import MicroConditioning
+
+    micro = MicroConditioning(original_size=args.original_size, target_size=args.target_size,
+                              crop_top_left=args.crop_top_left or (0, 0), aesthetic_score=args.aesthetic_score,
+                              negative_aesthetic_score=args.negative_aesthetic_score)
+    refiner = None
+    if args.refiner is not None:
+        from latent_diffusion.pipelines.common import Pipeline
+
+        refiner = Refiner(Pipeline.from_checkpoint(args.refiner, device=args.device, progress=not args.quiet,
+                                                   half=args.half, tiled_vae=args.tiled_vae, lean=args.lean),
+                          args.refiner_switch_at)
+        refiner.check_fits(pipe)
+    return dict(micro_conditioning=None if micro == MicroConditioning() else micro, refiner=refiner)
+
+
+def _check_sdxl_options(args: argparse.Namespace) -> None:
+    """Refiner options that need no model, checked before the slow load."""
+    if getattr(args, "refiner", None) is None:
+        return
+    from pathlib import Path
+
+    if not 0.0 < args.refiner_switch_at < 1.0:
+        raise ValueError(f"--refiner-switch-at must lie strictly between 0 and 1, got {args.refiner_switch_at}")
+    if not Path(args.refiner).exists():
+        raise FileNotFoundError(f"refiner not found: {args.refiner}")
+
+
 def add_sampling_options(parser: argparse.ArgumentParser, *, guidance: float, builtin_guidance: float = 3.0,
                          sampler: str = DEFAULT_SAMPLER) -> None:
     """``guidance``: the default for a checkpoint; ``builtin_guidance``: for the built-in models, which were
@@ -45,6 +100,9 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, guidance: float, bu
     group = parser.add_argument_group("sampling")
     parser.set_defaults(default_guidance=guidance, builtin_guidance=builtin_guidance)
     group.add_argument("--sampler", default=sampler, help="sampler name or A1111 label; see `ldm samplers`")
+    group.add_argument("--scheduler", default=None,
+                       help="sigma schedule (A1111's schedule type: karras, exponential, align_your_steps, ...); "
+                            "default: the sampler's own (Automatic); see `ldm samplers`")
     group.add_argument("--steps", type=int, default=None, help="sampling steps; default: the sampler's (20, or 50 for ddim/plms)")
     group.add_argument("--cfg-scale", "--guidance-scale", dest="guidance_scale", type=float, default=None,
                        help=f"classifier-free guidance scale (1 = no guidance); default: {guidance:g}, "
@@ -144,28 +202,35 @@ def _pipeline(args: argparse.Namespace):
                                     compile_unet=args.compile, bf16=args.bf16)
 
 
-def _guidance(args: argparse.Namespace) -> float:
+def _guidance(args: argparse.Namespace, pipe=None) -> float:
+    """The CFG scale asked for; else the built-in models' (measured best), a released family's own
+    (SD 7.5, SDXL 5), or the command's default for models trained here."""
     if args.guidance_scale is not None:
         return args.guidance_scale
-    return args.builtin_guidance if getattr(args, "checkpoint", None) is None else args.default_guidance
+    if getattr(args, "checkpoint", None) is None:
+        return args.builtin_guidance
+    if pipe is not None and pipe.family.preset is not None:
+        return pipe.family.default_guidance
+    return args.default_guidance
 
 
-def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(sampler=args.sampler, steps=args.steps, guidance_scale=_guidance(args),
+def _sampling_kwargs(args: argparse.Namespace, pipe=None) -> dict[str, Any]:
+    return dict(sampler=args.sampler, scheduler=args.scheduler, steps=args.steps, guidance_scale=_guidance(args, pipe),
                 batch_size=args.batch_size, batch_count=args.batch_count)
 
 
 def _check_common(args: argparse.Namespace) -> None:
     """Checks that need no model, so that bad options fail before a slow load."""
-    from latent_diffusion.diffusion.registry import get_sampler
+    from latent_diffusion.diffusion.registry import resolve_sampler
     from latent_diffusion.pipelines.common import resolve_seed
 
-    get_sampler(args.sampler)
+    resolve_sampler(args.sampler, args.scheduler)
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     for name in ("batch_size", "batch_count"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    _check_sdxl_options(args)
     args.seed = resolve_seed(args.seed)
 
 
@@ -191,10 +256,8 @@ def _take_positional_prompt(args: argparse.Namespace) -> None:
 
 
 def native_image_size(pipe) -> int:
-    """Default image side: the training size of models of our own (the built-in shapes model: 64), else 512."""
-    if pipe.spec.family == "custom":
-        return int(pipe.spec.autoencoder.resolution)
-    return 512
+    """Default image side: the family's (512 for SD 1.x, 1024 for SDXL; a model of ours: its training size)."""
+    return pipe.family.native_image_size(pipe.spec)
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -213,7 +276,7 @@ def cmd_txt2img(args: argparse.Namespace) -> None:
     check_size(args.width, args.height)
     _run_prompts(args, lambda prompt, **kw: pipe.txt2img(
         prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
-        clip_skip=args.clip_skip, **_sampling_kwargs(args), **kw))
+        clip_skip=args.clip_skip, **_sdxl_kwargs(args, pipe), **_sampling_kwargs(args, pipe), **kw))
 
 
 def cmd_img2img(args: argparse.Namespace) -> None:
@@ -229,7 +292,7 @@ def cmd_img2img(args: argparse.Namespace) -> None:
     pipe = _pipeline(args)
     _run_prompts(args, lambda prompt, **kw: pipe.img2img(
         prompt, image, negative_prompt=args.negative_prompt, strength=args.strength, width=args.width,
-        height=args.height, clip_skip=args.clip_skip, **_sampling_kwargs(args), **kw))
+        height=args.height, clip_skip=args.clip_skip, **_sdxl_kwargs(args, pipe), **_sampling_kwargs(args, pipe), **kw))
 
 
 def cmd_inpaint(args: argparse.Namespace) -> None:
@@ -246,7 +309,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     _run_prompts(args, lambda prompt, **kw: pipe.inpaint(
         prompt, image, mask, negative_prompt=args.negative_prompt, mask_blur=args.mask_blur,
         mask_padding=args.mask_padding, keep_unmasked=args.keep_unmasked, strength=args.strength,
-        clip_skip=args.clip_skip, **_sampling_kwargs(args), **kw))
+        clip_skip=args.clip_skip, **_sampling_kwargs(args, pipe), **kw))
 
 
 def cmd_upscale(args: argparse.Namespace) -> None:
@@ -263,7 +326,7 @@ def cmd_upscale(args: argparse.Namespace) -> None:
     _run_prompts(args, lambda prompt, **kw: pipe.upscale(
         image, prompt, negative_prompt=args.negative_prompt, noise_level=args.noise_level,
         tile_size=args.tile_size, tile_overlap=args.tile_overlap, clip_skip=args.clip_skip,
-        **_sampling_kwargs(args), **kw))
+        **_sampling_kwargs(args, pipe), **kw))
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -274,7 +337,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     pipe = _pipeline(args)
     writer = Writer(args.outdir, args.quiet)
     writer.save(pipe.sample(class_ids=args.class_ids, width=args.width, height=args.height, seed=args.seed,
-                            **_sampling_kwargs(args)))
+                            **_sampling_kwargs(args, pipe)))
     if args.grid:
         writer.save_grid()
 
@@ -299,7 +362,7 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
 
         def generate(caption: str):
             return pipe.txt2img(caption, width=args.size, height=args.size, steps=args.steps, sampler=args.sampler,
-                                guidance_scale=_guidance(args), seed=next(counter)).images[0]
+                                scheduler=args.scheduler, guidance_scale=_guidance(args, pipe), seed=next(counter)).images[0]
 
     evaluation = evaluate_generator(generate, prompts=prompts, images_per_prompt=args.images_per_prompt, seed=args.seed)
     if args.json:
@@ -312,7 +375,7 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
 
 
 def apply_png_parameters(args: argparse.Namespace) -> None:
-    """Take prompt, negative prompt, steps, sampler, CFG scale, seed, size and clip skip from a PNG."""
+    """Take prompt, negative prompt, steps, sampler, schedule type, CFG scale, seed, size and clip skip from a PNG."""
     from latent_diffusion.pipelines.png_info import parse_parameters, read_png_parameters
 
     text = read_png_parameters(args.from_png)
@@ -325,6 +388,7 @@ def apply_png_parameters(args: argparse.Namespace) -> None:
             args.width, args.height = (int(v) for v in settings["Size"].split("x"))
         args.steps = int(settings.get("Steps", args.steps or 0)) or None
         args.sampler = settings.get("Sampler", args.sampler)
+        args.scheduler = settings.get("Schedule type", args.scheduler)
         args.guidance_scale = float(settings.get("CFG scale", _guidance(args)))
         args.seed = int(settings.get("Seed", args.seed))
         args.clip_skip = int(settings["Clip skip"]) if "Clip skip" in settings else args.clip_skip
@@ -343,9 +407,10 @@ def add_task_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--height", "-H", type=int, default=None,
                    help="image height in pixels (multiple of 8); default: the model's native size")
     p.add_argument("--from-png", default=None,
-                   help="regenerate a PNG written by ldm/A1111: its prompt, seed, size, sampler, steps, CFG")
+                   help="regenerate a PNG written by ldm/A1111: its prompt, seed, size, sampler, schedule type, steps, CFG")
     add_sampling_options(p, guidance=7.5)
     add_model_options(p)
+    add_sdxl_options(p)
     add_output_options(p, "txt2img")
 
     p = add("img2img", cmd_img2img, "Redraw an image towards a prompt (SDEdit).")
@@ -356,6 +421,7 @@ def add_task_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--height", "-H", type=int, default=None, help="resize the image to this height; default: its own")
     add_sampling_options(p, guidance=7.5)
     add_model_options(p)
+    add_sdxl_options(p)
     add_output_options(p, "img2img")
 
     p = add("inpaint", cmd_inpaint, "Repaint the white part of a mask (inpainting or ordinary models).")

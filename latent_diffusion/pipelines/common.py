@@ -25,18 +25,19 @@ from torch import Tensor
 
 from latent_diffusion.checkpoints.io import CheckpointError, read_state_dict
 from latent_diffusion.checkpoints.load import LoadedModel
-from latent_diffusion.config import BERTTextConfig, ClassEmbedderConfig, CLIPTextConfig
 from latent_diffusion.diffusion.denoiser import Conditioning, Denoiser
 from latent_diffusion.diffusion.guidance import ClassifierFreeGuidance
-from latent_diffusion.diffusion.registry import SamplerSpec, get_sampler, sigmas_for
+from latent_diffusion.diffusion.registry import SamplerSpec, resolve_sampler, sigmas_for
 from latent_diffusion.diffusion.samplers import Step
 from latent_diffusion.diffusion.sampling import BatchNoise, make_generators, sample
+from latent_diffusion.diffusion.schedulers import AUTOMATIC, SchedulerSpec
 from latent_diffusion.diffusion.schedules import NoiseSchedule
 from latent_diffusion.models.autoencoder import AutoencoderKL
 from latent_diffusion.models.vae_tiling import decode_tiled
 from latent_diffusion.pipelines.images import check_size, tensor_to_images
 from latent_diffusion.pipelines.png_info import format_parameters, model_hash
-from latent_diffusion.pipelines.prompts import chunk_prompt, encode_weighted_prompts
+from latent_diffusion.pipelines.refiner import HandOff, RefinerRun
+from latent_diffusion.pipelines.text_conditioning import MicroConditioning, TextConditioner
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # File names the built-in model may ship under, first found wins.
@@ -108,17 +109,19 @@ class SamplingSettings:
     # server's progress and previews); an exception raised there aborts the sampling. Passed per
     # request, never stored on the shared Pipeline.
     step_callback: StepCallback | None = field(default=None, compare=False)
+    # The sigma schedule; Automatic runs the sampler's own.
+    scheduler: SchedulerSpec = AUTOMATIC
 
     @classmethod
     def make(cls, sampler: str, steps: int | None, guidance_scale: float,
-             step_callback: StepCallback | None = None) -> SamplingSettings:
-        spec = get_sampler(sampler)
+             step_callback: StepCallback | None = None, scheduler: str | None = None) -> SamplingSettings:
+        spec, scheduler_spec = resolve_sampler(sampler, scheduler)
         steps = spec.default_steps if steps is None else steps
         if not isinstance(steps, int) or not 1 <= steps <= 1000:
             raise ValueError(f"steps must be a whole number in [1, 1000], got {steps!r}")
         if not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance scale must be a finite number >= 0, got {guidance_scale}")
-        return cls(spec, steps, float(guidance_scale), step_callback)
+        return cls(spec, steps, float(guidance_scale), step_callback, scheduler_spec)
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -165,6 +168,7 @@ class Pipeline:
         self.loaded = loaded
         self.model = loaded.model
         self.spec = loaded.spec
+        self.family = loaded.family
         self.schedule = NoiseSchedule.from_config(self.spec.schedule)
         self.name = name or (loaded.source.stem if loaded.source else self.spec.family)
         self.hash = hash_
@@ -185,7 +189,7 @@ class Pipeline:
             from latent_diffusion.nn.bf16 import BF16Autocast
 
             self.unet_forward = BF16Autocast(self.model.unet)
-        self.tokenizer = self._make_tokenizer()
+        self._text: TextConditioner | None = None
 
     @classmethod
     def from_checkpoint(
@@ -252,70 +256,42 @@ class Pipeline:
 
     @property
     def takes_text(self) -> bool:
-        return isinstance(self.spec.conditioner, (CLIPTextConfig, BERTTextConfig))
+        return self.family.takes_text(self.spec)
 
     @property
     def takes_class(self) -> bool:
-        return isinstance(self.spec.conditioner, ClassEmbedderConfig)
+        return self.family.takes_class(self.spec)
 
     @property
     def concat_channels(self) -> int:
         """Image channels the UNet takes besides the latent (5 for SD inpainting, 3 for upscalers)."""
-        return self.spec.unet.in_channels - self.spec.latent_channels
-
-    def _make_tokenizer(self):
-        from latent_diffusion.models.tokenizer import CLIPTokenizer
-
-        text = self.spec.conditioner
-        if isinstance(text, CLIPTextConfig):
-            return CLIPTokenizer(pad_with_eos=text.pad_with_eos, context_length=text.context_length,
-                                 normalization="transformers" if text.layout == "openai" else "openclip")
-        if isinstance(text, BERTTextConfig):
-            # Models trained here with a BERT-style encoder use the CLIP vocabulary (training/ldm_model.py).
-            return CLIPTokenizer(pad_with_eos=True, context_length=text.max_seq_len)
-        return None
+        return self.family.concat_channels(self.spec)
 
     # ------------------------------------------------------------------ conditioning
+    @property
+    def text(self) -> TextConditioner:
+        """How this model turns prompts into conditioning (built on first use: tokenizers take a moment)."""
+        if not self.takes_text:
+            raise ValueError(f"this model ({self.spec.family}) takes no text prompt")
+        if self._text is None:
+            self._text = self.family.text_conditioner(self.model, self.dtype)
+        return self._text
+
     def encode_prompts(self, prompts: Sequence[str], clip_skip: int | None = None) -> Tensor:
         """Cross-attention context [B, 77 * chunks, width] with A1111 emphasis and long-prompt chunking.
 
         All prompts passed together get the same number of 77-token chunks, so encode a batch's
         prompts and negative prompts in one call.
         """
-        if not self.takes_text:
-            raise ValueError(f"this model ({self.spec.family}) takes no text prompt")
-        encoder = self.model.cond_stage_model
-        tokenizer = self.tokenizer
-        is_clip = isinstance(self.spec.conditioner, CLIPTextConfig)
-        if clip_skip is not None and not is_clip:
-            raise ValueError("clip skip applies to CLIP text encoders only")
+        context = self.text.encode(prompts, clip_skip)
+        return context[0] if isinstance(context, tuple) else context
 
-        if isinstance(self.spec.conditioner, BERTTextConfig) and self.spec.conditioner.max_seq_len < 77:
-            # A text encoder trained here with fewer than 77 positions (the built-in shapes model) sees
-            # the training tokenisation: one window of max_seq_len tokens, no emphasis, no chunks.
-            with torch.no_grad():
-                return encoder(tokenizer(list(prompts)).to(self.device)).to(self.dtype)
-
-        def chunker(prompt: str):
-            return chunk_prompt(
-                prompt, tokenizer.encode, start_token=tokenizer.start_id, end_token=tokenizer.end_id,
-                pad_token=tokenizer.pad_id, comma_token=tokenizer.token_to_id.get(",</w>"),
-            )
-
-        def encode_tokens(tokens: Tensor) -> Tensor:
-            tokens = tokens.to(self.device)
-            return encoder(tokens, clip_skip=clip_skip) if is_clip else encoder(tokens)
-
-        with torch.no_grad():
-            return encode_weighted_prompts(list(prompts), chunker, encode_tokens).to(self.dtype)
-
-    def text_conditioning(self, prompt: str, negative_prompt: str, batch_size: int,
-                          clip_skip: int | None) -> tuple[Conditioning, Conditioning]:
-        """(cond, uncond) contexts for a batch of one prompt; an empty negative prompt encodes ``""`` (A1111)."""
-        both = self.encode_prompts([prompt, negative_prompt], clip_skip)
-        cond, uncond = both[:1], both[1:]
-        return (Conditioning(context=cond.expand(batch_size, -1, -1)),
-                Conditioning(context=uncond.expand(batch_size, -1, -1)))
+    def text_conditioning(self, prompt: str, negative_prompt: str, batch_size: int, clip_skip: int | None, *,
+                          width: int, height: int,
+                          micro: MicroConditioning | None = None) -> tuple[Conditioning, Conditioning]:
+        """(cond, uncond) for a batch of one prompt at an image size (SDXL conditions on the size)."""
+        return self.text.encode_pair(prompt, negative_prompt, batch_size, clip_skip=clip_skip, width=width,
+                                     height=height, micro=micro or MicroConditioning())
 
     # ------------------------------------------------------------------ latents <-> images
     def encode_images(self, pixels: Tensor, generators: Sequence[torch.Generator] | None) -> Tensor:
@@ -369,12 +345,18 @@ class Pipeline:
         strength: float = 1.0,
         keep_mask: Tensor | None = None,
         description: str = "sampling",
+        refine: RefinerRun | None = None,
     ) -> Tensor:
-        """Run the sampler under classifier-free guidance (skipped when ``uncond`` is None or scale 1)."""
-        denoiser = Denoiser(self.unet_forward, self.schedule, self.spec.prediction)
-        if uncond is not None and settings.guidance_scale != 1.0:
-            denoiser = ClassifierFreeGuidance(denoiser, uncond, settings.guidance_scale)
-        sigmas = sigmas_for(settings.sampler, self.schedule, settings.steps)
+        """Run the sampler under classifier-free guidance (skipped when ``uncond`` is None or scale 1);
+        ``refine`` hands the last part of the schedule to a refiner model."""
+        denoiser = self.guided_denoiser(uncond, settings.guidance_scale)
+        if refine is not None:
+            refiner = refine.refiner
+            refiner.check_fits(self)
+            denoiser = HandOff(denoiser, refiner.pipe.guided_denoiser(refine.uncond, settings.guidance_scale),
+                               refine.cond, self.schedule, refiner.switch_at)
+        sigmas = sigmas_for(settings.sampler, self.schedule, settings.steps, scheduler=settings.scheduler,
+                            model_kind=self.family.align_your_steps_table)
         total = len(sigmas) - 1 if init_latent is None else max(int((len(sigmas) - 1) * strength), 0)
 
         def on_step(step: Step) -> None:
@@ -393,6 +375,13 @@ class Pipeline:
                 "sampling produced NaN/inf latents" + (" (try without --half)" if self.dtype != torch.float32 else "")
             )
         return latents
+
+    def guided_denoiser(self, uncond: Conditioning | None, guidance_scale: float):
+        """The model as a denoiser ``D(x, sigma, cond)``, under classifier-free guidance when it applies."""
+        denoiser = Denoiser(self.unet_forward, self.schedule, self.spec.prediction)
+        if uncond is not None and guidance_scale != 1.0:
+            denoiser = ClassifierFreeGuidance(denoiser, uncond, guidance_scale)
+        return denoiser
 
     def run_batches(self, seed: int | None, batch_size: int, batch_count: int,
                     run_batch: Callable[[int, list[torch.Generator]], GenerationResult]) -> GenerationResult:
@@ -417,7 +406,9 @@ class Pipeline:
                         width: int, height: int, extra: dict[str, Any] | None = None) -> str:
         """The A1111 ``parameters`` text for one image."""
         values: dict[str, Any] = {
-            "Steps": settings.steps, "Sampler": settings.sampler.label, "CFG scale": _number(settings.guidance_scale),
+            "Steps": settings.steps, "Sampler": settings.sampler.label,
+            "Schedule type": None if settings.scheduler.is_automatic else settings.scheduler.label,
+            "CFG scale": _number(settings.guidance_scale),
             "Seed": seed, "Size": f"{width}x{height}", "Model hash": self.hash, "Model": self.name,
         }
         values.update(extra or {})
@@ -457,8 +448,8 @@ def _make_pipeline_lean(model: torch.nn.Module) -> None:
 
     make_lean(model.unet)
     make_lean(model.first_stage_model)
-    if model.cond_stage_model is not None:
-        model.cond_stage_model.float()
+    if model.condition_encoder is not None:
+        model.condition_encoder.float()
 
 
 def _decode_fp32(vae: torch.nn.Module, z: Tensor) -> Tensor:

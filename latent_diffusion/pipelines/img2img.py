@@ -6,6 +6,8 @@ from PIL import Image
 
 from latent_diffusion.diffusion.sampling import BatchNoise
 from latent_diffusion.pipelines.common import GenerationResult, Pipeline, SamplingSettings, StepCallback
+from latent_diffusion.pipelines.refiner import Refiner, prepare_refiner
+from latent_diffusion.pipelines.text_conditioning import MicroConditioning
 from latent_diffusion.pipelines.images import check_size, image_to_tensor, to_rgb
 from latent_diffusion.pipelines.txt2img import check_text_model
 
@@ -47,29 +49,42 @@ def img2img(
     height: int | None = None,
     steps: int | None = None,
     sampler: str = "euler_a",
+    scheduler: str | None = None,
     guidance_scale: float = 7.5,
     seed: int | None = None,
     batch_size: int = 1,
     batch_count: int = 1,
     clip_skip: int | None = None,
     step_callback: StepCallback | None = None,
+    micro_conditioning: MicroConditioning | None = None,
+    refiner: Refiner | None = None,
 ) -> GenerationResult:
-    """Redraw ``image`` towards ``prompt``; ``strength`` 1 ignores the image, small values keep it."""
+    """Redraw ``image`` towards ``prompt``; ``strength`` 1 ignores the image, small values keep it.
+
+    ``refiner`` takes the latents over for the last part of the schedule (as in txt2img).
+    """
     check_text_model(pipe, "img2img")
-    settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback)
+    settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback, scheduler)
     strength = check_strength(strength)
     image = prepare_image(image, width, height, max(8, pipe.latent_factor))
     pixels = image_to_tensor(image)
-    extra = {"Denoising strength": _number(strength), "Clip skip": clip_skip}
+    if refiner is not None:
+        refiner.check_fits(pipe)
+    extra = {"Denoising strength": _number(strength), "Clip skip": clip_skip,
+             **(refiner.parameters() if refiner else {}),
+             **(micro_conditioning.parameters() if micro_conditioning else {})}
 
     def run_batch(first_seed: int, generators: list[torch.Generator]) -> GenerationResult:
         batch = len(generators)
-        cond, uncond = pipe.text_conditioning(prompt, negative_prompt, batch, clip_skip)
+        cond, uncond = pipe.text_conditioning(prompt, negative_prompt, batch, clip_skip, width=image.width, height=image.height,
+                                               micro=micro_conditioning)
         init_latent = pipe.encode_images(pixels.expand(batch, -1, -1, -1), generators)
+        refine = prepare_refiner(refiner, prompt, negative_prompt, batch, width=image.width,
+                                 height=image.height, micro=micro_conditioning)
         latents = pipe.sample_latents(settings, BatchNoise(generators), cond, uncond, init_latent=init_latent,
-                                      strength=strength)
+                                      strength=strength, refine=refine)
         result = GenerationResult()
-        result.images = pipe.to_images(latents, result.warnings)
+        result.images = (refiner.pipe if refiner else pipe).to_images(latents, result.warnings)
         result.seeds = [first_seed + i for i in range(batch)]
         result.parameters = [pipe.parameters_text(prompt, negative_prompt, settings, s, image.width, image.height,
                                                   extra) for s in result.seeds]

@@ -8,6 +8,8 @@ mask, so the kept region is pixel-exact, as A1111 does with its inpainting overl
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
@@ -15,6 +17,7 @@ from PIL import Image, ImageFilter
 from latent_diffusion.diffusion.denoiser import Conditioning
 from latent_diffusion.diffusion.sampling import BatchNoise
 from latent_diffusion.pipelines.common import GenerationResult, Pipeline, SamplingSettings, StepCallback
+from latent_diffusion.pipelines.text_conditioning import MicroConditioning
 from latent_diffusion.pipelines.images import image_to_tensor, mask_to_tensor, tensor_to_images
 from latent_diffusion.pipelines.img2img import check_strength, prepare_image
 
@@ -49,12 +52,14 @@ def inpaint(
     strength: float = 1.0,
     steps: int | None = None,
     sampler: str = "euler_a",
+    scheduler: str | None = None,
     guidance_scale: float = 7.5,
     seed: int | None = None,
     batch_size: int = 1,
     batch_count: int = 1,
     clip_skip: int | None = None,
     step_callback: StepCallback | None = None,
+    micro_conditioning: MicroConditioning | None = None,
 ) -> GenerationResult:
     """Repaint the masked part of ``image`` (mask and image must have the same size)."""
     if not pipe.takes_text:
@@ -63,7 +68,7 @@ def inpaint(
     if pipe.concat_channels and not dedicated:
         raise ValueError(f"a {pipe.spec.family!r} model cannot inpaint (its UNet takes {pipe.concat_channels} "
                          f"image channels, an inpainting model takes {pipe.spec.latent_channels + 1})")
-    settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback)
+    settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback, scheduler)
     strength = check_strength(strength)
     image = prepare_image(image, None, None, max(8, pipe.latent_factor))
     soft_mask = prepare_mask(mask, image.size, blur=mask_blur, padding=mask_padding)
@@ -76,14 +81,15 @@ def inpaint(
 
     def run_batch(first_seed: int, generators: list[torch.Generator]) -> GenerationResult:
         batch = len(generators)
-        cond, uncond = pipe.text_conditioning(prompt, negative_prompt, batch, clip_skip)
+        cond, uncond = pipe.text_conditioning(prompt, negative_prompt, batch, clip_skip, width=image.width, height=image.height,
+                                               micro=micro_conditioning)
         shape = (batch, pipe.spec.latent_channels, *latent_size)
         if dedicated:
             # The model was trained on a binary mask and the image with the hole set to 0 (grey).
             hard = (soft_mask >= 0.5).to(pixels.dtype)
             masked = pipe.encode_images((pixels * (1 - hard)).expand(batch, -1, -1, -1), generators)
             concat = torch.cat([F.interpolate(hard, size=latent_size).to(masked).expand(batch, -1, -1, -1), masked], 1)
-            cond = Conditioning(context=cond.context, concat=concat)
+            cond = dataclasses.replace(cond, concat=concat)
             init = pipe.encode_images(pixels.expand(batch, -1, -1, -1), generators) if strength < 1 else None
             latents = pipe.sample_latents(settings, BatchNoise(generators), cond, uncond, shape=shape,
                                           init_latent=init, strength=strength)

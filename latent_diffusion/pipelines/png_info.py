@@ -4,7 +4,7 @@ The format other tools read (A1111, ComfyUI importers, civitai, image browsers):
 
     a red circle
     Negative prompt: blurry
-    Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 42, Size: 64x64, Model hash: 0123456789, Model: shapes
+    Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 42, Size: 64x64, Model hash: 0123456789, Model: shapes
 
 The prompt may span several lines; values containing commas or quotes are written JSON-quoted.
 """

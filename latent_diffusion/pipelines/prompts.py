@@ -169,20 +169,27 @@ def apply_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 def encode_weighted_prompts(
     prompts: Sequence[str],
     chunker: Callable[[str], list[TokenChunk]],
-    encode_tokens: Callable[[torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
-    """Encode prompts into [B, 77 * n_chunks, width]; shorter prompts are padded with empty chunks."""
+    encode_tokens: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Encode prompts into [B, 77 * n_chunks, width]; shorter prompts are padded with empty chunks.
+
+    ``encode_tokens`` returns the hidden states of a window and, for encoders that have one, a
+    pooled output; the pooled output of each prompt's first window comes back with the hidden
+    states, unweighted (A1111).
+    """
     per_prompt = [chunker(prompt) for prompt in prompts]
     n_chunks = max(len(chunks) for chunks in per_prompt)
     empty = chunker("")[0]
     for chunks in per_prompt:
         chunks.extend([empty] * (n_chunks - len(chunks)))
-    pieces = []
+    pieces, first_pooled = [], None
     for index in range(n_chunks):
         tokens = torch.tensor([chunks[index].tokens for chunks in per_prompt], dtype=torch.long)
         weights = torch.tensor([chunks[index].weights for chunks in per_prompt], dtype=torch.float32)
-        hidden = encode_tokens(tokens)
+        hidden, pooled = encode_tokens(tokens)
+        if index == 0:
+            first_pooled = pooled
         if not torch.all(weights == 1.0):
             hidden = torch.stack([apply_weights(h, w) for h, w in zip(hidden, weights)])
         pieces.append(hidden)
-    return torch.cat(pieces, dim=1)
+    return torch.cat(pieces, dim=1), first_pooled

@@ -28,7 +28,7 @@ def class_count(pipe: Pipeline) -> int | None:
 def _class_conditioning(pipe: Pipeline, ids: torch.Tensor) -> Conditioning:
     if pipe.takes_class:
         with torch.no_grad():
-            return Conditioning(context=pipe.model.cond_stage_model(ids.to(pipe.device)).to(pipe.dtype))
+            return Conditioning(context=pipe.model.condition_encoder(ids.to(pipe.device)).to(pipe.dtype))
     return Conditioning(y=ids.to(pipe.device))
 
 
@@ -40,6 +40,7 @@ def sample_classes(
     height: int = 256,
     steps: int | None = None,
     sampler: str = "euler_a",
+    scheduler: str | None = None,
     guidance_scale: float = 1.0,
     seed: int | None = None,
     batch_size: int = 1,
@@ -50,7 +51,7 @@ def sample_classes(
     if pipe.takes_text or pipe.concat_channels:
         raise ValueError(f"`sample` is for class-conditional and unconditional models; this is a "
                          f"{pipe.spec.family!r} model (use txt2img, inpaint or upscale)")
-    settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback)
+    settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback, scheduler)
     pipe.latent_shape(1, width, height)
     n_classes = class_count(pipe)
     ids = list(class_ids or [])

@@ -5,10 +5,15 @@ import torch
 
 from latent_diffusion.diffusion.sampling import BatchNoise
 from latent_diffusion.pipelines.common import GenerationResult, Pipeline, SamplingSettings, StepCallback
+from latent_diffusion.pipelines.refiner import Refiner, prepare_refiner
+from latent_diffusion.pipelines.text_conditioning import MicroConditioning
 
 
 def check_text_model(pipe: Pipeline, task: str) -> None:
     """Refuse tasks that need a text-conditioned model with plain latent input (not inpainting/upscaler UNets)."""
+    if task == "txt2img" and pipe.family.finishes_only:
+        raise ValueError(f"{pipe.name!r} is a {pipe.spec.family!r} model ({pipe.family.description}); it cannot start "
+                         "from noise: pass it as the refiner of a base model (--refiner), or use img2img")
     if pipe.concat_channels:
         raise ValueError(f"{task} cannot run a {pipe.spec.family!r} model, whose UNet also takes an image "
                          f"({pipe.concat_channels} extra channels); use inpaint or upscale")
@@ -25,26 +30,38 @@ def txt2img(
     height: int = 512,
     steps: int | None = None,
     sampler: str = "euler_a",
+    scheduler: str | None = None,
     guidance_scale: float = 7.5,
     seed: int | None = None,
     batch_size: int = 1,
     batch_count: int = 1,
     clip_skip: int | None = None,
     step_callback: StepCallback | None = None,
+    micro_conditioning: MicroConditioning | None = None,
+    refiner: Refiner | None = None,
 ) -> GenerationResult:
-    """Generate ``batch_size * batch_count`` images of ``prompt``; image k has seed ``seed + k``."""
+    """Generate ``batch_size * batch_count`` images of ``prompt``; image k has seed ``seed + k``.
+
+    ``refiner`` (e.g. SDXL's) takes the latents over for the last part of the schedule.
+    """
     check_text_model(pipe, "txt2img")
-    settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback)
+    settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback, scheduler)
     pipe.latent_shape(1, width, height)  # validates the size before any work
-    extra = {"Clip skip": clip_skip}
+    if refiner is not None:
+        refiner.check_fits(pipe)
+    extra = {"Clip skip": clip_skip, **(refiner.parameters() if refiner else {}),
+             **(micro_conditioning.parameters() if micro_conditioning else {})}
 
     def run_batch(first_seed: int, generators: list[torch.Generator]) -> GenerationResult:
         batch = len(generators)
-        cond, uncond = pipe.text_conditioning(prompt, negative_prompt, batch, clip_skip)
+        cond, uncond = pipe.text_conditioning(prompt, negative_prompt, batch, clip_skip, width=width, height=height,
+                                               micro=micro_conditioning)
+        refine = prepare_refiner(refiner, prompt, negative_prompt, batch, width=width, height=height,
+                                 micro=micro_conditioning)
         latents = pipe.sample_latents(settings, BatchNoise(generators), cond, uncond,
-                                      shape=pipe.latent_shape(batch, width, height))
+                                      shape=pipe.latent_shape(batch, width, height), refine=refine)
         result = GenerationResult()
-        result.images = pipe.to_images(latents, result.warnings)
+        result.images = (refiner.pipe if refiner else pipe).to_images(latents, result.warnings)
         result.seeds = [first_seed + i for i in range(batch)]
         result.parameters = [pipe.parameters_text(prompt, negative_prompt, settings, s, width, height, extra)
                              for s in result.seeds]

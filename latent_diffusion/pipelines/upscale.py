@@ -20,7 +20,7 @@ from latent_diffusion.pipelines.images import image_to_tensor, tensor_to_images,
 
 
 def is_upscaler(pipe: Pipeline) -> bool:
-    return pipe.concat_channels == 3 and (pipe.spec.noise_augmentation is not None or not pipe.takes_text)
+    return pipe.family.is_upscaler(pipe.spec)
 
 
 def augment(pixels: Tensor, noise_level: int, pipe: Pipeline, generators) -> Tensor:
@@ -62,6 +62,7 @@ def upscale(
     noise_level: int = 20,
     steps: int | None = None,
     sampler: str = "euler_a",
+    scheduler: str | None = None,
     guidance_scale: float = 7.5,
     seed: int | None = None,
     batch_size: int = 1,
@@ -77,7 +78,7 @@ def upscale(
                          f"{pipe.spec.family!r} model")
     if image is None or not isinstance(image, Image.Image):
         raise ValueError("upscale needs an input image")
-    settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback)
+    settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback, scheduler)
     text = pipe.takes_text
     augmented = pipe.spec.noise_augmentation is not None
     if augmented and not 0 <= noise_level <= (pipe.spec.max_noise_level or 350):
@@ -115,7 +116,8 @@ def upscale(
     def run_batch(first_seed: int, generators: list[torch.Generator]) -> GenerationResult:
         batch = len(generators)
         if text:
-            cond, uncond = pipe.text_conditioning(prompt, negative_prompt, batch, clip_skip)
+            cond, uncond = pipe.text_conditioning(prompt, negative_prompt, batch, clip_skip,
+                                                  width=width * f, height=height * f)
         else:
             cond, uncond = Conditioning(), None
         tile = tile_size or max(width, height)

@@ -16,7 +16,7 @@ from typing import Any
 
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from latent_diffusion.diffusion.registry import get_sampler
+from latent_diffusion.diffusion.registry import resolve_sampler
 from latent_diffusion.diffusion.samplers import Step
 from latent_diffusion.pipelines.common import GenerationResult, Pipeline, resolve_seed
 from latent_diffusion.pipelines.png_info import PARAMETERS_KEY, parse_parameters
@@ -105,13 +105,14 @@ def png_info(image: Image.Image) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- checks
-def sampler_label(request: GenerationRequest) -> str:
-    """The A1111 label of the requested sampler (400 for an unknown one)."""
+def sampler_and_scheduler(request: GenerationRequest) -> tuple[str, str]:
+    """A1111 labels of the requested sampler and scheduler (400 for an unknown or contradictory one)."""
     name = request.sampler_name or request.sampler_index or DEFAULT_SAMPLER
     try:
-        return get_sampler(name).label
+        sampler, scheduler = resolve_sampler(name, request.scheduler)
     except ValueError as error:
         raise BadRequest(str(error)) from None
+    return sampler.label, scheduler.label
 
 
 def check_generation(request: GenerationRequest, limits: ServerLimits) -> None:
@@ -127,7 +128,7 @@ def check_generation(request: GenerationRequest, limits: ServerLimits) -> None:
     if request.batch_size * request.n_iter > limits.max_images:
         raise BadRequest(f"batch_size * n_iter = {request.batch_size * request.n_iter} images exceeds this "
                          f"server's limit of {limits.max_images} per request")
-    sampler_label(request)
+    sampler_and_scheduler(request)
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -177,7 +178,8 @@ def run_batches(job: Job, pipe: Pipeline, request: GenerationRequest, preview_ev
 
 def common_options(request: GenerationRequest) -> dict[str, Any]:
     """Pipeline keyword arguments that txt2img, img2img and inpaint share."""
-    return dict(negative_prompt=request.negative_prompt, steps=request.steps, sampler=sampler_label(request),
+    sampler, scheduler = sampler_and_scheduler(request)
+    return dict(negative_prompt=request.negative_prompt, steps=request.steps, sampler=sampler, scheduler=scheduler,
                 guidance_scale=request.cfg_scale, batch_size=request.batch_size)
 
 
@@ -288,12 +290,13 @@ def info_json(request: GenerationRequest, result: GenerationResult, seed: int, p
               interrupted: bool, extra: dict[str, Any] | None = None) -> str:
     """A1111's ``info`` string (a JSON text) describing the images of one request."""
     count = len(result.images)
+    sampler, scheduler = sampler_and_scheduler(request)
     info = {
         "prompt": request.prompt, "all_prompts": [request.prompt] * count,
         "negative_prompt": request.negative_prompt, "all_negative_prompts": [request.negative_prompt] * count,
         "seed": seed, "all_seeds": result.seeds, "subseed": -1, "all_subseeds": [-1] * count,
         "subseed_strength": 0, "width": request.width, "height": request.height,
-        "sampler_name": sampler_label(request), "cfg_scale": request.cfg_scale, "steps": request.steps,
+        "sampler_name": sampler, "scheduler": scheduler, "cfg_scale": request.cfg_scale, "steps": request.steps,
         "batch_size": request.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": pipe.name, "sd_model_hash": pipe.hash, "seed_resize_from_w": -1,
         "seed_resize_from_h": -1, "denoising_strength": getattr(request, "denoising_strength", None),

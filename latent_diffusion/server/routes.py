@@ -14,12 +14,14 @@ from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from latent_diffusion.diffusion.registry import SAMPLERS
+from latent_diffusion.diffusion.schedulers import SCHEDULERS
 from latent_diffusion.server import generate as gen
 from latent_diffusion.server.docs import docs_page
 from latent_diffusion.server.jobs import Job
 from latent_diffusion.server.schemas import (
     ExtrasSingleImageRequest, ExtrasSingleImageResponse, ImageResponse, Img2ImgRequest, Options, PNGInfoRequest,
-    PNGInfoResponse, ProgressResponse, ProgressState, SamplerItem, SDModelItem, Txt2ImgRequest, UpscalerItem,
+    PNGInfoResponse, ProgressResponse, ProgressState, SamplerItem, SchedulerItem, SDModelItem, Txt2ImgRequest,
+    UpscalerItem,
 )
 
 if TYPE_CHECKING:
@@ -42,11 +44,16 @@ def add_page_routes(app: FastAPI, state: ServerState) -> None:
 
 
 def add_model_routes(app: FastAPI, state: ServerState) -> None:
-    """Samplers, checkpoints and options (switching the model goes through the job worker)."""
+    """Samplers, schedulers, checkpoints and options (switching the model goes through the job worker)."""
 
     @app.get("/sdapi/v1/samplers", response_model=list[SamplerItem])
     async def samplers():
         return [SamplerItem(name=s.label, aliases=[s.name, *s.aliases], options={}) for s in SAMPLERS.values()]
+
+    @app.get("/sdapi/v1/schedulers", response_model=list[SchedulerItem])
+    async def schedulers():
+        return [SchedulerItem(name=s.name, label=s.label, aliases=list(s.aliases) or None, default_rho=s.default_rho,
+                              need_inner_model=s.need_inner_model) for s in SCHEDULERS.values()]
 
     @app.get("/sdapi/v1/sd-models", response_model=list[SDModelItem])
     async def sd_models():

@@ -31,7 +31,8 @@ class GenerationRequest(_Lenient):
     subseed_strength: float = 0.0
     sampler_name: Optional[str] = Field(None, max_length=100, description="A1111 label ('Euler a') or our name")
     sampler_index: Optional[str] = Field(None, max_length=100, description="old A1111 spelling of sampler_name")
-    scheduler: Optional[str] = None
+    scheduler: Optional[str] = Field(None, max_length=100,
+                                     description="A1111 schedule type ('Karras') or our name; default: Automatic")
     batch_size: int = Field(1, ge=1, le=64)
     n_iter: int = Field(1, ge=1, le=64)
     steps: int = Field(20, ge=1, le=1000)
@@ -116,6 +117,16 @@ class SamplerItem(BaseModel):
     name: str
     aliases: list[str]
     options: dict[str, Any]
+
+
+class SchedulerItem(BaseModel):
+    """``GET /sdapi/v1/schedulers``, in A1111's shape (``default_rho`` -1: the schedule has no rho)."""
+
+    name: str
+    label: str
+    aliases: Optional[list[str]] = None
+    default_rho: Optional[float] = None
+    need_inner_model: Optional[bool] = None
 
 
 class SDModelItem(BaseModel):

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from latent_diffusion.config import ConfigError
 from latent_diffusion.models.autoencoder import AutoencoderKL, VQModel
-from latent_diffusion.training import checkpointing
+from latent_diffusion.training import checkpointing, resume
 from latent_diffusion.training.config import ExperimentConfig, to_plain, validate_experiment
 from latent_diffusion.training.data import ImageFolderDataset, ShardedBatches, make_loader, scan_image_folder, split_validation
 from latent_diffusion.training.distributed import DistributedContext, all_reduce_mean, setup_distributed, teardown_distributed
@@ -109,152 +109,190 @@ def train_autoencoder(config: ExperimentConfig) -> Path:
     validate_experiment(config)
     context = setup_distributed(config.run.device)
     try:
-        return _train(config, context)
+        trainer = AutoencoderTrainer(config, context)
+        for step in range(trainer.start_step, config.run.max_steps):
+            trainer.train_step(step)
+        return trainer.finish()
     finally:
         teardown_distributed()
 
 
-def _train(config: ExperimentConfig, context: DistributedContext) -> Path:
-    run, optim, loss_cfg = config.run, config.optim, config.loss
-    device = context.device
-    out_dir = Path(run.out_dir)
-    records, _classes = scan_image_folder(config.data)
-    train_records, val_records = split_validation(records, config.data, run.seed)
+class AutoencoderTrainer:
+    """One stage-1 run: autoencoder, discriminator, their optimisers, EMA and data position."""
 
-    torch.manual_seed(run.seed)  # identical initial weights on every rank
-    model = build_autoencoder(config).to(device)
-    if loss_cfg.logvar_init is not None and isinstance(model, AutoencoderKL):
-        _init_logvar(model, loss_cfg.logvar_init)
-    discriminator = PatchDiscriminator(config.autoencoder.out_ch, loss_cfg.disc_channels, loss_cfg.disc_layers).to(device)
-    if context.enabled and device.type == "cuda":
-        # Batch statistics over the global batch, as one process would see them. SyncBatchNorm has no
-        # CPU kernel, so under gloo each rank normalises its own share (as CompVis' multi-GPU runs did).
-        # Converted before the optimiser and any resumed state see the parameters; the keys stay the same.
-        discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
-    perceptual = build_perceptual_loss(loss_cfg.lpips_weights, loss_cfg.vgg_weights).to(device)
-    if optim.gradient_checkpointing:
-        enable_gradient_checkpointing([*model.encoder.down, model.encoder.mid, model.decoder.mid, *model.decoder.up])
-    opt_g = adamw(model.parameters(), optim)
-    opt_d = adamw(discriminator.parameters(), optim, lr=loss_cfg.disc_lr or optim.lr)
-    ema = EMA(model, optim.ema_decay) if optim.ema_decay > 0 else None
-    inception = InceptionFeatures(run.inception_weights, device) if run.inception_weights else None
-
-    start_step = 0
-    state = checkpointing.load_latest_training_state(out_dir) if run.resume else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        discriminator.load_state_dict(state["discriminator"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        checkpointing.restore_rng_states(state["rng"])
-        start_step = int(state["step"])
+    def __init__(self, config: ExperimentConfig, context: DistributedContext) -> None:
+        self.config, self.context = config, context
+        self.run, self.optim, self.loss_cfg = config.run, config.optim, config.loss
+        self.device = context.device
+        self.out_dir = Path(self.run.out_dir)
+        records, _classes = scan_image_folder(config.data)
+        self.train_records, self.val_records = split_validation(records, config.data, self.run.seed)
+        torch.manual_seed(self.run.seed)  # identical initial weights on every rank
+        self._build_networks()
+        self.opt_g = adamw(self.model.parameters(), self.optim)
+        self.opt_d = adamw(self.discriminator.parameters(), self.optim, lr=self.loss_cfg.disc_lr or self.optim.lr)
+        self.ema = EMA(self.model, self.optim.ema_decay) if self.optim.ema_decay > 0 else None
+        self.inception = InceptionFeatures(self.run.inception_weights, self.device) if self.run.inception_weights else None
+        self.start_step, rng = self._resume()
+        self.generator = DistributedDataParallel(self.model) if context.enabled else self.model
+        self.disc_ddp = DistributedDataParallel(self.discriminator) if context.enabled else self.discriminator
+        self.sampler = ShardedBatches(len(self.train_records), self.run.batch_size, grad_accum=self.optim.grad_accum,
+                                      rank=context.rank, world_size=context.world_size, seed=self.run.seed,
+                                      start_step=self.start_step)
+        dataset = ImageFolderDataset(self.train_records, config.data, self.run.seed)
+        self.loader = iter(make_loader(dataset, self.sampler, config.data.num_workers))
+        self.logger = MetricsLogger(self.out_dir, context.is_main)
+        self.progress = Progress(self.run.progress and context.is_main, self.start_step, self.run.max_steps)
         if context.is_main:
-            log.info("resumed from step %d", start_step)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(to_plain(config), indent=2))
+        self.last_layer = self.model.get_last_layer()
+        if rng is not None:
+            # Last: opening the data loader draws from the global generator, which dropout then uses.
+            checkpointing.restore_rng_states(rng)
 
-    generator = DistributedDataParallel(model) if context.enabled else model
-    disc_ddp = DistributedDataParallel(discriminator) if context.enabled else discriminator
-    sampler = ShardedBatches(len(train_records), run.batch_size, grad_accum=optim.grad_accum, rank=context.rank,
-                             world_size=context.world_size, seed=run.seed, start_step=start_step)
-    loader = iter(make_loader(ImageFolderDataset(train_records, config.data, run.seed), sampler, config.data.num_workers))
-    logger = MetricsLogger(out_dir, context.is_main)
-    progress = Progress(run.progress and context.is_main, start_step, run.max_steps)
-    if context.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(to_plain(config), indent=2))
+    def _build_networks(self) -> None:
+        """The autoencoder, the PatchGAN discriminator and the perceptual loss network."""
+        loss_cfg, device = self.loss_cfg, self.device
+        self.model = build_autoencoder(self.config).to(device)
+        if loss_cfg.logvar_init is not None and isinstance(self.model, AutoencoderKL):
+            _init_logvar(self.model, loss_cfg.logvar_init)
+        discriminator = PatchDiscriminator(self.config.autoencoder.out_ch, loss_cfg.disc_channels, loss_cfg.disc_layers)
+        discriminator = discriminator.to(device)
+        if self.context.enabled and device.type == "cuda":
+            # Batch statistics over the global batch, as one process would see them. SyncBatchNorm has no
+            # CPU kernel, so under gloo each rank normalises its own share (as CompVis' multi-GPU runs did).
+            # Converted before the optimiser and any resumed state see the parameters; the keys stay the same.
+            discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
+        self.discriminator = discriminator
+        self.perceptual = build_perceptual_loss(loss_cfg.lpips_weights, loss_cfg.vgg_weights).to(device)
+        if self.optim.gradient_checkpointing:
+            model = self.model
+            enable_gradient_checkpointing([*model.encoder.down, model.encoder.mid, model.decoder.mid, *model.decoder.up])
 
-    last_layer = model.get_last_layer()
-    for step in range(start_step, run.max_steps):
+    def _resume(self) -> tuple[int, dict | None]:
+        """Restore the newest checkpoint of ``run.out_dir`` (when resuming): the step to continue from and
+        the RNG states, which the caller restores once nothing else draws from them before the first step."""
+        networks = {"model": self.model, "discriminator": self.discriminator}
+        found = resume.open_checkpoint(self.config, networks, ("autoencoder.safetensors",), self.context.is_main)
+        if found is None:
+            return 0, None
+        state, path = found
+        self.model.load_state_dict(state["model"])
+        self.discriminator.load_state_dict(state["discriminator"])
+        resume.load_optimizer_state(self.opt_g, state["opt_g"], "autoencoder optimiser", path)
+        resume.load_optimizer_state(self.opt_d, state["opt_d"], "discriminator optimiser", path)
+        self.ema = resume.restore_ema(self.ema, state["ema"], self.model)
+        return int(state["step"]), state["rng"]
+
+    def train_step(self, step: int) -> None:
+        """Generator step over ``optim.grad_accum`` micro-batches, then the discriminator's, logs and checkpoints."""
         started = time.perf_counter()
-        lr = learning_rate(step, optim, run.max_steps)
-        set_learning_rate(opt_g, lr)
-        set_learning_rate(opt_d, (loss_cfg.disc_lr or optim.lr) * lr / optim.lr)
+        optim, loss_cfg = self.optim, self.loss_cfg
+        lr = learning_rate(step, optim, self.run.max_steps)
+        set_learning_rate(self.opt_g, lr)
+        set_learning_rate(self.opt_d, (loss_cfg.disc_lr or optim.lr) * lr / optim.lr)
         use_gan = step >= loss_cfg.disc_start and loss_cfg.disc_weight > 0
         logs: dict[str, torch.Tensor] = {}
         pairs = []
         for accumulation in range(optim.grad_accum):
-            batch = next(loader)
-            images = batch["image"].to(device, non_blocking=True)
-            offset = sampler.sample_offset(accumulation)
-            generators = [sample_generator(run.seed, step, offset + i) for i in range(images.shape[0])]
-            sync = accumulation == optim.grad_accum - 1 or not context.enabled
-            with (generator.no_sync() if not sync else contextlib.nullcontext()), autocast_context(optim.precision, device):
-                module = generator.module if context.enabled else generator
-                # DDP syncs gradients in backward; the forward must go through the wrapper.
-                reconstruction, regulariser, extra = _encode_decode_ddp(generator, module, images, generators)
-                error = images - reconstruction
-                l1 = error.abs().mean()
-                perceptual_term = (
-                    perceptual(images.float(), reconstruction.float()).mean()
-                    if loss_cfg.perceptual_weight > 0 else torch.zeros((), device=device)
-                )
-                reconstruction_loss = loss_cfg.l1_weight * l1 + loss_cfg.perceptual_weight * perceptual_term
-                if loss_cfg.l2_weight > 0:
-                    l2 = error.square().mean()
-                    reconstruction_loss = reconstruction_loss + loss_cfg.l2_weight * l2
-                    logs["l2"] = l2.detach()
-                weight = loss_cfg.kl_weight if config.autoencoder.kind == "kl" else loss_cfg.codebook_weight
-                loss = reconstruction_loss + weight * regulariser
-                if use_gan:
-                    discriminator.requires_grad_(False)
-                    generator_loss = -discriminator(reconstruction).mean()
-                    discriminator.requires_grad_(True)
-                    adaptive = adaptive_generator_weight(
-                        reconstruction_loss, generator_loss, last_layer, loss_cfg.disc_weight,
-                        average=(lambda grad: all_reduce_mean(grad, context)) if context.enabled else None,
-                    )
-                    loss = loss + adaptive * loss_cfg.disc_factor * generator_loss
-                    logs["g_loss"] = generator_loss.detach()
-                    logs["d_weight"] = adaptive
+            batch = next(self.loader)
+            images = batch["image"].to(self.device, non_blocking=True)
+            offset = self.sampler.sample_offset(accumulation)
+            generators = [sample_generator(self.run.seed, step, offset + i) for i in range(images.shape[0])]
+            sync = accumulation == optim.grad_accum - 1 or not self.context.enabled
+            loss, reconstruction = self._generator_loss(images, generators, use_gan, sync, logs)
             (loss / optim.grad_accum).backward()
             pairs.append((images, reconstruction.detach()))
-            logs.update({"loss": loss.detach(), "l1": l1.detach(), "perceptual": perceptual_term.detach(), **extra})
         if optim.grad_clip > 0:
-            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
-        opt_g.step()
-        opt_g.zero_grad(set_to_none=True)
-
+            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), optim.grad_clip)
+        self.opt_g.step()
+        self.opt_g.zero_grad(set_to_none=True)
         if use_gan:
-            for accumulation, (images, reconstruction) in enumerate(pairs):
-                sync = accumulation == optim.grad_accum - 1 or not context.enabled
-                with (disc_ddp.no_sync() if not sync else contextlib.nullcontext()), autocast_context(optim.precision, device):
-                    d_loss = hinge_discriminator_loss(disc_ddp(images), disc_ddp(reconstruction))
-                (d_loss * loss_cfg.disc_factor / optim.grad_accum).backward()
-            opt_d.step()
-            opt_d.zero_grad(set_to_none=True)
-            logs["d_loss"] = d_loss.detach()
-        if ema is not None:
-            ema.update(model)
+            self._discriminator_step(pairs, logs)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self._after_step(step + 1, lr, logs, pairs, time.perf_counter() - started)
 
-        done = step + 1
-        elapsed = time.perf_counter() - started
+    def _generator_loss(self, images, generators, use_gan: bool, sync: bool, logs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, reconstruction) of one micro-batch: reconstruction + regulariser (+ adaptive GAN term); fills ``logs``."""
+        loss_cfg, context, device = self.loss_cfg, self.context, self.device
+        generator = self.generator
+        with (generator.no_sync() if not sync else contextlib.nullcontext()), autocast_context(self.optim.precision, device):
+            module = generator.module if context.enabled else generator
+            # DDP syncs gradients in backward; the forward must go through the wrapper.
+            reconstruction, regulariser, extra = _encode_decode_ddp(generator, module, images, generators)
+            error = images - reconstruction
+            l1 = error.abs().mean()
+            perceptual_term = (
+                self.perceptual(images.float(), reconstruction.float()).mean()
+                if loss_cfg.perceptual_weight > 0 else torch.zeros((), device=device)
+            )
+            reconstruction_loss = loss_cfg.l1_weight * l1 + loss_cfg.perceptual_weight * perceptual_term
+            if loss_cfg.l2_weight > 0:
+                l2 = error.square().mean()
+                reconstruction_loss = reconstruction_loss + loss_cfg.l2_weight * l2
+                logs["l2"] = l2.detach()
+            weight = loss_cfg.kl_weight if self.config.autoencoder.kind == "kl" else loss_cfg.codebook_weight
+            loss = reconstruction_loss + weight * regulariser
+            if use_gan:
+                self.discriminator.requires_grad_(False)
+                generator_loss = -self.discriminator(reconstruction).mean()
+                self.discriminator.requires_grad_(True)
+                adaptive = adaptive_generator_weight(
+                    reconstruction_loss, generator_loss, self.last_layer, loss_cfg.disc_weight,
+                    average=(lambda grad: all_reduce_mean(grad, context)) if context.enabled else None,
+                )
+                loss = loss + adaptive * loss_cfg.disc_factor * generator_loss
+                logs["g_loss"] = generator_loss.detach()
+                logs["d_weight"] = adaptive
+        logs.update({"loss": loss.detach(), "l1": l1.detach(), "perceptual": perceptual_term.detach(), **extra})
+        return loss, reconstruction
+
+    def _discriminator_step(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], logs: dict) -> None:
+        """Hinge loss on each micro-batch's (real, reconstructed) pair, then one discriminator step."""
+        optim = self.optim
+        for accumulation, (images, reconstruction) in enumerate(pairs):
+            sync = accumulation == optim.grad_accum - 1 or not self.context.enabled
+            with (self.disc_ddp.no_sync() if not sync else contextlib.nullcontext()), autocast_context(optim.precision, self.device):
+                d_loss = hinge_discriminator_loss(self.disc_ddp(images), self.disc_ddp(reconstruction))
+            (d_loss * self.loss_cfg.disc_factor / optim.grad_accum).backward()
+        self.opt_d.step()
+        self.opt_d.zero_grad(set_to_none=True)
+        logs["d_loss"] = d_loss.detach()
+
+    def _after_step(self, done: int, lr: float, logs: dict, pairs: list, elapsed: float) -> None:
+        """Progress, metrics, sample grids, validation and checkpoints due after ``done`` steps."""
+        run, context, out_dir = self.run, self.context, self.out_dir
+        images_per_second = run.batch_size / max(elapsed, 1e-9)
         loss_value = all_reduce_mean(logs["loss"].float(), context).item()
-        progress.update(loss_value, run.batch_size / max(elapsed, 1e-9))
+        self.progress.update(loss_value, images_per_second)
         if run.log_every and done % run.log_every == 0:
             values = {f"train/{k}": all_reduce_mean(v.float(), context).item() for k, v in logs.items()}
-            logger.log(done, {**values, "train/lr": lr, "train/images_per_second": run.batch_size / max(elapsed, 1e-9)})
+            self.logger.log(done, {**values, "train/lr": lr, "train/images_per_second": images_per_second})
         if context.is_main and run.sample_every and done % run.sample_every == 0:
             images, reconstruction = pairs[-1]
             count = min(run.num_samples, images.shape[0])
             save_image_grid(torch.cat([images[:count], reconstruction[:count]]), out_dir / "samples" / f"step-{done:08d}.png", columns=count)
-        if context.is_main and val_records and run.validate_every and done % run.validate_every == 0:
-            logger.log(done, validate(model, val_records, config, device, inception))
+        if context.is_main and self.val_records and run.validate_every and done % run.validate_every == 0:
+            self.logger.log(done, validate(self.model, self.val_records, self.config, self.device, self.inception))
         if context.is_main and (done % run.checkpoint_every == 0 or done == run.max_steps):
             checkpointing.save_training_state(out_dir, done, {
-                "model": model.state_dict(), "discriminator": discriminator.state_dict(),
-                "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None, "config": to_plain(config),
+                "model": self.model.state_dict(), "discriminator": self.discriminator.state_dict(),
+                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None, "config": to_plain(self.config),
             }, run.keep_last)
-    progress.close()
-    logger.close()
 
-    final = out_dir / "autoencoder.safetensors"
-    if context.is_main:
-        if ema is not None:
-            ema.copy_to(model)
-        save_autoencoder(model, final)
-    return final
+    def finish(self) -> Path:
+        """Close the logs and save the (EMA) autoencoder weights."""
+        self.progress.close()
+        self.logger.close()
+        final = self.out_dir / "autoencoder.safetensors"
+        if self.context.is_main:
+            if self.ema is not None:
+                self.ema.copy_to(self.model)
+            save_autoencoder(self.model, final)
+        return final
 
 
 def _encode_decode_ddp(wrapper, module, images, generators):

@@ -2,11 +2,13 @@
 
 A state file holds the networks, EMA, optimisers, step and RNG states. The data position and the
 learning rate are functions of the step (see ``data.ShardedBatches`` and ``loop.learning_rate``),
-so restoring the step restores them too.
+so restoring the step restores them too. A state file that cannot be read is set aside (renamed,
+never deleted) and the one before it is used.
 """
 from __future__ import annotations
 
-import os
+import logging
+import pickle
 import random
 import re
 from pathlib import Path
@@ -15,8 +17,14 @@ import numpy as np
 import torch
 
 from latent_diffusion.checkpoints.io import atomic_write
+from latent_diffusion.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
+# ``atomic_write``'s temporary files: ".<final name>.<8 random characters>.tmp" beside the final file.
+_TEMP_SUFFIX = r"\.[a-z0-9_]{8}\.tmp$"
+_READ_ERRORS = (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError)
 
 
 def checkpoint_path(out_dir: Path, step: int) -> Path:
@@ -69,12 +77,80 @@ def save_training_state(out_dir: Path, step: int, state: dict, keep_last: int) -
     return path
 
 
-def load_latest_training_state(out_dir: Path) -> dict | None:
-    """The newest complete state file of ``out_dir`` (None when there is none)."""
-    checkpoints = list_checkpoints(out_dir)
-    if not checkpoints:
-        return None
+def remove_orphan_temp_files(out_dir: Path, final_names: tuple[str, ...]) -> list[Path]:
+    """Delete the temporary files that a run killed while saving left in ``out_dir``; the paths removed.
+
+    Only our own pattern is touched: ``.step-NNNNNNNN.pt.XXXXXXXX.tmp`` in ``checkpoints/`` and
+    ``.<name>.XXXXXXXX.tmp`` in ``out_dir`` for each of ``final_names`` (the files the run exports).
+    """
+    out_dir = Path(out_dir)
+    patterns = [(out_dir / "checkpoints", re.compile(r"^\.step-\d{8}\.pt" + _TEMP_SUFFIX))]
+    patterns += [(out_dir, re.compile("^" + re.escape("." + name) + _TEMP_SUFFIX)) for name in final_names]
+    removed = []
+    for folder, pattern in patterns:
+        if folder.is_dir():
+            for path in sorted(folder.iterdir()):
+                if pattern.match(path.name) and path.is_file():
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+    if removed:
+        log.info("removed %d unfinished temporary file(s) of a save that was interrupted: %s",
+                 len(removed), ", ".join(str(p) for p in removed))
+    return removed
+
+
+def read_training_state(path: Path) -> dict:
+    """A state file's contents; a file that cannot be read raises one of ``_READ_ERRORS``."""
     # Our own files: plain containers of tensors and numbers, so the weights-only unpickler suffices
     # (numpy's RNG state is a dict of ints and arrays, allowed below).
-    with torch.serialization.safe_globals([np.ndarray, np.dtype, np.core.multiarray._reconstruct, type(np.dtype("uint32"))]):
-        return torch.load(checkpoints[-1], map_location="cpu", weights_only=True)
+    numpy_core = getattr(np, "_core", None) or np.core  # renamed in NumPy 2
+    numpy_types = [np.ndarray, np.dtype, numpy_core.multiarray._reconstruct, type(np.dtype("uint32"))]
+    with torch.serialization.safe_globals(numpy_types):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "rng" not in state:
+        raise ValueError("not a training state file (no step and RNG states)")
+    return state
+
+
+def load_latest_training_state(out_dir: Path, *, is_main: bool = True) -> tuple[dict, Path] | None:
+    """The newest readable state file of ``out_dir`` and its path (None when there is none).
+
+    Unreadable newer files (cut short, overwritten) are renamed to ``<name>.corrupt`` by rank 0 with a
+    warning, so later saves and ``keep_last`` never touch them; when no file can be read that is an error.
+    """
+    unreadable = []
+    for path in reversed(list_checkpoints(out_dir)):
+        try:
+            state = read_training_state(path)
+        except _READ_ERRORS as error:
+            unreadable.append((path, error))
+            continue
+        for bad, error in unreadable:
+            _set_aside(bad, error, path, is_main)
+        return state, path
+    if unreadable:
+        listed = "; ".join(f"{p.name}: {_first_line(e)}" for p, e in unreadable)
+        raise ConfigError(
+            f"no checkpoint in {Path(out_dir) / 'checkpoints'} can be read ({listed}); "
+            "start a new run with another run.out_dir, or move those files away to train from scratch here"
+        )
+    return None
+
+
+def _set_aside(bad: Path, error: BaseException, used: Path, is_main: bool) -> None:
+    if not is_main:
+        return
+    kept = bad.with_name(bad.name + ".corrupt")
+    try:
+        bad.replace(kept)
+    except OSError as rename_error:
+        log.warning("checkpoint %s cannot be read (%s) nor renamed (%s); resuming from %s instead",
+                    bad, _first_line(error), rename_error, used.name)
+        return
+    log.warning("checkpoint %s cannot be read (%s); kept as %s, resuming from %s instead",
+                bad, _first_line(error), kept.name, used.name)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

@@ -23,7 +23,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 def _cmd_cache_latents(args: argparse.Namespace) -> None:
     from latent_diffusion.training.config import load_experiment
-    from latent_diffusion.training.ldm import cache_latents
+    from latent_diffusion.training.latents import cache_latents
 
     config = load_experiment(args.config, args.overrides)
     print(cache_latents(config, args.output))

@@ -67,7 +67,7 @@ class RunConfig:
     validate_every: int = 0  # 0: no validation
     checkpoint_every: int = 500
     keep_last: int = 3
-    resume: bool = True  # continue from the newest checkpoint in out_dir when there is one
+    resume: bool = True  # continue from the newest readable checkpoint in out_dir (README: Training)
     progress: bool = True
     inception_weights: str | None = None  # TorchScript Inception feature extractor for rFID
 

@@ -131,14 +131,11 @@ def _load_text_encoder(encoder: nn.Module, path: str) -> None:
 
 
 def make_tokenizer(spec: ModelSpec) -> CLIPTokenizer | None:
-    if isinstance(spec.conditioner, BERTTextConfig):
-        return CLIPTokenizer(pad_with_eos=True, context_length=spec.conditioner.max_seq_len)
-    if isinstance(spec.conditioner, CLIPTextConfig):
-        return CLIPTokenizer(
-            pad_with_eos=spec.conditioner.pad_with_eos, context_length=spec.conditioner.context_length,
-            normalization="transformers" if spec.conditioner.layout == "openai" else "openclip",
-        )
-    return None
+    """The tokenizer of the model's (first) text encoder, as its family says; None without text."""
+    from latent_diffusion.families import family_of
+
+    family = family_of(spec)
+    return family.tokenizers(spec)[0] if family.takes_text(spec) else None
 
 
 class ConditionedUNet(nn.Module):
@@ -264,7 +261,7 @@ def _yaml_describes(compvis: dict, spec: ModelSpec) -> bool:
     from latent_diffusion.checkpoints.yaml_config import spec_from_yaml
 
     try:
-        read = spec_from_yaml(compvis, family=None if spec.family == "custom" else spec.family)
+        read = spec_from_yaml(compvis, family=spec.family)
     except (ValueError, TypeError, KeyError):
         return False
     fields = ("unet", "autoencoder", "conditioner", "conditioning", "prediction", "schedule")

@@ -5,11 +5,11 @@ import torch
 
 from latent_diffusion.diffusion.denoiser import Conditioning, Denoiser
 from latent_diffusion.diffusion.guidance import ClassifierFreeGuidance
-from latent_diffusion.diffusion.registry import get_sampler, sigmas_for
+from latent_diffusion.diffusion.registry import resolve_sampler, sigmas_for
 from latent_diffusion.diffusion.sampling import BatchNoise, sample
 from latent_diffusion.diffusion.schedules import NoiseSchedule
 from latent_diffusion.training.ldm_model import make_tokenizer, random_masks, concat_condition
-from latent_diffusion.training.ldm import encode_latents
+from latent_diffusion.training.latents import encode_latents
 
 
 @torch.no_grad()
@@ -49,8 +49,8 @@ def generate(model, network, ema, spec, scale_factor, settings, *, captions, lab
         cond = Conditioning(context=context, concat=concat)
         if context is not None and scale != 1.0:
             denoiser = ClassifierFreeGuidance(denoiser, Conditioning(context=uncond_context, concat=concat), scale)
-        spec_sampler = get_sampler(sampler)
-        sigmas = sigmas_for(spec_sampler, schedule, steps or settings.sample_steps)
+        spec_sampler, scheduler = resolve_sampler(sampler)
+        sigmas = sigmas_for(spec_sampler, schedule, steps or settings.sample_steps, scheduler=scheduler)
         latents = sample(spec_sampler, denoiser, sigmas, BatchNoise.from_seed(seed, count),
                          shape=(count, spec.latent_channels, size, size), cond=cond, device=device)
         return model.first_stage_model.decode(latents / scale_factor).clamp(-1, 1)

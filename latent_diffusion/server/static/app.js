@@ -44,10 +44,12 @@ function selectTab(name) {
 
 // ------------------------------------------------------------------------------------------- lists
 async function loadLists() {
-  const [samplers, models, options, upscalers] = await Promise.all([
-    api("/samplers"), api("/sd-models"), api("/options"), api("/upscalers")]);
+  const [samplers, schedulers, models, options, upscalers] = await Promise.all([
+    api("/samplers"), api("/schedulers"), api("/sd-models"), api("/options"), api("/upscalers")]);
   $("sampler_name").replaceChildren(...samplers.map((s) => new Option(s.name, s.name)));
   $("sampler_name").value = "Euler a";
+  $("scheduler").replaceChildren(...schedulers.map((s) => new Option(s.label, s.label)));
+  $("scheduler").value = "Automatic";
   $("model").replaceChildren(...models.map((m) => new Option(m.model_name, m.title)));
   const current = models.find((m) => options.sd_model_checkpoint && options.sd_model_checkpoint.startsWith(m.filename));
   if (current) $("model").value = current.title;
@@ -119,6 +121,7 @@ function numberField(id) {
 function generationRequest() {
   return {
     prompt: $("prompt").value, negative_prompt: $("negative_prompt").value, sampler_name: $("sampler_name").value,
+    scheduler: $("scheduler").value,
     steps: numberField("steps"), cfg_scale: numberField("cfg_scale"), seed: Math.trunc(numberField("seed")),
     width: numberField("width"), height: numberField("height"),
     batch_size: numberField("batch_size"), n_iter: numberField("n_iter"),
@@ -210,9 +213,25 @@ function applyParsed(parameters) {
   for (const [key, id] of Object.entries(fields)) {
     if (parameters[key] !== undefined && parameters[key] !== "") $(id).value = parameters[key];
   }
-  if (parameters.Sampler && [...$("sampler_name").options].some((o) => o.value === parameters.Sampler)) {
-    $("sampler_name").value = parameters.Sampler;
+  if (!parameters.Sampler) return;
+  // No "Schedule type" means Automatic, as A1111 reads it.
+  const [sampler, scheduler] = splitSampler(parameters.Sampler, parameters["Schedule type"] || "Automatic");
+  if (hasOption("sampler_name", sampler)) $("sampler_name").value = sampler;
+  if (hasOption("scheduler", scheduler)) $("scheduler").value = scheduler;
+}
+
+function hasOption(id, value) {
+  return [...$(id).options].some((o) => o.value === value);
+}
+
+// "DPM++ 2M Karras" (written before schedulers were chosen apart) is the sampler "DPM++ 2M" with "Karras".
+function splitSampler(sampler, scheduler) {
+  if (hasOption("sampler_name", sampler)) return [sampler, scheduler];
+  for (const option of $("scheduler").options) {
+    const suffix = " " + option.value;
+    if (sampler.endsWith(suffix)) return [sampler.slice(0, -suffix.length), option.value];
   }
+  return [sampler, scheduler];
 }
 
 async function applyParameters(b64) {
