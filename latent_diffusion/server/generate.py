@@ -25,6 +25,7 @@ from latent_diffusion.server.schemas import ExtrasSingleImageRequest, Generation
 
 DEFAULT_SAMPLER = "Euler a"
 UPSCALERS = ("None", "Lanczos", "Nearest")
+UPSCALE_TILE_OVERLAP = 16  # input pixels shared by neighbouring tiles of a super-resolution model
 
 
 class BadRequest(ValueError):
@@ -41,6 +42,11 @@ class ServerLimits:
     max_upscaled_size: int | None = None  # pixels per side of an upscaler's output; default 4 * max_size
     max_input_pixels: int = 4096 * 4096  # decoded input images (guards against decompression bombs)
     max_body_bytes: int = 64 * 1024 * 1024  # a request body (base64 images included)
+    # Super-resolution models: inputs up to max_upscale_input pixels per side, run in tiles of at most
+    # upscale_tile pixels per side so that memory stays bounded whatever the input (the work grows with
+    # the input's area; the limit bounds it).
+    max_upscale_input: int = 512
+    upscale_tile: int = 128
 
     @property
     def upscaled_limit(self) -> int:
@@ -225,19 +231,59 @@ def upscale_target(request: ExtrasSingleImageRequest, image: Image.Image, limits
     return size
 
 
+def check_model_upscale(name: str, image: Image.Image, trained_size: int | None, limits: ServerLimits) -> None:
+    """Refuse an input a super-resolution model should not be given (before queueing)."""
+    width, height = image.size
+    if trained_size is not None and max(width, height) > trained_size:
+        raise BadRequest(f"upscaler {name!r} was trained on inputs of {trained_size}x{trained_size} pixels; a "
+                         f"{width}x{height} input is outside that range and comes out recoloured (whole or in "
+                         f"tiles), so it is refused: reduce it to {trained_size}x{trained_size} first, or use Lanczos")
+    if max(width, height) > limits.max_upscale_input:
+        raise BadRequest(f"input {width}x{height} exceeds this server's limit of {limits.max_upscale_input} pixels "
+                         f"per side for super-resolution models; use Lanczos, or upscale a smaller image")
+
+
 def run_upscale(job: Job, pipe: Pipeline | None, request: ExtrasSingleImageRequest, image: Image.Image,
-                size: tuple[int, int]) -> Image.Image:
-    """Upscale with a resampling filter, or with the loaded super-resolution model then resized to ``size``."""
-    name = request.upscaler_1
+                size: tuple[int, int], limits: ServerLimits) -> tuple[Image.Image, str]:
+    """The upscaled image and its A1111 description: a resampling filter, or the super-resolution model
+    ``pipe`` (in tiles, then resized to ``size``); an interrupted model upscale falls back to Lanczos."""
+    name, note = request.upscaler_1, ""
     if name == "None":
-        return image
-    if name in ("Lanczos", "Nearest"):
-        method = Image.Resampling.LANCZOS if name == "Lanczos" else Image.Resampling.NEAREST
-        return image.convert("RGB").resize(size, method)
-    if pipe is None:
-        raise BadRequest(f"unknown upscaler {name!r}")
-    upscaled = pipe.upscale(image.convert("RGB"), seed=0, step_callback=StepReporter(job, pipe, 0)).images[0]
-    return upscaled if upscaled.size == size else upscaled.resize(size, Image.Resampling.LANCZOS)
+        upscaled = image
+    elif pipe is None:
+        upscaled = resample(image, size, name)
+    else:
+        factor = pipe.latent_factor
+        if max(image.size) * factor > limits.upscaled_limit:
+            raise BadRequest(f"upscaler {name!r} makes a {image.width * factor}x{image.height * factor} image from "
+                             f"this input, more than this server's limit of {limits.upscaled_limit} pixels per side")
+        tile, overlap = upscale_tiles(pipe, image, limits.upscale_tile)
+        try:
+            upscaled = pipe.upscale(image.convert("RGB"), seed=0, tile_size=tile, tile_overlap=overlap,
+                                    step_callback=StepReporter(job, pipe, 0)).images[0]
+            if upscaled.size != size:
+                upscaled = upscaled.resize(size, Image.Resampling.LANCZOS)
+        except JobInterrupted:
+            # As an interrupted generation answers with what it has: here the input, resampled to the size asked.
+            upscaled, note = resample(image, size, "Lanczos"), " (interrupted: resampled with Lanczos instead)"
+    return upscaled, f"Postprocess upscale to: {upscaled.width}x{upscaled.height}, Postprocess upscaler: {name}{note}"
+
+
+def resample(image: Image.Image, size: tuple[int, int], name: str) -> Image.Image:
+    """``image`` resized with a resampling filter of :data:`UPSCALERS`."""
+    method = Image.Resampling.NEAREST if name == "Nearest" else Image.Resampling.LANCZOS
+    return image.convert("RGB").resize(size, method)
+
+
+def upscale_tiles(pipe: Pipeline, image: Image.Image, largest: int) -> tuple[int, int]:
+    """Tile side and overlap (input pixels) for ``pipe``: at most ``largest``, a multiple of what its UNet
+    divides; an input smaller than two of those is refused (the UNet's lowest level would be one pixel)."""
+    multiple = 2 ** (len(pipe.spec.unet.channel_mult) - 1)
+    if min(image.size) < 2 * multiple:
+        raise BadRequest(f"input {image.width}x{image.height} is too small for this super-resolution model: it "
+                         f"needs at least {2 * multiple} pixels per side")
+    tile = max(largest - largest % multiple, 2 * multiple)
+    return tile, min(UPSCALE_TILE_OVERLAP, tile // 4)
 
 
 def info_json(request: GenerationRequest, result: GenerationResult, seed: int, pipe: Pipeline,

@@ -168,8 +168,18 @@ class Options(_Lenient):
     samples_format: Optional[str] = None
 
 
-class ErrorResponse(BaseModel):
-    """Body of every 4xx/5xx answer of ours (A1111's ``error`` and ``detail`` fields)."""
+class FieldError(BaseModel):
+    """One field of a request that does not match the schema."""
 
-    error: str
-    detail: str
+    loc: list[str | int] = Field(description="where: 'body' then the field names and list indices")
+    msg: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    """Body of every 4xx/5xx answer (A1111's four error keys), whatever refused the request."""
+
+    error: str = Field(description="kind of error, e.g. BadRequest, ValidationError, PayloadTooLarge")
+    detail: str = Field(description="what was wrong, naming the field, value or limit")
+    body: str = Field("", description="always empty: request bodies are never echoed back")
+    errors: list[FieldError] = Field(default_factory=list, description="the fields that broke the schema (422)")
