@@ -276,3 +276,29 @@ def test_separate_sdxl_vae_file_replaces_the_autoencoder(files, tmp_path):
     save_safetensors(vae, tmp_path / "sdxl_vae.safetensors")
     pipe = Pipeline.from_checkpoint(files[0], vae=tmp_path / "sdxl_vae.safetensors", progress=False)
     assert torch.equal(pipe.model.first_stage_model.state_dict()["decoder.conv_out.weight"], vae["decoder.conv_out.weight"])
+
+
+def test_api_refiner_checkpoint_and_switch_match_the_python_api(files, base, refiner):
+    import httpx
+
+    from latent_diffusion.server.app import ServerConfig
+    from server_fixtures import png_from_b64, running_server
+
+    folder = files[2]
+    payload = dict(prompt=PROMPT, negative_prompt="blurry", width=SIZE, height=SIZE, steps=4, sampler_name="Euler",
+                   cfg_scale=5.0, seed=SEED, refiner_checkpoint="xl-refiner.safetensors", refiner_switch_at=0.6)
+    expected = base.txt2img(PROMPT, negative_prompt="blurry", width=SIZE, height=SIZE, steps=4, sampler="euler",
+                            guidance_scale=5.0, seed=SEED, refiner=Refiner(refiner, 0.6))
+    with running_server(ServerConfig(checkpoint=files[0], models_dir=folder)) as url:
+        answer = httpx.post(f"{url}/sdapi/v1/txt2img", json=payload, timeout=300)
+        assert answer.status_code == 200, answer.text
+        image = png_from_b64(answer.json()["images"][0])
+        assert np.array_equal(np.asarray(image), np.asarray(expected.images[0]))
+        assert "Refiner switch at: 0.6" in answer.json()["info"]
+        bad = [({**payload, "refiner_checkpoint": "nothing.safetensors"}, 400, "unknown model"),
+               ({**payload, "refiner_switch_at": 1.0}, 422, "refiner_switch_at"),
+               ({**payload, "refiner_checkpoint": "xl.safetensors", "override_settings":
+                 {"sd_model_checkpoint": "xl-refiner.safetensors"}}, 400, "cannot start from noise")]
+        for body, status, message in bad:
+            refused = httpx.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=300)
+            assert refused.status_code == status and message in refused.json()["detail"], refused.text

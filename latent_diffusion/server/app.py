@@ -15,11 +15,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 
 from latent_diffusion.pipelines.common import Pipeline
+from latent_diffusion.pipelines.refiner import DEFAULT_SWITCH_AT, Refiner
 from latent_diffusion.server import generate as gen
 from latent_diffusion.server.errors import ClientGone, add_error_handlers
 from latent_diffusion.server.gate import GateMiddleware, allowed_host_names
 from latent_diffusion.server.jobs import JobQueue
-from latent_diffusion.server.models import ModelManager
+from latent_diffusion.server.models import ModelEntry, ModelManager
 from latent_diffusion.server.routes import (
     add_extras_routes, add_generation_routes, add_model_routes, add_page_routes, add_progress_routes,
 )
@@ -94,6 +95,19 @@ class ServerState:
         if name:
             return self.models.load(self.models.find(str(name)))
         return self.models.pipeline
+
+    def refiner_entry(self, request) -> ModelEntry | None:
+        """The listed model a request names as its refiner (checked before queueing; "None" is none, as A1111)."""
+        name = (request.refiner_checkpoint or "").strip()
+        return None if name in ("", "None") else self.models.find(name)
+
+    def refiner_for(self, request) -> Refiner | None:
+        """The request's refiner, loaded on first use; call only from the job worker."""
+        entry = self.refiner_entry(request)
+        if entry is None:
+            return None
+        switch_at = request.refiner_switch_at if request.refiner_switch_at is not None else DEFAULT_SWITCH_AT
+        return Refiner(self.models.refiner(entry), switch_at)
 
     def upscaler_pipeline(self, name: str) -> Pipeline | None:
         """The model an upscale job runs on (None for a resampling filter); loads on first use, on the worker."""

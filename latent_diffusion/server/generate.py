@@ -183,10 +183,10 @@ def common_options(request: GenerationRequest) -> dict[str, Any]:
                 guidance_scale=request.cfg_scale, batch_size=request.batch_size)
 
 
-def run_txt2img(job: Job, pipe: Pipeline, request: GenerationRequest, preview_every: int):
-    """The txt2img job."""
+def run_txt2img(job: Job, pipe: Pipeline, request: GenerationRequest, preview_every: int, refiner=None):
+    """The txt2img job (``refiner``: a :class:`~latent_diffusion.pipelines.refiner.Refiner` or None)."""
     return run_batches(job, pipe, request, preview_every, lambda **run: pipe.txt2img(
-        request.prompt, width=request.width, height=request.height, **run, **common_options(request)))
+        request.prompt, width=request.width, height=request.height, refiner=refiner, **run, **common_options(request)))
 
 
 def prepare_img2img(request: Img2ImgRequest, limits: ServerLimits) -> tuple[Image.Image, Image.Image | None]:
@@ -208,12 +208,12 @@ def prepare_img2img(request: Img2ImgRequest, limits: ServerLimits) -> tuple[Imag
 
 
 def run_img2img(job: Job, pipe: Pipeline, request: Img2ImgRequest, image: Image.Image, mask: Image.Image | None,
-                preview_every: int):
+                preview_every: int, refiner=None):
     """The img2img job, or inpainting when a mask was sent (original pixels kept outside it, as A1111)."""
     options = common_options(request)
     if mask is None:
         return run_batches(job, pipe, request, preview_every, lambda **run: pipe.img2img(
-            request.prompt, image, strength=request.denoising_strength, **run, **options))
+            request.prompt, image, strength=request.denoising_strength, refiner=refiner, **run, **options))
     return run_batches(job, pipe, request, preview_every, lambda **run: pipe.inpaint(
         request.prompt, image, mask, strength=request.denoising_strength, mask_blur=request.mask_blur,
         mask_padding=request.inpaint_full_res_padding, keep_unmasked=True, **run, **options))

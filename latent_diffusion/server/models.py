@@ -58,6 +58,8 @@ class ModelManager:
         # loaded on first use and kept, beside the generation model.
         self.upscaler_paths = {Path(p).stem: Path(p) for p in (builtin_upscalers() if upscalers is None else upscalers)}
         self._upscalers: dict[str, Pipeline] = {}
+        # The last refiner asked for, kept beside the generation model (one at a time: they are large).
+        self._refiner: tuple[Path, Pipeline] | None = None
         for path in self.upscaler_paths.values():
             if not path.is_file():
                 raise FileNotFoundError(f"upscaler checkpoint not found: {path}")
@@ -105,6 +107,15 @@ class ModelManager:
         pipeline = self.loader(entry.path)
         self.pipeline, self.entry = pipeline, ModelEntry(entry.name, entry.path, self._hash(entry.path))
         return pipeline
+
+    def refiner(self, entry: ModelEntry) -> Pipeline:
+        """The pipeline of a listed model used as a refiner; call only from the job worker."""
+        if entry.path == (self.entry.path if self.entry else None) and self.pipeline is not None:
+            return self.pipeline
+        if self._refiner is None or self._refiner[0] != entry.path:
+            self._refiner = None  # release the previous one before loading the next
+            self._refiner = (entry.path, self.loader(entry.path))
+        return self._refiner[1]
 
     def upscaler(self, name: str) -> Pipeline:
         """The super-resolution pipeline listed as ``name``; call only from the job worker."""

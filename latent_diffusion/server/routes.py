@@ -97,11 +97,12 @@ def add_generation_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/sdapi/v1/txt2img", response_model=ImageResponse)
     async def txt2img(request: Txt2ImgRequest, http: Request):
         gen.check_generation(request, state.limits)
+        state.refiner_entry(request)  # an unknown refiner is a 400 before the job queues
         preview_every = state.preview_every
 
         def work(job: Job):
             pipe = state.pipeline_for(request.override_settings)
-            return gen.run_txt2img(job, pipe, request, preview_every), pipe
+            return gen.run_txt2img(job, pipe, request, preview_every, refiner=state.refiner_for(request)), pipe
 
         outcome, pipe = await state.run("txt2img", work, http)
         return respond(request, outcome, pipe)
@@ -110,11 +111,14 @@ def add_generation_routes(app: FastAPI, state: ServerState) -> None:
     async def img2img(request: Img2ImgRequest, http: Request):
         gen.check_generation(request, state.limits)
         image, mask = gen.prepare_img2img(request, state.limits)
+        if state.refiner_entry(request) is not None and mask is not None:
+            raise gen.BadRequest("refiner_checkpoint: a refiner finishes txt2img and img2img images, not inpainting")
         preview_every = state.preview_every
 
         def work(job: Job):
             pipe = state.pipeline_for(request.override_settings)
-            return gen.run_img2img(job, pipe, request, image, mask, preview_every), pipe
+            return gen.run_img2img(job, pipe, request, image, mask, preview_every,
+                                   refiner=state.refiner_for(request)), pipe
 
         outcome, pipe = await state.run("img2img", work, http)
         return respond(request, outcome, pipe)

@@ -46,6 +46,10 @@ class GenerationRequest(_Lenient):
     override_settings: Optional[dict[str, Any]] = None
     send_images: bool = True
     save_images: bool = False
+    refiner_checkpoint: Optional[str] = Field(
+        None, max_length=300, description="a model from /sdapi/v1/sd-models that finishes the image (SDXL's refiner)")
+    refiner_switch_at: Optional[float] = Field(
+        None, gt=0.0, lt=1.0, description="where the refiner takes over, as a fraction of the noise schedule (0.8)")
 
 
 class Txt2ImgRequest(GenerationRequest):
