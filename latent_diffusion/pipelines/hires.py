@@ -19,7 +19,7 @@ keeps the composition and adds the detail. A1111's rules, followed here:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -72,12 +72,15 @@ def upscaler_names() -> list[str]:
     return [*LATENT_UPSCALE_MODES, *PIXEL_UPSCALERS]
 
 
-def check_upscaler_name(name: str, models: list[str] | tuple[str, ...] = ()) -> None:
-    """Refuse an upscaler that is neither built in nor one of ``models`` (names of super-resolution models)."""
+def unknown_upscaler(name: str, models: Sequence[str] = ()) -> ValueError:
+    """The error for an upscaler name that is neither built in nor one of ``models`` (super-resolution models)."""
+    known = ", ".join(repr(n) for n in [*upscaler_names(), *models])
+    return ValueError(f"unknown hires upscaler {name!r}; choose one of {known}, or a super-resolution model")
+
+
+def check_upscaler_name(name: str, models: Sequence[str] = ()) -> None:
     if name not in LATENT_UPSCALE_MODES and name not in PIXEL_UPSCALERS and name not in models:
-        known = ", ".join(repr(n) for n in [*upscaler_names(), *models])
-        raise ValueError(f"unknown hires upscaler {name!r}; choose one of {known}"
-                         + ("" if models else ", or a super-resolution model"))
+        raise unknown_upscaler(name, models)
 
 
 def is_same_choice(value: str | None) -> bool:
@@ -109,10 +112,10 @@ class HiresFix:
         if not self.resized:
             if not isinstance(self.scale, (int, float)) or not 1.0 < self.scale <= MAX_SCALE:
                 raise ValueError(f"hires scale must be a number above 1 and at most {MAX_SCALE:g}, got {self.scale!r}")
-        for name in ("resize_x", "resize_y"):
+        for name, side in (("resize_x", "width"), ("resize_y", "height")):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value % 8:
-                raise ValueError(f"hires {name} must be 0 (unset) or a multiple of 8 pixels, got {value!r}")
+                raise ValueError(f"hires {side} ({name}) must be 0 (unset) or a multiple of 8 pixels, got {value!r}")
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or not 0 <= self.steps <= MAX_SCHEDULE_STEPS:
             raise ValueError(f"hires steps must be a whole number in [0, {MAX_SCHEDULE_STEPS}] "
                              f"(0: as many as the first pass), got {self.steps!r}")
@@ -124,10 +127,13 @@ class HiresFix:
         elif not isinstance(self.upscaler, Pipeline) or not is_upscaler(self.upscaler):
             raise ValueError(f"a hires upscaler model must be a super-resolution Pipeline (SD x4 upscaler or "
                              f"LDM SR), got {_describe(self.upscaler)}")
-        if not is_same_choice(self.sampler):
-            resolve_sampler(self.sampler, None if is_same_choice(self.scheduler) else self.scheduler)
-        elif not is_same_choice(self.scheduler):
-            get_scheduler(self.scheduler)
+        try:
+            if not is_same_choice(self.sampler):
+                resolve_sampler(self.sampler, None if is_same_choice(self.scheduler) else self.scheduler)
+            elif not is_same_choice(self.scheduler):
+                get_scheduler(self.scheduler)
+        except ValueError as error:
+            raise ValueError(f"hires sampler/scheduler: {error}") from None
 
     @property
     def resized(self) -> bool:
@@ -213,16 +219,23 @@ class HiresPlan:
         }
 
 
-def plan_hires(hires: HiresFix, pipe: Pipeline, width: int, height: int, first: SamplingSettings,
-               prompt: str, negative_prompt: str) -> HiresPlan:
-    """Check ``hires`` against the first pass (before any work) and work out the second pass."""
-    enlarged, size = target_sizes(hires, width, height, max(8, pipe.latent_factor))
+def checked_target_sizes(hires: HiresFix, width: int, height: int,
+                         multiple: int = 8) -> tuple[tuple[int, int], tuple[int, int]]:
+    """:func:`target_sizes`, refusing targets that do not enlarge or enlarge more than ``MAX_SCALE``."""
+    enlarged, size = target_sizes(hires, width, height, multiple)
     if enlarged[0] < width or enlarged[1] < height or enlarged == (width, height):
         raise ValueError(f"the hires fix must enlarge the first pass's {width}x{height} image; "
                          f"{_asked(hires)} gives {enlarged[0]}x{enlarged[1]}")
     if max(enlarged[0] / width, enlarged[1] / height) > MAX_SCALE:
         raise ValueError(f"the hires fix enlarges by at most {MAX_SCALE:g}x; {_asked(hires)} makes "
                          f"{enlarged[0]}x{enlarged[1]} from {width}x{height}")
+    return enlarged, size
+
+
+def plan_hires(hires: HiresFix, pipe: Pipeline, width: int, height: int, first: SamplingSettings,
+               prompt: str, negative_prompt: str) -> HiresPlan:
+    """Check ``hires`` against the first pass (before any work) and work out the second pass."""
+    enlarged, size = checked_target_sizes(hires, width, height, max(8, pipe.latent_factor))
     if not isinstance(hires.upscaler, str):
         _check_upscaler_model(hires.upscaler, width, height, enlarged)
     run_steps = hires.steps or first.steps
