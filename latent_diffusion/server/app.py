@@ -24,11 +24,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from latent_diffusion.diffusion.registry import SAMPLERS
 from latent_diffusion.diffusion.schedulers import SCHEDULERS
 from latent_diffusion.pipelines.common import Pipeline
+from latent_diffusion.pipelines.hires import LATENT_UPSCALE_MODES
 from latent_diffusion.server import generate as gen
 from latent_diffusion.server.jobs import Job, JobQueue, QueueFull
 from latent_diffusion.server.models import ModelManager
 from latent_diffusion.server.schemas import (
-    ErrorResponse, ExtrasSingleImageRequest, ExtrasSingleImageResponse, ImageResponse, Img2ImgRequest, Options,
+    ErrorResponse, ExtrasSingleImageRequest, ExtrasSingleImageResponse, ImageResponse, Img2ImgRequest,
+    LatentUpscaleModeItem, Options,
     PNGInfoRequest, PNGInfoResponse, ProgressResponse, ProgressState, SamplerItem, SchedulerItem, SDModelItem,
     Txt2ImgRequest, UpscalerItem,
 )
@@ -238,6 +240,10 @@ def create_app(config: ServerConfig | None = None, *, models: ModelManager | Non
             items.append(UpscalerItem(name=pipe.name, model_name=pipe.name, scale=pipe.latent_factor))
         return items
 
+    @app.get("/sdapi/v1/latent-upscale-modes", response_model=list[LatentUpscaleModeItem])
+    async def latent_upscale_modes():
+        return [LatentUpscaleModeItem(name=name) for name in LATENT_UPSCALE_MODES]
+
     @app.get("/sdapi/v1/options")
     async def get_options() -> dict[str, Any]:
         entry = state.models.entry
@@ -301,11 +307,12 @@ def create_app(config: ServerConfig | None = None, *, models: ModelManager | Non
     @app.post("/sdapi/v1/txt2img", response_model=ImageResponse)
     async def txt2img(request: Txt2ImgRequest, http: Request):
         gen.check_generation(request, state.limits)
+        hires = gen.check_hires(request, state.limits, list(state.models.upscaler_paths))
         preview_every = state.preview_every
 
         def work(job: Job):
             pipe = state.pipeline_for(request.override_settings)
-            return gen.run_txt2img(job, pipe, request, preview_every), pipe
+            return gen.run_txt2img(job, pipe, request, preview_every, gen.hires_fix(hires, state.models)), pipe
 
         outcome, pipe = await state.run("txt2img", work, http)
         return respond(request, outcome, pipe)
