@@ -177,3 +177,54 @@ def test_large_targets_decode_in_bands(tiny_sd1, monkeypatch):
     # The first pass's decode, then the second pass's: untiled, then banded.
     assert calls == [((8, 8), None), ((16, 16), False), ((8, 8), None), ((16, 16), True)]
     assert np.abs(np.asarray(tiled, dtype=int) - np.asarray(untiled, dtype=int)).max() <= 1
+
+
+def test_from_png_reads_every_hires_setting(tmp_path):
+    from latent_diffusion.cli import _build_parser
+    from latent_diffusion.pipelines.commands import _check_hires, apply_png_parameters
+    from latent_diffusion.pipelines.png_info import save_png
+
+    text = ('a cat\nNegative prompt: blurry\nSteps: 12, Sampler: Euler, CFG scale: 5, Seed: 8, Size: 64x96, '
+            'Denoising strength: 0.35, Hires sampler: DPM++ 2M, Hires schedule type: Karras, '
+            'Hires prompt: "a cat, detailed", Hires negative prompt: noise, Hires resize: 0x192, Hires steps: 6, '
+            'Hires upscaler: Latent (bicubic)')
+    path = save_png(Image.new("RGB", (8, 8)), tmp_path / "made.png", text)
+    args = _build_parser().parse_args(["txt2img", "--from-png", str(path), "--hires-scale", "3"])
+    apply_png_parameters(args)
+    assert (args.hires_scale, args.hires_width, args.hires_height) == (None, None, 192)
+    assert (args.hires_upscaler, args.hires_steps, args.hires_denoise) == ("Latent (bicubic)", 6, 0.35)
+    assert (args.hires_sampler, args.hires_scheduler) == ("DPM++ 2M", "Karras")
+    assert (args.hires_prompt, args.hires_negative_prompt) == ("a cat, detailed", "noise")
+    assert _check_hires(args) == "Latent (bicubic)"
+
+
+def test_a_refiner_keeps_its_noise_levels_in_the_second_pass(tmp_path):
+    """The refiner denoises every level below its switch point, in the first pass and in the second."""
+    from latent_diffusion.pipelines.refiner import Refiner
+    from pipeline_tiny import TINY_SDXL, TINY_SDXL_REFINER, write_checkpoint
+
+    base = Pipeline.from_checkpoint(write_checkpoint(TINY_SDXL, tmp_path / "xl.safetensors"), progress=False)
+    refiner = Pipeline.from_checkpoint(write_checkpoint(TINY_SDXL_REFINER, tmp_path / "xl-refiner.safetensors",
+                                                        seed=1), progress=False)
+    calls = {"base": 0, "refiner": 0}
+    for name, pipe in (("base", base), ("refiner", refiner)):
+        def counted(*args, _forward=pipe.unet_forward, _name=name, **kwargs):
+            calls[_name] += 1
+            return _forward(*args, **kwargs)
+        pipe.unet_forward = counted
+
+    def run(hires):
+        calls.update(base=0, refiner=0)
+        result = base.txt2img("a cat", width=32, height=32, steps=3, sampler="euler", seed=2, hires=hires,
+                              refiner=Refiner(refiner, switch_at=0.5))
+        return result, dict(calls)
+
+    _, plain = run(None)
+    # Strength 0.3 starts the second pass below the switch point: all of it is the refiner's.
+    low, low_calls = run(HiresFix(scale=2, steps=2, denoising_strength=0.3))
+    assert low.images[0].size == (64, 64)
+    assert low_calls["base"] == plain["base"] and low_calls["refiner"] > plain["refiner"]
+    # Strength 0.9 starts above it: the base model begins the second pass, the refiner ends it.
+    _, high_calls = run(HiresFix(scale=2, steps=2, denoising_strength=0.9))
+    assert high_calls["base"] > plain["base"] and high_calls["refiner"] > plain["refiner"]
+    assert "Refiner: xl-refiner" in low.parameters[0] and "Hires upscale: 2" in low.parameters[0]
