@@ -273,7 +273,7 @@ def test_hires_fix_matches_txt2img_then_img2img_in_diffusers(sd1, upscaler, othe
 
 
 def test_hires_fix_with_a_super_resolution_model_matches_diffusers(sd1, x4):
-    """x4 upscaler (its factor overshoots 2x: Lanczos down, as A1111 resizes a model upscaler's output), then img2img."""
+    """The x4 upscaler, its output resized to 2x with Lanczos (as A1111 resizes a model upscaler's), then img2img."""
     from diffusers import (DDPMScheduler, EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline,
                            StableDiffusionPipeline, StableDiffusionUpscalePipeline)
     from latent_diffusion.pipelines.hires import HiresFix

@@ -83,10 +83,12 @@ def add_hires_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--hires-width", type=int, default=None,
                        help="target width (multiple of 8) instead of --hires-scale; alone it keeps the aspect ratio")
     group.add_argument("--hires-height", type=int, default=None,
-                       help="target height (multiple of 8); with --hires-width the centre of the enlarged image is kept")
+                       help="target height (multiple of 8); with --hires-width the centre of the enlarged "
+                            "image is kept")
     group.add_argument("--hires-upscaler", default=None,
                        help="Latent (default), Latent (antialiased|bicubic|bicubic antialiased|nearest|nearest-exact), "
-                            "None, Lanczos, Nearest, or a super-resolution checkpoint (file, or the built-in shapes-sr)")
+                            "None, Lanczos, Nearest, or a super-resolution checkpoint (a file, or the built-in "
+                            "shapes-sr)")
     group.add_argument("--hires-steps", type=int, default=None,
                        help="steps the second pass runs; default 0: as many as the first pass")
     group.add_argument("--hires-denoise", type=float, default=None,

@@ -207,12 +207,12 @@ class HiresPlan:
         hires, settings = self.hires, self.settings
         prompt, negative = self.prompts
         return {
-            "Denoising strength": f"{hires.denoising_strength:g}",
+            "Denoising strength": _exact(hires.denoising_strength),
             "Hires sampler": settings.sampler.label if settings.sampler != self.first.sampler else None,
             "Hires schedule type": settings.scheduler.label if settings.scheduler != self.first.scheduler else None,
             "Hires prompt": prompt if prompt != self.first_prompts[0] else None,
             "Hires negative prompt": negative if negative != self.first_prompts[1] else None,
-            "Hires upscale": None if hires.resized else f"{hires.scale:g}",
+            "Hires upscale": None if hires.resized else _exact(hires.scale),
             "Hires resize": f"{hires.resize_x}x{hires.resize_y}" if hires.resized else None,
             "Hires steps": hires.steps or None,
             "Hires upscaler": hires.upscaler_name,
@@ -232,6 +232,11 @@ def checked_target_sizes(hires: HiresFix, width: int, height: int,
     return enlarged, size
 
 
+def _exact(value: float) -> str:
+    """2.0 -> "2", 0.35 -> "0.35", 1/3 -> "0.3333333333333333": --from-png gets the very number back."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
 def plan_hires(hires: HiresFix, pipe: Pipeline, width: int, height: int, first: SamplingSettings,
                prompt: str, negative_prompt: str) -> HiresPlan:
     """Check ``hires`` against the first pass (before any work) and work out the second pass."""
@@ -243,7 +248,8 @@ def plan_hires(hires: HiresFix, pipe: Pipeline, width: int, height: int, first: 
     schedule_steps = int(run_steps / min(strength, 0.999)) if strength > 0 else run_steps
     if schedule_steps > MAX_SCHEDULE_STEPS:
         raise ValueError(f"{run_steps} hires steps at denoising strength {strength:g} make a schedule of "
-                         f"{schedule_steps} steps, more than {MAX_SCHEDULE_STEPS}; raise the strength or lower the steps")
+                         f"{schedule_steps} steps, more than {MAX_SCHEDULE_STEPS}; raise the strength or lower "
+                         "the steps")
     # int(schedule_steps * share) == run_steps exactly; the half step keeps float rounding off the edge.
     share = 0.0 if strength == 0 else min(1.0, (run_steps + 0.5) / schedule_steps)
     settings = _second_pass_settings(hires, first, schedule_steps)

@@ -183,7 +183,8 @@ def common_options(request: GenerationRequest) -> dict[str, Any]:
                 guidance_scale=request.cfg_scale, batch_size=request.batch_size)
 
 
-def check_hires(request: Txt2ImgRequest, limits: ServerLimits, model_upscalers: Sequence[str]) -> dict[str, Any] | None:
+def check_hires(request: Txt2ImgRequest, limits: ServerLimits,
+                model_upscalers: Sequence[str]) -> dict[str, Any] | None:
     """The hires fix a txt2img request asks for, checked before queueing: HiresFix's arguments, the
     upscaler by name (a super-resolution model is loaded on the worker). None without ``enable_hr``."""
     if not request.enable_hr:
@@ -191,7 +192,8 @@ def check_hires(request: Txt2ImgRequest, limits: ServerLimits, model_upscalers: 
     options = dict(
         scale=request.hr_scale, steps=request.hr_second_pass_steps, resize_x=request.hr_resize_x,
         resize_y=request.hr_resize_y, prompt=request.hr_prompt, negative_prompt=request.hr_negative_prompt,
-        denoising_strength=HIRES_DENOISING_STRENGTH if request.denoising_strength is None else request.denoising_strength,
+        denoising_strength=(HIRES_DENOISING_STRENGTH if request.denoising_strength is None
+                            else request.denoising_strength),
         sampler=None if is_same_choice(request.hr_sampler_name) else request.hr_sampler_name,
         scheduler=None if is_same_choice(request.hr_scheduler) else request.hr_scheduler)
     upscaler = request.hr_upscaler or DEFAULT_UPSCALER

@@ -49,7 +49,7 @@ class GenerationRequest(_Lenient):
 
 
 class Txt2ImgRequest(GenerationRequest):
-    """``POST /sdapi/v1/txt2img``; ``enable_hr`` turns on the hires fix (its ``hr_*`` fields and ``denoising_strength``)."""
+    """``POST /sdapi/v1/txt2img``; ``enable_hr`` turns on the hires fix (``hr_*``, ``denoising_strength``)."""
 
     enable_hr: bool = False
     denoising_strength: Optional[float] = Field(None, ge=0.0, le=1.0,
