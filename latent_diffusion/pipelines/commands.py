@@ -260,7 +260,8 @@ def _hires_upscaler_source(name: str | None) -> str | Path:
         builtin = None
     if builtin is not None and name == builtin.stem:
         return builtin
-    raise unknown_upscaler(name, [builtin.stem] if builtin is not None else [])
+    raise unknown_upscaler(name, [builtin.stem] if builtin is not None else [],
+                           "the path of a super-resolution checkpoint")
 
 
 def _check_hires(args: argparse.Namespace) -> str | Path | None:

@@ -72,15 +72,19 @@ def upscaler_names() -> list[str]:
     return [*LATENT_UPSCALE_MODES, *PIXEL_UPSCALERS]
 
 
-def unknown_upscaler(name: str, models: Sequence[str] = ()) -> ValueError:
-    """The error for an upscaler name that is neither built in nor one of ``models`` (super-resolution models)."""
+ANY_MODEL = "a super-resolution model"
+
+
+def unknown_upscaler(name: str, models: Sequence[str] = (), others: str | None = ANY_MODEL) -> ValueError:
+    """The error for an upscaler name that is neither built in nor one of ``models`` (super-resolution
+    models); ``others`` says what else may be given."""
     known = ", ".join(repr(n) for n in [*upscaler_names(), *models])
-    return ValueError(f"unknown hires upscaler {name!r}; choose one of {known}, or a super-resolution model")
+    return ValueError(f"unknown hires upscaler {name!r}; choose one of {known}" + (f", or {others}" if others else ""))
 
 
-def check_upscaler_name(name: str, models: Sequence[str] = ()) -> None:
+def check_upscaler_name(name: str, models: Sequence[str] = (), others: str | None = ANY_MODEL) -> None:
     if name not in LATENT_UPSCALE_MODES and name not in PIXEL_UPSCALERS and name not in models:
-        raise unknown_upscaler(name, models)
+        raise unknown_upscaler(name, models, others)
 
 
 def is_same_choice(value: str | None) -> bool:

@@ -198,7 +198,7 @@ def check_hires(request: Txt2ImgRequest, limits: ServerLimits,
         scheduler=None if is_same_choice(request.hr_scheduler) else request.hr_scheduler)
     upscaler = request.hr_upscaler or DEFAULT_UPSCALER
     try:
-        check_upscaler_name(upscaler, model_upscalers)
+        check_upscaler_name(upscaler, model_upscalers, others=None)
         enlarged, _ = checked_target_sizes(HiresFix(**options), request.width, request.height)
     except ValueError as error:
         raise BadRequest(str(error)) from None
