@@ -79,24 +79,28 @@ def add_hires_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "hires fix", "generate at the given size, enlarge, then redraw at the larger size (A1111's hires fix); "
                      "on with --hires-scale, --hires-width or --hires-height")
-    group.add_argument("--hires-scale", type=float, default=None, help="enlarge the first pass by this factor (1-4]")
-    group.add_argument("--hires-width", type=int, default=None,
+    group.add_argument("--hires-scale", metavar="FACTOR", type=float, default=None,
+                       help="enlarge the first pass by this factor (1-4]")
+    group.add_argument("--hires-width", metavar="PX", type=int, default=None,
                        help="target width (multiple of 8) instead of --hires-scale; alone it keeps the aspect ratio")
-    group.add_argument("--hires-height", type=int, default=None,
+    group.add_argument("--hires-height", metavar="PX", type=int, default=None,
                        help="target height (multiple of 8); with --hires-width the centre of the enlarged "
                             "image is kept")
-    group.add_argument("--hires-upscaler", default=None,
+    group.add_argument("--hires-upscaler", metavar="NAME", default=None,
                        help="Latent (default), Latent (antialiased|bicubic|bicubic antialiased|nearest|nearest-exact), "
                             "None, Lanczos, Nearest, or a super-resolution checkpoint (a file, or the built-in "
                             "shapes-sr)")
-    group.add_argument("--hires-steps", type=int, default=None,
+    group.add_argument("--hires-steps", metavar="N", type=int, default=None,
                        help="steps the second pass runs; default 0: as many as the first pass")
-    group.add_argument("--hires-denoise", type=float, default=None,
+    group.add_argument("--hires-denoise", metavar="STRENGTH", type=float, default=None,
                        help="denoising strength of the second pass in [0, 1]; default 0.7")
-    group.add_argument("--hires-sampler", default=None, help="the second pass's sampler; default: --sampler")
-    group.add_argument("--hires-scheduler", default=None, help="the second pass's scheduler; default: --scheduler")
-    group.add_argument("--hires-prompt", default=None, help="the second pass's prompt; default: the prompt")
-    group.add_argument("--hires-negative-prompt", default=None,
+    group.add_argument("--hires-sampler", metavar="NAME", default=None,
+                       help="the second pass's sampler; default: --sampler")
+    group.add_argument("--hires-scheduler", metavar="NAME", default=None,
+                       help="the second pass's scheduler; default: --scheduler")
+    group.add_argument("--hires-prompt", metavar="TEXT", default=None,
+                       help="the second pass's prompt; default: the prompt")
+    group.add_argument("--hires-negative-prompt", metavar="TEXT", default=None,
                        help="the second pass's negative prompt; default: the negative prompt")
 
 
