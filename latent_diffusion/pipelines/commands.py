@@ -130,6 +130,35 @@ def add_prompt_options(parser: argparse.ArgumentParser, *, clip_skip: bool = Tru
                            help="A1111 clip skip: 2 = penultimate CLIP layer; default: the model's own")
 
 
+def add_hires_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "hires fix", "generate at the given size, enlarge, then redraw at the larger size (A1111's hires fix); "
+                     "on with --hires-scale, --hires-width or --hires-height")
+    group.add_argument("--hires-scale", metavar="FACTOR", type=float, default=None,
+                       help="enlarge the first pass by this factor (1-4]")
+    group.add_argument("--hires-width", metavar="PX", type=int, default=None,
+                       help="target width (multiple of 8) instead of --hires-scale; alone it keeps the aspect ratio")
+    group.add_argument("--hires-height", metavar="PX", type=int, default=None,
+                       help="target height (multiple of 8); with --hires-width the centre of the enlarged "
+                            "image is kept")
+    group.add_argument("--hires-upscaler", metavar="NAME", default=None,
+                       help="Latent (default), Latent (antialiased|bicubic|bicubic antialiased|nearest|nearest-exact), "
+                            "None, Lanczos, Nearest, or a super-resolution checkpoint (a file, or the built-in "
+                            "shapes-sr)")
+    group.add_argument("--hires-steps", metavar="N", type=int, default=None,
+                       help="steps the second pass runs; default 0: as many as the first pass")
+    group.add_argument("--hires-denoise", metavar="STRENGTH", type=float, default=None,
+                       help="denoising strength of the second pass in [0, 1]; default 0.7")
+    group.add_argument("--hires-sampler", metavar="NAME", default=None,
+                       help="the second pass's sampler; default: --sampler")
+    group.add_argument("--hires-scheduler", metavar="NAME", default=None,
+                       help="the second pass's scheduler; default: --scheduler")
+    group.add_argument("--hires-prompt", metavar="TEXT", default=None,
+                       help="the second pass's prompt; default: the prompt")
+    group.add_argument("--hires-negative-prompt", metavar="TEXT", default=None,
+                       help="the second pass's negative prompt; default: the negative prompt")
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 def read_prompts(args: argparse.Namespace) -> list[str]:
     if getattr(args, "prompts_file", None) is None:
@@ -255,6 +284,77 @@ def _take_positional_prompt(args: argparse.Namespace) -> None:
     args.prompt = text
 
 
+_HIRES_DETAILS = ("hires_upscaler", "hires_steps", "hires_denoise", "hires_sampler", "hires_scheduler",
+                  "hires_prompt", "hires_negative_prompt")
+
+
+def _hires_requested(args: argparse.Namespace) -> bool:
+    """Whether the hires fix is on; its other options without a target are refused."""
+    if args.hires_scale is not None or args.hires_width is not None or args.hires_height is not None:
+        return True
+    stray = [name for name in _HIRES_DETAILS if getattr(args, name) is not None]
+    if stray:
+        raise ValueError(f"--{stray[0].replace('_', '-')} needs --hires-scale or --hires-width/--hires-height")
+    return False
+
+
+def _hires_fix(args: argparse.Namespace, upscaler):
+    """The hires fix the options ask for, checked (``upscaler``: a name or a loaded super-resolution model)."""
+    from latent_diffusion.pipelines.hires import DEFAULT_DENOISING_STRENGTH, HiresFix
+
+    return HiresFix(
+        scale=args.hires_scale if args.hires_scale is not None else 2.0, upscaler=upscaler,
+        steps=args.hires_steps or 0, resize_x=args.hires_width or 0, resize_y=args.hires_height or 0,
+        denoising_strength=DEFAULT_DENOISING_STRENGTH if args.hires_denoise is None else args.hires_denoise,
+        sampler=args.hires_sampler, scheduler=args.hires_scheduler, prompt=args.hires_prompt or "",
+        negative_prompt=args.hires_negative_prompt or "")
+
+
+def _hires_upscaler_source(name: str | None) -> str | Path:
+    """A built-in upscaler's name, or the super-resolution checkpoint that ``--hires-upscaler`` names."""
+    from latent_diffusion.pipelines.common import default_upscaler_path
+    from latent_diffusion.pipelines.hires import DEFAULT_UPSCALER, unknown_upscaler, upscaler_names
+
+    name = DEFAULT_UPSCALER if name is None else name
+    if name in upscaler_names():
+        return name
+    if Path(name).exists():
+        return Path(name)
+    try:
+        builtin = default_upscaler_path()
+    except FileNotFoundError:
+        builtin = None
+    if builtin is not None and name == builtin.stem:
+        return builtin
+    raise unknown_upscaler(name, [builtin.stem] if builtin is not None else [],
+                           "the path of a super-resolution checkpoint")
+
+
+def _check_hires(args: argparse.Namespace) -> str | Path | None:
+    """The hires options checked before any model loads; the upscaler to use (None: no hires fix)."""
+    from latent_diffusion.pipelines.hires import DEFAULT_UPSCALER, checked_target_sizes
+
+    if not _hires_requested(args):
+        return None
+    source = _hires_upscaler_source(args.hires_upscaler)
+    # A super-resolution model is loaded after the main one; its numbers are checked now.
+    hires = _hires_fix(args, source if isinstance(source, str) else DEFAULT_UPSCALER)
+    if args.width is not None and args.height is not None:
+        checked_target_sizes(hires, args.width, args.height)
+    return source
+
+
+def _load_hires(args: argparse.Namespace, source: str | Path | None):
+    """The hires fix with its upscaler loaded (None without one)."""
+    if source is None:
+        return None
+    if isinstance(source, Path):
+        from latent_diffusion.pipelines.common import Pipeline
+
+        source = Pipeline.from_checkpoint(source, half=args.half, device=args.device, progress=not args.quiet)
+    return _hires_fix(args, source)
+
+
 def native_image_size(pipe) -> int:
     """Default image side: the family's (512 for SD 1.x, 1024 for SDXL; a model of ours: its training size)."""
     return pipe.family.native_image_size(pipe.spec)
@@ -270,13 +370,15 @@ def cmd_txt2img(args: argparse.Namespace) -> None:
     _check_common(args)
     if args.width is not None or args.height is not None:
         check_size(args.width or 64, args.height or 64)
+    hires_upscaler = _check_hires(args)
     read_prompts(args)
     pipe = _pipeline(args)
+    hires = _load_hires(args, hires_upscaler)
     args.width, args.height = args.width or native_image_size(pipe), args.height or native_image_size(pipe)
     check_size(args.width, args.height)
     _run_prompts(args, lambda prompt, **kw: pipe.txt2img(
         prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
-        clip_skip=args.clip_skip, **_sdxl_kwargs(args, pipe), **_sampling_kwargs(args, pipe), **kw))
+        clip_skip=args.clip_skip, hires=hires, **_sdxl_kwargs(args, pipe), **_sampling_kwargs(args, pipe), **kw))
 
 
 def cmd_img2img(args: argparse.Namespace) -> None:
@@ -375,7 +477,8 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
 
 
 def apply_png_parameters(args: argparse.Namespace) -> None:
-    """Take prompt, negative prompt, steps, sampler, schedule type, CFG scale, seed, size and clip skip from a PNG."""
+    """Take prompt, negative prompt, steps, sampler, schedule type, CFG scale, seed, size, clip skip and the
+    hires fix from a PNG."""
     from latent_diffusion.pipelines.png_info import parse_parameters, read_png_parameters
 
     text = read_png_parameters(args.from_png)
@@ -392,8 +495,26 @@ def apply_png_parameters(args: argparse.Namespace) -> None:
         args.guidance_scale = float(settings.get("CFG scale", _guidance(args)))
         args.seed = int(settings.get("Seed", args.seed))
         args.clip_skip = int(settings["Clip skip"]) if "Clip skip" in settings else args.clip_skip
+        _apply_png_hires(args, settings)
     except ValueError as error:
         raise ValueError(f"{args.from_png}: unreadable generation parameters ({error})") from None
+
+
+def _apply_png_hires(args: argparse.Namespace, settings: dict[str, str]) -> None:
+    """The hires fix of a PNG's parameters (A1111's keys), when it was made with one."""
+    if "Hires upscale" not in settings and "Hires resize" not in settings:
+        return
+    args.hires_scale = args.hires_width = args.hires_height = None
+    if "Hires resize" in settings:
+        width, height = (int(v) for v in settings["Hires resize"].split("x"))
+        args.hires_width, args.hires_height = width or None, height or None
+    else:
+        args.hires_scale = float(settings["Hires upscale"])
+    args.hires_upscaler = settings.get("Hires upscaler")
+    args.hires_steps = int(settings.get("Hires steps", 0))
+    args.hires_denoise = float(settings["Denoising strength"]) if "Denoising strength" in settings else None
+    args.hires_sampler, args.hires_scheduler = settings.get("Hires sampler"), settings.get("Hires schedule type")
+    args.hires_prompt, args.hires_negative_prompt = settings.get("Hires prompt"), settings.get("Hires negative prompt")
 
 
 def add_task_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
@@ -407,8 +528,10 @@ def add_task_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--height", "-H", type=int, default=None,
                    help="image height in pixels (multiple of 8); default: the model's native size")
     p.add_argument("--from-png", default=None,
-                   help="regenerate a PNG written by ldm/A1111: its prompt, seed, size, sampler, schedule type, steps, CFG")
+                   help="regenerate a PNG written by ldm/A1111: its prompt, seed, size, sampler, schedule type, steps, "
+                        "CFG, hires fix")
     add_sampling_options(p, guidance=7.5)
+    add_hires_options(p)
     add_model_options(p)
     add_sdxl_options(p)
     add_output_options(p, "txt2img")

@@ -33,7 +33,7 @@ from latent_diffusion.diffusion.sampling import BatchNoise, make_generators, sam
 from latent_diffusion.diffusion.schedulers import AUTOMATIC, SchedulerSpec
 from latent_diffusion.diffusion.schedules import NoiseSchedule
 from latent_diffusion.models.autoencoder import AutoencoderKL
-from latent_diffusion.models.vae_tiling import decode_tiled
+from latent_diffusion.models.vae_tiling import decode_tiled, encode_tiled
 from latent_diffusion.pipelines.images import check_size, tensor_to_images
 from latent_diffusion.pipelines.png_info import format_parameters, model_hash
 from latent_diffusion.pipelines.refiner import HandOff, RefinerRun
@@ -294,27 +294,39 @@ class Pipeline:
                                      height=height, micro=micro or MicroConditioning())
 
     # ------------------------------------------------------------------ latents <-> images
-    def encode_images(self, pixels: Tensor, generators: Sequence[torch.Generator] | None) -> Tensor:
-        """Scaled latents of images in [-1, 1]; a KL posterior is sampled with each image's generator."""
+    def encode_images(self, pixels: Tensor, generators: Sequence[torch.Generator] | None, *,
+                      tiled: bool = False) -> Tensor:
+        """Scaled latents of images in [-1, 1]; a KL posterior is sampled with each image's generator.
+
+        ``tiled`` encodes in bands of rows (models/vae_tiling.py): the same latents in bounded memory.
+        """
         vae = self.model.first_stage_model
         pixels = pixels.to(self.device, self.dtype)
+
+        def encode(x: Tensor):
+            return encode_tiled(vae, x, progress=self.progress) if tiled else vae.encode(x)
+
         with torch.no_grad():
             if isinstance(vae, AutoencoderKL):
                 rows = []
                 for i in range(pixels.shape[0]):
-                    posterior = vae.encode(pixels[i:i + 1])
+                    posterior = encode(pixels[i:i + 1])
                     rows.append(posterior.sample(generators[i]) if generators else posterior.mode())
                 latents = torch.cat(rows)
             else:
-                latents = vae.encode(pixels)
+                latents = encode(pixels)
         return latents * self.spec.scale_factor
 
-    def decode(self, latents: Tensor, warnings: list[str] | None = None) -> Tensor:
-        """Images in [-1, 1] (float32, on the CPU) from scaled latents; a half-precision overflow is redone in fp32."""
+    def decode(self, latents: Tensor, warnings: list[str] | None = None, *, tiled: bool | None = None) -> Tensor:
+        """Images in [-1, 1] (float32, on the CPU) from scaled latents; a half-precision overflow is redone in fp32.
+
+        ``tiled`` decodes in bands of rows (default: the pipeline's ``tiled_vae``).
+        """
         vae = self.model.first_stage_model
+        tiled = self.tiled_vae if tiled is None else tiled
         with torch.no_grad():
             z = latents.to(self.dtype) / self.spec.scale_factor
-            images = decode_tiled(vae, z, progress=self.progress) if self.tiled_vae else vae.decode(z)
+            images = decode_tiled(vae, z, progress=self.progress) if tiled else vae.decode(z)
             if not torch.isfinite(images).all():
                 if self.dtype == torch.float32:
                     raise FloatingPointError("the decoded image contains NaN/inf even in fp32; the weights are broken")
@@ -324,8 +336,8 @@ class Pipeline:
                 images = _decode_fp32(vae, z.float())
         return images.float().cpu()
 
-    def to_images(self, latents: Tensor, warnings: list[str]) -> list[Image.Image]:
-        return tensor_to_images(self.decode(latents, warnings))
+    def to_images(self, latents: Tensor, warnings: list[str], *, tiled: bool | None = None) -> list[Image.Image]:
+        return tensor_to_images(self.decode(latents, warnings, tiled=tiled))
 
     # ------------------------------------------------------------------ the sampling core
     def latent_shape(self, batch_size: int, width: int, height: int) -> tuple[int, int, int, int]:

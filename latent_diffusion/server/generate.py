@@ -12,20 +12,25 @@ import json
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from latent_diffusion.diffusion.registry import resolve_sampler
 from latent_diffusion.diffusion.samplers import Step
 from latent_diffusion.pipelines.common import GenerationResult, Pipeline, resolve_seed
+from latent_diffusion.pipelines.hires import (
+    DEFAULT_UPSCALER, HiresFix, check_upscaler_name, checked_target_sizes, is_same_choice,
+)
 from latent_diffusion.pipelines.png_info import PARAMETERS_KEY, parse_parameters
 from latent_diffusion.server.jobs import Job, JobInterrupted
-from latent_diffusion.server.schemas import ExtrasSingleImageRequest, GenerationRequest, Img2ImgRequest
+from latent_diffusion.server.models import ModelManager
+from latent_diffusion.server.schemas import ExtrasSingleImageRequest, GenerationRequest, Img2ImgRequest, Txt2ImgRequest
 
 DEFAULT_SAMPLER = "Euler a"
 UPSCALERS = ("None", "Lanczos", "Nearest")
 UPSCALE_TILE_OVERLAP = 16  # input pixels shared by neighbouring tiles of a super-resolution model
+HIRES_DENOISING_STRENGTH = 0.75  # A1111's txt2img API default
 
 
 class BadRequest(ValueError):
@@ -98,9 +103,10 @@ def png_info(image: Image.Image) -> dict[str, Any]:
     if text:
         prompt, negative, settings = parse_parameters(text)
         parameters = {"Prompt": prompt, "Negative prompt": negative, **settings}
-        width, _, height = settings.get("Size", "").partition("x")
-        if width.isdigit() and height.isdigit():
-            parameters["Size-1"], parameters["Size-2"] = width, height
+        for key in ("Size", "Hires resize"):  # split as A1111 does: "Size-1", "Size-2"
+            width, _, height = settings.get(key, "").partition("x")
+            if width.isdigit() and height.isdigit():
+                parameters[f"{key}-1"], parameters[f"{key}-2"] = width, height
     return {"info": text, "items": items, "parameters": parameters}
 
 
@@ -183,10 +189,51 @@ def common_options(request: GenerationRequest) -> dict[str, Any]:
                 guidance_scale=request.cfg_scale, batch_size=request.batch_size)
 
 
-def run_txt2img(job: Job, pipe: Pipeline, request: GenerationRequest, preview_every: int, refiner=None):
-    """The txt2img job (``refiner``: a :class:`~latent_diffusion.pipelines.refiner.Refiner` or None)."""
+def check_hires(request: Txt2ImgRequest, limits: ServerLimits,
+                model_upscalers: Sequence[str]) -> dict[str, Any] | None:
+    """The hires fix a txt2img request asks for, checked before queueing: HiresFix's arguments, the
+    upscaler by name (a super-resolution model is loaded on the worker). None without ``enable_hr``."""
+    if not request.enable_hr:
+        return None
+    options = dict(
+        scale=request.hr_scale, steps=request.hr_second_pass_steps, resize_x=request.hr_resize_x,
+        resize_y=request.hr_resize_y, prompt=request.hr_prompt, negative_prompt=request.hr_negative_prompt,
+        denoising_strength=(HIRES_DENOISING_STRENGTH if request.denoising_strength is None
+                            else request.denoising_strength),
+        sampler=None if is_same_choice(request.hr_sampler_name) else request.hr_sampler_name,
+        scheduler=None if is_same_choice(request.hr_scheduler) else request.hr_scheduler)
+    upscaler = request.hr_upscaler or DEFAULT_UPSCALER
+    try:
+        check_upscaler_name(upscaler, model_upscalers, others=None)
+        enlarged, _ = checked_target_sizes(HiresFix(**options), request.width, request.height)
+    except ValueError as error:
+        raise BadRequest(str(error)) from None
+    if max(enlarged) > limits.max_size:
+        raise BadRequest(f"the hires fix makes {enlarged[0]}x{enlarged[1]}, beyond this server's limit of "
+                         f"{limits.max_size} pixels")
+    if request.hr_second_pass_steps > limits.max_steps:
+        raise BadRequest(f"hr_second_pass_steps {request.hr_second_pass_steps} exceeds this server's limit of "
+                         f"{limits.max_steps}")
+    return {**options, "upscaler": upscaler}
+
+
+def hires_fix(options: dict[str, Any] | None, models: ModelManager) -> HiresFix | None:
+    """Checked hires options (:func:`check_hires`) with their upscaler; call on the worker, which loads
+    a super-resolution model."""
+    if options is None:
+        return None
+    name = options["upscaler"]
+    upscaler = models.upscaler(name) if name in models.upscaler_paths else name
+    return HiresFix(**{**options, "upscaler": upscaler})
+
+
+def run_txt2img(job: Job, pipe: Pipeline, request: GenerationRequest, preview_every: int,
+                hires: HiresFix | None = None, refiner=None):
+    """The txt2img job, with the hires fix when ``hires`` is given and a refiner (a
+    :class:`~latent_diffusion.pipelines.refiner.Refiner`) when ``refiner`` is."""
     return run_batches(job, pipe, request, preview_every, lambda **run: pipe.txt2img(
-        request.prompt, width=request.width, height=request.height, refiner=refiner, **run, **common_options(request)))
+        request.prompt, width=request.width, height=request.height, hires=hires, refiner=refiner, **run,
+        **common_options(request)))
 
 
 def prepare_img2img(request: Img2ImgRequest, limits: ServerLimits) -> tuple[Image.Image, Image.Image | None]:

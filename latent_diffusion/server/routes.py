@@ -15,11 +15,13 @@ from fastapi.staticfiles import StaticFiles
 
 from latent_diffusion.diffusion.registry import SAMPLERS
 from latent_diffusion.diffusion.schedulers import SCHEDULERS
+from latent_diffusion.pipelines.hires import LATENT_UPSCALE_MODES
 from latent_diffusion.server import generate as gen
 from latent_diffusion.server.docs import docs_page
 from latent_diffusion.server.jobs import Job
 from latent_diffusion.server.schemas import (
-    ExtrasSingleImageRequest, ExtrasSingleImageResponse, ImageResponse, Img2ImgRequest, Options, PNGInfoRequest,
+    ExtrasSingleImageRequest, ExtrasSingleImageResponse, ImageResponse, Img2ImgRequest, LatentUpscaleModeItem,
+    Options, PNGInfoRequest,
     PNGInfoResponse, ProgressResponse, ProgressState, SamplerItem, SchedulerItem, SDModelItem, Txt2ImgRequest,
     UpscalerItem,
 )
@@ -97,12 +99,14 @@ def add_generation_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/sdapi/v1/txt2img", response_model=ImageResponse)
     async def txt2img(request: Txt2ImgRequest, http: Request):
         gen.check_generation(request, state.limits)
+        hires = gen.check_hires(request, state.limits, list(state.models.upscaler_paths))
         state.refiner_entry(request)  # an unknown refiner is a 400 before the job queues
         preview_every = state.preview_every
 
         def work(job: Job):
             pipe = state.pipeline_for(request.override_settings)
-            return gen.run_txt2img(job, pipe, request, preview_every, refiner=state.refiner_for(request)), pipe
+            return gen.run_txt2img(job, pipe, request, preview_every, gen.hires_fix(hires, state.models),
+                                   refiner=state.refiner_for(request)), pipe
 
         outcome, pipe = await state.run("txt2img", work, http)
         return respond(request, outcome, pipe)
@@ -130,6 +134,10 @@ def add_extras_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/sdapi/v1/upscalers", response_model=list[UpscalerItem])
     async def upscalers():
         return upscaler_items(state)
+
+    @app.get("/sdapi/v1/latent-upscale-modes", response_model=list[LatentUpscaleModeItem])
+    async def latent_upscale_modes():
+        return [LatentUpscaleModeItem(name=name) for name in LATENT_UPSCALE_MODES]
 
     @app.post("/sdapi/v1/extra-single-image", response_model=ExtrasSingleImageResponse)
     async def extra_single_image(request: ExtrasSingleImageRequest, http: Request):
