@@ -108,6 +108,19 @@ def test_hires_fix_section(page):
     assert page.input_value("#hr_denoising_strength") == "0.4"
 
 
+def test_refiner_section(page):
+    # The other tiny SD 1 model shares the first one's latent space, so it may finish its images.
+    assert page.locator("#refiner_checkpoint option").count() == 3  # None and the two models
+    page.fill("#prompt", "a red circle")
+    fill_small(page, steps=4)
+    page.select_option("#refiner_checkpoint", label="beta")
+    page.fill("#refiner_switch_at", "0.5")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#gallery .result img')?.naturalWidth > 0")
+    parameters = page.locator("#gallery .result .parameters").first.inner_text()
+    assert "Refiner: beta [" in parameters and "Refiner switch at: 0.5" in parameters, parameters
+
+
 def test_send_to_inpaint_with_a_drawn_mask_then_upscale(page):
     page.fill("#prompt", "a blue square")
     fill_small(page)

@@ -52,6 +52,7 @@ async function loadLists() {
   $("scheduler").replaceChildren(...schedulers.map((s) => new Option(s.label, s.label)));
   $("scheduler").value = "Automatic";
   $("model").replaceChildren(...models.map((m) => new Option(m.model_name, m.title)));
+  $("refiner_checkpoint").replaceChildren(new Option("None", ""), ...models.map((m) => new Option(m.model_name, m.title)));
   const current = models.find((m) => options.sd_model_checkpoint && options.sd_model_checkpoint.startsWith(m.filename));
   if (current) $("model").value = current.title;
   $("upscaler_1").replaceChildren(...upscalers.filter((u) => u.name !== "None").map((u) => new Option(u.name, u.name)));
@@ -131,6 +132,12 @@ function generationRequest() {
   };
 }
 
+// A1111's refiner: another listed model takes over at "switch at" (a fraction of the noise schedule).
+function refinerRequest() {
+  if (!$("refiner_checkpoint").value) return {};
+  return { refiner_checkpoint: $("refiner_checkpoint").value, refiner_switch_at: numberField("refiner_switch_at") };
+}
+
 function hiresRequest() {
   if (!$("enable_hr").checked) return {};
   return {
@@ -142,7 +149,7 @@ function hiresRequest() {
 
 async function run() {
   if (currentTab !== "txt2img" && !initImage) throw new Error("choose an input image first");
-  if (currentTab === "txt2img") return api("/txt2img", { ...generationRequest(), ...hiresRequest() });
+  if (currentTab === "txt2img") return api("/txt2img", { ...generationRequest(), ...hiresRequest(), ...refinerRequest() });
   const init = canvasBase64($("init_canvas"));
   if (currentTab === "upscale") {
     const result = await api("/extra-single-image", {
@@ -151,6 +158,7 @@ async function run() {
   }
   const body = { ...generationRequest(), init_images: [init], denoising_strength: numberField("denoising_strength") };
   if (currentTab === "inpaint") Object.assign(body, { mask: maskBase64(), mask_blur: numberField("mask_blur") });
+  else Object.assign(body, refinerRequest());
   return api("/img2img", body);
 }
 
