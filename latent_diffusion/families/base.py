@@ -34,8 +34,6 @@ class Component:
     prefix: str
     what: str  # in words, for ``ldm info``
     config: Any
-# Tensors release files carry besides the networks, by what they are.
-SCHEDULE_BUFFER_REASON = "diffusion schedule buffers"
 
 
 _ENCODER_WORDS = {"CLIPTextConfig": "CLIP text transformer", "BERTTextConfig": "BERT-style text transformer",
@@ -120,7 +118,7 @@ class Family:
         from latent_diffusion.checkpoints.schedule_buffers import SCHEDULE_BUFFER_NAMES
 
         if key in SCHEDULE_BUFFER_NAMES:
-            return SCHEDULE_BUFFER_REASON
+            return "diffusion schedule buffers"
         if key == "scale_factor":
             return "latent scale factor"
         if key.startswith("model_ema."):

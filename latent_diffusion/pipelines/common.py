@@ -177,19 +177,25 @@ class Pipeline:
         self.tiled_vae = tiled_vae
         if lean:
             _make_pipeline_lean(self.model)
-        # What the sampler calls; the model keeps the plain UNet (and its state-dict names).
-        self.unet_forward: Callable[..., Tensor] = self.model.unet
-        if compile_unet:
-            from latent_diffusion.nn.compiled import FrozenCompiled
-
-            self.unet_forward = FrozenCompiled(self.model.unet)
         # Latents, conditioning and images stay fp32 in bf16 mode; only the UNet's insides are bf16.
         self.bf16 = bf16
+        self.unet_forward = self._unet_stack(compile_unet=compile_unet, bf16=bf16)
+        self._text: TextConditioner | None = None
+
+    def _unet_stack(self, *, compile_unet: bool, bf16: bool) -> Callable[..., Tensor]:
+        """What the sampler calls: the UNet, wrapped by each run mode in turn. A layer takes the callable
+        below it and passes every argument through, so a per-request layer (a ControlNet's residuals)
+        stacks on top the same way; the model keeps the plain UNet and its state-dict names."""
+        network: Callable[..., Tensor] = self.model.unet
         if bf16:
             from latent_diffusion.nn.bf16 import BF16Autocast
 
-            self.unet_forward = BF16Autocast(self.model.unet)
-        self._text: TextConditioner | None = None
+            network = BF16Autocast(self.model.unet)  # converts the UNet's weights in place
+        if compile_unet:
+            from latent_diffusion.nn.compiled import FrozenCompiled
+
+            network = FrozenCompiled(network)
+        return network
 
     @classmethod
     def from_checkpoint(
