@@ -17,6 +17,7 @@ class Case:
     runs: int = 1
     # Agreement: "relative" max|ours - ref| <= 1e-4 max|ref|; "pixels" max difference <= 2/255.
     check: str = "relative"
+    model: str = "sd15"  # "sd15" or "sdxl" (random weights of that family, full size or tiny with --quick)
 
     def scaled(self, quick: bool) -> Case:
         return replace(self, size=self.quick_size) if quick else self
@@ -30,4 +31,5 @@ CASES = {case.name: case for case in [
     Case("txt2img512", "txt2img", 512, "txt2img 512x512, 20 steps DPM++ 2M, CFG 7.5", 64, check="pixels"),
     Case("vae512", "vae", 512, "VAE decode 512x512", 64),
     Case("vae1024", "vae", 1024, "VAE decode 1024x1024", 128),
+    Case("sdxl_unet64", "unet", 64, "SDXL UNet step, batch 2 (CFG), 64x64 latents", 8, warmup=1, model="sdxl"),
 ]}

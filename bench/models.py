@@ -27,12 +27,28 @@ QUICK_SPEC = dataclasses.replace(
 )
 
 
-def spec_for(quick: bool) -> ModelSpec:
+def spec_for(quick: bool, model: str = "sd15") -> ModelSpec:
+    if model == "sdxl":
+        sys.path.insert(0, str(ROOT / "tests"))
+        from pipeline_tiny import TINY_SDXL
+
+        from latent_diffusion.config import SDXL
+
+        return TINY_SDXL if quick else SDXL
     return QUICK_SPEC if quick else SD1
 
 
 def write_weights(spec: ModelSpec, path: Path, seed: int = 0) -> Path:
-    """Random weights of ``spec`` in the original layout, written once (non-trivial scale everywhere)."""
+    """Random weights of ``spec`` in the original layout, written once (non-trivial scale everywhere).
+
+    SDXL is written in fp16, as it is released (and so that the fp32 model never exists twice)."""
+    if spec.family == "sdxl":
+        from bench.sdxl_release_file import random_release_state
+        from latent_diffusion.checkpoints.io import save_safetensors
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_safetensors(random_release_state(spec, seed), path, {"format": "pt"})
+        return path
     sys.path.insert(0, str(ROOT / "tests"))
     from pipeline_tiny import random_state
 
@@ -44,7 +60,8 @@ def write_weights(spec: ModelSpec, path: Path, seed: int = 0) -> Path:
 
 
 def write_diffusers_configs(spec: ModelSpec, folder: Path) -> Path:
-    """A diffusers folder with configs and tokenizer files only, for ``from_single_file(config=...)``."""
+    """A diffusers folder with configs and tokenizer files only, for ``from_single_file(config=...)``
+    (SDXL: the UNet's config alone, the one network its benchmark loads)."""
     from latent_diffusion.checkpoints import diffusers_configs
     from latent_diffusion.models.tokenizer import load_clip_vocabulary
 
@@ -54,6 +71,8 @@ def write_diffusers_configs(spec: ModelSpec, folder: Path) -> Path:
         target.write_text(json.dumps(data, indent=2))
 
     write("unet/config.json", diffusers_configs.unet_config(spec))
+    if spec.family == "sdxl":
+        return folder
     write("vae/config.json", diffusers_configs.vae_config(spec))
     write("text_encoder/config.json", diffusers_configs.text_config(spec.conditioner))
     write("scheduler/scheduler_config.json", diffusers_configs.scheduler_config(spec))
@@ -87,6 +106,15 @@ def load_ours(path: Path, device: str, dtype: torch.dtype, **options):
     unet_dtype = torch.bfloat16 if options.get("bf16") else None
     loaded = load_checkpoint(path, dtype=dtype, device=device, unet_dtype=unet_dtype)
     return Pipeline(loaded, progress=False, **options)
+
+
+def load_diffusers_unet(path: Path, config_folder: Path, device: str, dtype: torch.dtype):
+    """diffusers' UNet alone from the same single file, offline (the SDXL benchmark's network)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_single_file(str(path), config=str(config_folder), subfolder="unet",
+                                                 local_files_only=True, torch_dtype=dtype)
+    return unet.to(device).eval()
 
 
 def load_diffusers(path: Path, config_folder: Path, device: str, dtype: torch.dtype):

@@ -41,9 +41,9 @@ LEAN_PSNR = 30.0
 TILED_PSNR = 35.0
 
 
-def prepare_files(quick: bool, cache: Path) -> tuple[Path, Path]:
-    spec = spec_for(quick)
-    stem = "quick-sd1" if quick else "sd15-random"
+def prepare_files(quick: bool, cache: Path, model: str = "sd15") -> tuple[Path, Path]:
+    spec = spec_for(quick, model)
+    stem = f"quick-{model}" if quick else f"{model}-random"
     weights = cache / f"{stem}.safetensors"
     if not weights.is_file():
         print(f"writing random {spec.family} weights to {weights} (once)", file=sys.stderr)
@@ -108,9 +108,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     cases = [CASES[name] for name in (args.only or CASES)]
-    weights, configs = prepare_files(args.quick, args.cache)
-
-    common = ["--weights", str(weights), "--configs", str(configs), "--device", args.device, "--dtype", dtype]
+    common = ["--device", args.device, "--dtype", dtype]
     if args.quick:
         common.append("--quick")
     if args.threads:
@@ -122,13 +120,15 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="ldm-bench-") as scratch:
         scratch = Path(scratch)
         for case in cases:
+            weights, configs = prepare_files(args.quick, args.cache, case.model)
+            files = ["--weights", str(weights), "--configs", str(configs)]
             measured: dict[str, list[dict]] = {"ours": [], "diffusers": []}
             for repeat in range(args.repeats):
                 # Alternate which side goes first, so that drift in the machine's load hits both.
                 for side in (("ours", "diffusers") if repeat % 2 == 0 else ("diffusers", "ours")):
                     output = scratch / f"{case.name}-{side}.pt"
                     command = [sys.executable, str(HERE / "worker.py"), "--case", case.name, "--side", side,
-                               "--output", str(output), *common]
+                               "--output", str(output), *files, *common]
                     report = run_child(command, scratch / f"{case.name}-{side}-{repeat}.log")
                     measured[side].append(report)
                     print(f"{case.name:12s} {side:9s} run {repeat + 1}: {min(report['seconds']):.3f} s, "

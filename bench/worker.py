@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.cases import CASES, Case  # noqa: E402
-from bench.models import load_diffusers, load_ours, spec_for  # noqa: E402
+from bench.models import load_diffusers, load_diffusers_unet, load_ours, spec_for  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon"
 SEED = 1234
@@ -54,6 +54,17 @@ def unet_inputs(case: Case, spec, device, dtype):
     return x.to(device, dtype), t.to(device), context.to(device, dtype)
 
 
+def adm_inputs(spec, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SDXL's vector input as both sides take it: (our y, diffusers' pooled text, diffusers' time ids)."""
+    from latent_diffusion.nn.layers import timestep_embedding
+
+    conditioner = spec.conditioner
+    generator = torch.Generator().manual_seed(SEED + 1)
+    pooled = torch.randn(2, conditioner.text_encoders[conditioner.pooled_from].width, generator=generator)
+    time_ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * 2)
+    y = torch.cat([pooled, timestep_embedding(time_ids.flatten(), conditioner.fourier_dim).reshape(2, -1)], dim=1)
+    return y.to(device, dtype), pooled.to(device, dtype), time_ids.to(device, dtype)
+
 def dpmpp_2m_settings():
     """DPM++ 2M on trailing timesteps, the spacing where it matches diffusers' DPMSolverMultistepScheduler."""
     from latent_diffusion.diffusion.registry import get_sampler
@@ -72,12 +83,13 @@ def run_ours(case: Case, args, spec, timer: Timer):
     with torch.no_grad():
         if case.kind == "unet":
             x, t, context = unet_inputs(case, spec, args.device, pipe.dtype)
+            y = adm_inputs(spec, args.device, pipe.dtype)[0] if case.model == "sdxl" else None
             unet = pipe.unet_forward  # the compiled UNet under compile_unet
             for _ in range(case.warmup):
-                seconds, _ = timer(lambda: unet(x, t, context))
+                seconds, _ = timer(lambda: unet(x, t, context, y))
                 warmup.append(seconds)
             for _ in range(case.runs):
-                seconds, out = timer(lambda: unet(x, t, context))
+                seconds, out = timer(lambda: unet(x, t, context, y))
                 times.append(seconds)
         elif case.kind == "vae":
             latents = vae_latents(case, spec).to(args.device, pipe.dtype)
@@ -110,6 +122,8 @@ def vae_latents(case: Case, spec) -> torch.Tensor:
 
 def run_diffusers(case: Case, args, spec, timer: Timer):
     dtype = getattr(torch, args.dtype)
+    if case.model == "sdxl":
+        return run_diffusers_sdxl_unet(case, args, spec, timer, dtype)
     load_seconds, pipe = timer(lambda: load_diffusers(args.weights, args.configs, args.device, dtype))
     if case.kind == "load":
         return [load_seconds], None, []
@@ -147,6 +161,21 @@ def run_diffusers(case: Case, args, spec, timer: Timer):
     return times, out, []
 
 
+def run_diffusers_sdxl_unet(case: Case, args, spec, timer: Timer, dtype: torch.dtype):
+    unet = load_diffusers_unet(args.weights, args.configs, args.device, dtype)
+    x, t, context = unet_inputs(case, spec, args.device, dtype)
+    _, pooled, time_ids = adm_inputs(spec, args.device, dtype)
+    added = {"text_embeds": pooled, "time_ids": time_ids}
+    times = []
+    with torch.no_grad():
+        for _ in range(case.warmup):
+            unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added)
+        for _ in range(case.runs):
+            seconds, out = timer(lambda: unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample)
+            times.append(seconds)
+    return times, out, []
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--case", required=True, choices=sorted(CASES))
@@ -163,7 +192,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     case = CASES[args.case].scaled(args.quick)
-    spec = spec_for(args.quick)
+    spec = spec_for(args.quick, case.model)
     timer = Timer(args.device)
     run = run_ours if args.side == "ours" else run_diffusers
     times, out, warmup = run(case, args, spec, timer)

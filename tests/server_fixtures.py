@@ -9,9 +9,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
-from pipeline_tiny import TINY_SD1, write_checkpoint
+from pipeline_tiny import TINY_SD1, TINY_X4, write_checkpoint
 
 
 def free_port() -> int:
@@ -26,6 +27,18 @@ def tiny_models(folder: Path) -> Path:
     write_checkpoint(TINY_SD1, folder / "alpha.safetensors", seed=0)
     write_checkpoint(TINY_SD1, folder / "beta.safetensors", seed=1)
     return folder
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    """A folder of two tiny SD 1 checkpoints (see :func:`tiny_models`), one per test module."""
+    return tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def upscaler_path(tmp_path_factory):
+    """A tiny random-weight SD x4 upscaler checkpoint, listed by servers as "tiny-x4"."""
+    return write_checkpoint(TINY_X4, tmp_path_factory.mktemp("upscalers") / "tiny-x4.safetensors")
 
 
 @contextmanager

@@ -84,6 +84,21 @@ def test_full_size_parameter_counts_match_the_reference_numbers():
     assert sd2["unet"] == 865_910_724
 
 
+def test_full_size_sdxl_parameter_counts_match_the_reference_numbers():
+    from latent_diffusion.config import OPENCLIP_BIGG
+    from latent_diffusion.models.text_encoders import CLIPTextEncoder
+
+    with torch.device("meta"):
+        base = LatentDiffusion(SDXL).component_parameter_counts()
+        refiner = LatentDiffusion(SDXL_REFINER).component_parameter_counts()
+        bigg = CLIPTextEncoder(OPENCLIP_BIGG)
+    assert base["unet"] == 2_567_463_684 and refiner["unet"] == 2_259_526_660
+    assert base["vae"] == refiner["vae"] == 83_653_863
+    # The text model with its projection; OpenCLIP's logit scale is one more (unused) number.
+    assert sum(p.numel() for name, p in bigg.named_parameters() if "logit_scale" not in name) == 694_659_840
+    assert base["cond"] == 694_659_841 + 123_060_480 and refiner["cond"] == 694_659_841
+
+
 def test_non_preset_sizes_are_read_from_the_shapes():
     spec = dataclasses.replace(
         SD1,

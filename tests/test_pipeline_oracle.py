@@ -215,3 +215,95 @@ def test_full_size_sd15_txt2img_at_256_matches_stable_diffusion_pipeline(tmp_pat
                            output_type="np").images
     _assert_images_match(mine.images, theirs)
 
+
+
+# ---------------------------------------------------------------------------------------------- hires fix
+def _reference(cls, components, sampler: str):
+    pipeline = cls(**components, scheduler=_scheduler(sampler), safety_checker=None, feature_extractor=None,
+                   requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _diffusers_hires(components, upscaler: str, *, prompt, negative, seed, batch, size, steps, guidance,
+                     hires_steps, strength):
+    """The hires fix as two diffusers calls: txt2img, then img2img on the enlarged image (a resampling
+    filter) or the enlarged latents (torch interpolation, A1111's latent modes)."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    first = _reference(StableDiffusionPipeline, components, "euler_a")
+    second = _reference(StableDiffusionImg2ImgPipeline, components, "euler_a")
+    latents, generators = _initial_noise(seed, batch, (4, size // 4, size // 4))
+    common = dict(prompt=[prompt] * batch, negative_prompt=[negative] * batch, guidance_scale=guidance)
+    with torch.no_grad():
+        if upscaler.startswith("Latent"):
+            small = first(**common, height=size, width=size, num_inference_steps=steps, latents=latents,
+                          generator=generators, output_type="latent").images
+            image = torch.nn.functional.interpolate(small, scale_factor=2, mode="bilinear", antialias=False)
+        else:
+            small = first(**common, height=size, width=size, num_inference_steps=steps, latents=latents,
+                          generator=generators, output_type="pil").images
+            method = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}[upscaler]
+            image = [picture.resize((2 * size, 2 * size), method) for picture in small]
+        # A1111 runs exactly `hires_steps` steps: the tail of a schedule of hires_steps / strength steps.
+        return second(**common, image=image, num_inference_steps=round(hires_steps / strength), strength=strength,
+                      generator=make_generators(seed, batch), output_type="np").images
+
+
+@pytest.mark.parametrize("upscaler,other", [("Lanczos", "Nearest"), ("Latent", "Latent (nearest)")])
+def test_hires_fix_matches_txt2img_then_img2img_in_diffusers(sd1, upscaler, other):
+    from latent_diffusion.pipelines.hires import HiresFix
+
+    pipe, components = sd1
+    request = dict(prompt="a red circle above a blue square", negative="blurry", seed=7, batch=2, size=32,
+                   steps=4, guidance=6.0, hires_steps=3, strength=0.5)
+    theirs = _diffusers_hires(components, upscaler, **request)
+
+    def ours(name: str):
+        hires = HiresFix(scale=2, upscaler=name, steps=request["hires_steps"], denoising_strength=request["strength"])
+        return pipe.txt2img(request["prompt"], negative_prompt=request["negative"], width=32, height=32, steps=4,
+                            sampler="euler_a", guidance_scale=6.0, seed=7, batch_size=2, hires=hires)
+
+    result = ours(upscaler)
+    _assert_images_match(result.images, theirs)
+    assert result.images[0].size == (64, 64) and result.seeds == [7, 8]
+    assert "Size: 32x32" in result.parameters[0] and f"Hires upscaler: {upscaler}" in result.parameters[0]
+    # The tolerance tells the upscale mode apart.
+    assert np.abs(_as_array(ours(other).images) - theirs).max() > 2 * TOLERANCE
+
+
+def test_hires_fix_with_a_super_resolution_model_matches_diffusers(sd1, x4):
+    """The x4 upscaler, its output resized to 2x with Lanczos (as A1111 resizes a model upscaler's), then img2img."""
+    from diffusers import (DDPMScheduler, EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline,
+                           StableDiffusionPipeline, StableDiffusionUpscalePipeline)
+    from latent_diffusion.pipelines.hires import HiresFix
+
+    pipe, components = sd1
+    upscaler, x4_components = x4
+    seed, guidance, hires_steps, strength = 4, 5.0, 2, 0.5
+    hires = HiresFix(scale=2, upscaler=upscaler, steps=hires_steps, denoising_strength=strength)
+    ours = pipe.txt2img("a green star", width=32, height=32, steps=3, sampler="euler", guidance_scale=guidance,
+                        seed=seed, hires=hires)
+
+    schedule = dict(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02, num_train_timesteps=1000)
+    enlarge = StableDiffusionUpscalePipeline(
+        **x4_components, scheduler=EulerDiscreteScheduler(**schedule, prediction_type="v_prediction", steps_offset=1),
+        low_res_scheduler=DDPMScheduler(**schedule), max_noise_level=350)
+    enlarge.set_progress_bar_config(disable=True)
+    first = _reference(StableDiffusionPipeline, components, "euler")
+    second = _reference(StableDiffusionImg2ImgPipeline, components, "euler")
+    latents, generators = _initial_noise(seed, 1, (4, 8, 8))
+    with torch.no_grad():
+        small = first("a green star", height=32, width=32, num_inference_steps=3, guidance_scale=guidance,
+                      latents=latents, generator=generators, output_type="pil").images[0]
+        generators = make_generators(seed, 1)
+        torch.randn((1, 3, 32, 32), generator=generators[0])  # the x4 model's augmentation noise
+        big = enlarge("a green star", image=small, noise_level=20, num_inference_steps=hires_steps,
+                      guidance_scale=guidance, latents=BatchNoise(generators).randn((1, 4, 32, 32)),
+                      generator=make_generators(seed, 1), output_type="pil").images[0]
+        assert big.size == (128, 128)
+        theirs = second("a green star", image=big.resize((64, 64), Image.Resampling.LANCZOS),
+                        num_inference_steps=round(hires_steps / strength), strength=strength, guidance_scale=guidance,
+                        generator=make_generators(seed, 1), output_type="np").images
+    _assert_images_match(ours.images, theirs)
+    assert f"Hires upscaler: {upscaler.name}" in ours.parameters[0]

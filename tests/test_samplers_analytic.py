@@ -16,13 +16,7 @@ from latent_diffusion.diffusion.schedules import NoiseSchedule, karras_sigmas
 F64 = dict(dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: on a loaded 2-core machine a second thread only adds waiting."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: a second thread only waits
 
 # Global order of accuracy each deterministic sampler promises: Euler/DDIM 1; Heun, DPM-Solver++(2M)
 # 2; UniPC-2 3 (the corrector raises the predictor's order by one); LMS 4. PLMS uses constant-step

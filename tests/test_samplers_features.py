@@ -15,18 +15,13 @@ from latent_diffusion.diffusion.schedulers import SCHEDULERS
 from latent_diffusion.diffusion.sampling import BatchNoise, InpaintingDenoiser, make_generators, sample
 from latent_diffusion.diffusion.schedules import NoiseSchedule, make_sigmas, scale_from_vp
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+# Tiny tensors: a second thread only waits.
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.usefixtures("one_thread")]
 
 SCHEDULE = NoiseSchedule.from_config(ScheduleConfig("scaled_linear", 1000, 0.00085, 0.012))
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def net(x, t, context=None, y=None):

@@ -32,7 +32,8 @@ from latent_diffusion.diffusion.sampling import BatchNoise
 from latent_diffusion.diffusion.schedules import NoiseSchedule, make_sigmas, scale_from_vp, scale_to_vp
 
 # diffusers' schedulers trip numpy 2's __array__ copy-keyword deprecation on every set_timesteps.
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+# Tiny tensors: a second thread only waits.
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.usefixtures("one_thread")]
 
 SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 SCHEDULE = NoiseSchedule.from_config(ScheduleConfig("scaled_linear", 1000, 0.00085, 0.012))
@@ -40,13 +41,6 @@ SHAPE = (2, 4, 8, 8)
 DATA_STD = 0.5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: on a loaded 2-core machine a second thread only adds waiting."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 class TinyModel:

@@ -19,12 +19,12 @@ from latent_diffusion.diffusion.sampling import BatchNoise, make_generators
 from latent_diffusion.pipelines.common import Pipeline
 from latent_diffusion.pipelines.refiner import Refiner
 from latent_diffusion.pipelines.text_conditioning import MicroConditioning
+from test_pipeline_oracle import TOLERANCE, _as_array as _array, _assert_images_match
 from pipeline_tiny import (
     SD_SCHEDULER, TINY_SD1, TINY_SDXL, TINY_SDXL_REFINER, diffusers_folder, sdxl_components, write_checkpoint,
 )
 
 diffusers = pytest.importorskip("diffusers")
-TOLERANCE = 2 / 255
 PROMPT = "a red circle above a blue square"
 SEED, BATCH, SIZE, STEPS = 3, 2, 32, 5
 
@@ -56,17 +56,6 @@ def _reference(cls, path, folder, **options):
     pipe = cls(**sdxl_components(diffusers_folder(path, folder)), scheduler=_scheduler(), **options)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def _array(images) -> np.ndarray:
-    return np.stack([np.asarray(image, dtype=np.float32) / 255 for image in images])
-
-
-def _assert_images_match(ours, reference: np.ndarray) -> None:
-    ours = _array(ours)
-    assert ours.shape == reference.shape
-    assert np.abs(ours - reference).max() <= TOLERANCE, np.abs(ours - reference).max()
-    assert ours.std() > 0.02
 
 
 def _noise():
@@ -233,3 +222,83 @@ def test_ldm_info_names_the_family_and_its_parts(files, capsys):
     assert "text_encoder " in out and "CLIP ViT-L/14" in out and "text_encoder_2" in out and "ViT-bigG" in out
     main(["info", str(files[1])])
     assert "sdxl-refiner" in capsys.readouterr().out
+
+
+def test_cli_txt2img_with_refiner_and_size_options(files, tmp_path, capsys):
+    from latent_diffusion.cli import main
+    from latent_diffusion.pipelines.png_info import parse_parameters, read_png_parameters
+
+    out = tmp_path / "out"
+    code = main(["txt2img", PROMPT, "-c", str(files[0]), "--refiner", str(files[1]), "--refiner-switch-at", "0.6",
+                 "--original-size", "1024x768", "-W", "32", "-H", "32", "--steps", "3", "--sampler", "euler",
+                 "--seed", "4", "-o", str(out), "-q"])
+    assert code in (None, 0)
+    (image,) = out.glob("*.png")
+    _, _, settings = parse_parameters(read_png_parameters(image))
+    assert settings["Refiner switch at"] == "0.6" and settings["Original size"] == "1024x768"
+    assert settings["CFG scale"] == "5"  # the SDXL family's default guidance
+    command = ["txt2img", PROMPT, "-c", str(files[0]), "--refiner", str(files[1]), "-o", str(out)]
+    assert main([*command, "--refiner-switch-at", "1"]) == 2
+    assert "strictly between 0 and 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*command, "--original-size", "big"])
+    assert "AxB" in capsys.readouterr().err
+    assert main([*command[:-2], "--refiner", str(tmp_path / "missing.safetensors"), "-o", str(out)]) == 2
+    assert "refiner not found" in capsys.readouterr().err
+
+
+def _psnr(a, b) -> float:
+    a, b = _array(a), _array(b)
+    return float(10 * np.log10(1 / max(np.mean((a - b) ** 2), 1e-12)))
+
+
+@pytest.mark.parametrize("mode", ["lean", "tiled_vae", "bf16"])
+def test_run_modes_work_for_sdxl_with_a_refiner(files, base, refiner, mode):
+    from latent_diffusion.nn.bf16 import has_native_bf16
+
+    if mode == "bf16" and not has_native_bf16("cpu"):
+        pytest.skip("this CPU has no native bfloat16")
+    options = dict(negative_prompt="blurry", width=SIZE, height=SIZE, steps=4, sampler="dpmpp_2m", seed=SEED)
+    exact = base.txt2img(PROMPT, refiner=Refiner(refiner, 0.6), **options)
+    fast_base = Pipeline.from_checkpoint(files[0], progress=False, **{mode: True})
+    fast_refiner = Pipeline.from_checkpoint(files[1], progress=False, **{mode: True})
+    fast = fast_base.txt2img(PROMPT, refiner=Refiner(fast_refiner, 0.6), **options)
+    # Tiled decoding is exact; lean and bf16 round the weights or the arithmetic.
+    assert _psnr(exact.images, fast.images) >= {"lean": 40, "tiled_vae": 80, "bf16": 30}[mode]
+
+
+def test_separate_sdxl_vae_file_replaces_the_autoencoder(files, tmp_path):
+    from latent_diffusion.checkpoints.io import save_safetensors
+    from pipeline_tiny import random_state
+
+    vae = {k.removeprefix("first_stage_model."): v for k, v in random_state(TINY_SDXL, seed=7).items()
+           if k.startswith("first_stage_model.")}
+    save_safetensors(vae, tmp_path / "sdxl_vae.safetensors")
+    pipe = Pipeline.from_checkpoint(files[0], vae=tmp_path / "sdxl_vae.safetensors", progress=False)
+    assert torch.equal(pipe.model.first_stage_model.state_dict()["decoder.conv_out.weight"], vae["decoder.conv_out.weight"])
+
+
+def test_api_refiner_checkpoint_and_switch_match_the_python_api(files, base, refiner):
+    import httpx
+
+    from latent_diffusion.server.app import ServerConfig
+    from server_fixtures import png_from_b64, running_server
+
+    folder = files[2]
+    payload = dict(prompt=PROMPT, negative_prompt="blurry", width=SIZE, height=SIZE, steps=4, sampler_name="Euler",
+                   cfg_scale=5.0, seed=SEED, refiner_checkpoint="xl-refiner.safetensors", refiner_switch_at=0.6)
+    expected = base.txt2img(PROMPT, negative_prompt="blurry", width=SIZE, height=SIZE, steps=4, sampler="euler",
+                            guidance_scale=5.0, seed=SEED, refiner=Refiner(refiner, 0.6))
+    with running_server(ServerConfig(checkpoint=files[0], models_dir=folder)) as url:
+        answer = httpx.post(f"{url}/sdapi/v1/txt2img", json=payload, timeout=300)
+        assert answer.status_code == 200, answer.text
+        image = png_from_b64(answer.json()["images"][0])
+        assert np.array_equal(np.asarray(image), np.asarray(expected.images[0]))
+        assert "Refiner switch at: 0.6" in answer.json()["info"]
+        bad = [({**payload, "refiner_checkpoint": "nothing.safetensors"}, 400, "unknown model"),
+               ({**payload, "refiner_switch_at": 1.0}, 422, "refiner_switch_at"),
+               ({**payload, "refiner_checkpoint": "xl.safetensors", "override_settings":
+                 {"sd_model_checkpoint": "xl-refiner.safetensors"}}, 400, "cannot start from noise")]
+        for body, status, message in bad:
+            refused = httpx.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=300)
+            assert refused.status_code == status and message in refused.json()["detail"], refused.text

@@ -21,21 +21,12 @@ pytest.importorskip("uvicorn")
 from latent_diffusion.pipelines.png_info import parse_parameters  # noqa: E402
 from latent_diffusion.server.app import ServerConfig  # noqa: E402
 from latent_diffusion.server.generate import ServerLimits  # noqa: E402
-from pipeline_tiny import TINY_X4, write_checkpoint  # noqa: E402
-from server_fixtures import b64_png, free_port, png_from_b64, running_server, tiny_models  # noqa: E402
+from server_fixtures import (  # noqa: E402, F401 - models_dir, upscaler_path: fixtures
+    b64_png, free_port, models_dir, png_from_b64, running_server, upscaler_path,
+)
 
 SMALL = {"width": 32, "height": 32, "steps": 3}
 LIMITS = ServerLimits(max_size=64, max_steps=400, max_images=4, max_body_bytes=1_000_000)
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory):
-    return tiny_models(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
-def upscaler_path(tmp_path_factory):
-    return write_checkpoint(TINY_X4, tmp_path_factory.mktemp("upscalers") / "tiny-x4.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +79,7 @@ def test_listings(client):
     assert options["sd_model_checkpoint"].startswith("alpha.safetensors [")
     assert {"None", "Lanczos", "Nearest"} <= {u["name"] for u in client.get("/sdapi/v1/upscalers").json()}
     assert "/sdapi/v1/txt2img" in client.get("/openapi.json").json()["paths"]
-    assert "swagger" in client.get("/docs").text.lower()
+    assert "/sdapi/v1/txt2img" in client.get("/docs").text
 
 
 def test_txt2img_images_carry_parameters_and_repeat_by_seed(client):
@@ -109,6 +100,27 @@ def test_txt2img_images_carry_parameters_and_repeat_by_seed(client):
     again = txt2img(client, prompt="a red circle", negative_prompt="blue", seed=1236, sampler_name="DPM++ 2M",
                     cfg_scale=5)
     np.testing.assert_array_equal(pixels(again["images"][0]), pixels(body["images"][2]))
+
+
+def test_txt2img_with_the_hires_fix(client):
+    modes = [m["name"] for m in client.get("/sdapi/v1/latent-upscale-modes").json()]
+    assert modes == ["Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
+                     "Latent (nearest)", "Latent (nearest-exact)"]
+    hires = dict(prompt="a red circle", seed=3, enable_hr=True, hr_second_pass_steps=2, denoising_strength=0.5)
+    for upscaler in ("Latent", "Lanczos", "tiny-x4"):  # a latent mode, a filter, a super-resolution model
+        body = txt2img(client, **hires, hr_upscaler=upscaler)
+        image = png_from_b64(body["images"][0])
+        assert image.size == (64, 64)
+        settings = parse_parameters(image.info["parameters"])[2]
+        assert {k: settings.get(k) for k in ("Size", "Hires upscale", "Hires steps", "Hires upscaler",
+                                              "Denoising strength")} == {
+            "Size": "32x32", "Hires upscale": "2", "Hires steps": "2", "Hires upscaler": upscaler,
+            "Denoising strength": "0.5"}
+    resized = png_from_b64(txt2img(client, **hires, hr_resize_x=64, hr_resize_y=48, hr_scale=1)["images"][0])
+    assert resized.size == (64, 48) and "Hires resize: 64x48" in resized.info["parameters"]
+    # Without enable_hr the hires fields are ignored, as A1111 ignores them.
+    plain = png_from_b64(txt2img(client, **{**hires, "enable_hr": False})["images"][0])
+    assert plain.size == (32, 32) and "Hires" not in plain.info["parameters"]
 
 
 def test_schedulers_listing_has_a1111s_shape(client):
@@ -296,6 +308,15 @@ BAD_REQUESTS = [
     ("/sdapi/v1/img2img", {**SMALL}, 422, "init_images"),
     ("/sdapi/v1/img2img", {**SMALL, "init_images": [b64_png(Image.new("RGB", (32, 32)))],
                            "denoising_strength": 0}, 400, "strength"),
+    ("/sdapi/v1/txt2img", {**SMALL, "enable_hr": True, "hr_scale": 1}, 400, "above 1 and at most 4"),
+    ("/sdapi/v1/txt2img", {**SMALL, "enable_hr": True, "hr_upscaler": "ESRGAN_4x"}, 400,
+     "unknown hires upscaler 'ESRGAN_4x'; choose one of 'Latent'"),
+    ("/sdapi/v1/txt2img", {**SMALL, "enable_hr": True, "denoising_strength": 1.5}, 422, "denoising_strength"),
+    ("/sdapi/v1/txt2img", {**SMALL, "enable_hr": True, "hr_resize_x": 100}, 400, "multiple of 8"),
+    ("/sdapi/v1/txt2img", {**SMALL, "enable_hr": True, "hr_scale": 4}, 400,
+     "makes 128x128, beyond this server's limit of 64"),
+    ("/sdapi/v1/txt2img", {**SMALL, "enable_hr": True, "hr_second_pass_steps": 401}, 400, "limit of 400"),
+    ("/sdapi/v1/txt2img", {**SMALL, "enable_hr": True, "hr_sampler_name": "Magic"}, 400, "unknown sampler 'Magic'"),
     ("/sdapi/v1/png-info", {"image": ""}, 400, "empty"),
     ("/sdapi/v1/options", {"sd_model_checkpoint": "../../etc/passwd"}, 400, "unknown model"),
     ("/sdapi/v1/options", {"sd_model_checkpoint": "/tmp/alpha.safetensors"}, 400, "unknown model"),

@@ -21,14 +21,7 @@ STAGES = {"ldm": ("ldm-txt2img.yaml", LDM, "model.safetensors"),
           "autoencoder": ("autoencoder-kl.yaml", AUTOENCODER, "autoencoder.safetensors")}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tensors this small train several times faster on one thread than on threads that spin against
-    # the other work of a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: a second thread only waits
 
 
 @pytest.fixture(scope="module")

@@ -85,6 +85,42 @@ def test_txt2img_shows_image_and_parameters(page):
     assert "Seed: 43" in page.locator("#gallery .result").nth(1).locator(".parameters").inner_text()
 
 
+def test_hires_fix_section(page):
+    page.fill("#prompt", "a red circle")
+    fill_small(page, steps=2)
+    page.check("#enable_hr")
+    page.select_option("#hr_upscaler", "Latent (nearest-exact)")
+    page.fill("#hr_second_pass_steps", "2")
+    page.fill("#hr_denoising_strength", "0.4")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#gallery .result img')?.naturalWidth > 0")
+    assert image_size(page, "#gallery .result img") == (64, 64)
+    parameters = page.locator("#gallery .result .parameters").first.inner_text()
+    for words in ("Size: 32x32", "Denoising strength: 0.4", "Hires upscale: 2", "Hires steps: 2",
+                  "Hires upscaler: Latent (nearest-exact)"):
+        assert words in parameters, parameters
+    # "Use parameters" of a hires image turns the section on with its settings.
+    page.uncheck("#enable_hr")
+    page.select_option("#hr_upscaler", "Latent")
+    page.locator("#gallery .result button[data-send=parameters]").first.click()
+    page.wait_for_function("document.getElementById('enable_hr').checked")
+    assert page.input_value("#hr_upscaler") == "Latent (nearest-exact)"
+    assert page.input_value("#hr_denoising_strength") == "0.4"
+
+
+def test_refiner_section(page):
+    # The other tiny SD 1 model shares the first one's latent space, so it may finish its images.
+    assert page.locator("#refiner_checkpoint option").count() == 3  # None and the two models
+    page.fill("#prompt", "a red circle")
+    fill_small(page, steps=4)
+    page.select_option("#refiner_checkpoint", label="beta")
+    page.fill("#refiner_switch_at", "0.5")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#gallery .result img')?.naturalWidth > 0")
+    parameters = page.locator("#gallery .result .parameters").first.inner_text()
+    assert "Refiner: beta [" in parameters and "Refiner switch at: 0.5" in parameters, parameters
+
+
 def test_send_to_inpaint_with_a_drawn_mask_then_upscale(page):
     page.fill("#prompt", "a blue square")
     fill_small(page)

@@ -36,7 +36,7 @@ from latent_diffusion.checkpoints.diffusers_names import (
 from latent_diffusion.checkpoints.io import CheckpointError, read_state_dict, save_safetensors
 from latent_diffusion.checkpoints.load import LoadedModel, build_on_meta, load_state_dict_into_model
 from latent_diffusion.config import CLIPTextConfig, ModelSpec
-from latent_diffusion.families import Family, detect, family_of, get_family, shapes_of
+from latent_diffusion.families import FAMILIES, Family, detect, family_of, shapes_of
 from latent_diffusion.families.base import Component
 
 _OPENCLIP_EXTRAS = "openclip_extras.safetensors"
@@ -198,12 +198,18 @@ def _strip_text_model_level(tensors: dict[str, torch.Tensor]) -> dict[str, torch
 
 
 def _folder_family(root: Path) -> Family:
-    """The family whose preset a folder starts from (the UNet's shapes settle variants later)."""
-    if (root / "text_encoder_2").is_dir():
-        return get_family("sdxl" if (root / "text_encoder").is_dir() else "sdxl-refiner")
-    # The OpenCLIP layout is what SD 2 files use; the activation tells the two text towers apart.
-    text = _read_json(root / "text_encoder" / "config.json")
-    return get_family("sd2" if text.get("hidden_act") == "gelu" else "sd1")
+    """The family whose preset a folder starts from: the first whose text encoders have the folder's
+    names and activations (CLIP-L quick_gelu, OpenCLIP gelu); the UNet's shapes settle variants later."""
+    for family in FAMILIES:
+        if family.preset is None or family.diffusers_pipeline is None:
+            continue
+        texts = _text_components(family.preset)
+        if {part.name for part in texts} != {p.name for p in root.glob("text_encoder*") if p.is_dir()}:
+            continue
+        if all(_read_json(root / part.name / "config.json").get("hidden_act") == part.config.activation
+               for part in texts):
+            return family
+    raise CheckpointError(f"{root}: its text encoders fit no family this package loads")
 
 
 def _read_text_encoders(root: Path, base: ModelSpec, family: Family) -> tuple[dict, dict[str, CLIPTextConfig]]:

@@ -204,9 +204,9 @@ def spec_from_yaml(source: str | os.PathLike | Mapping[str, Any], family: str | 
         noise_augmentation = _schedule(kept.get("noise_schedule_config") or {}, "low_scale_config")
         max_noise_level = int(kept.get("max_noise_level", 1000))
 
-    name = family or "custom"
-    if name == "sd2" and prediction == "v":
-        name = "sd2-v"
+    from latent_diffusion.families import get_family
+
+    name = get_family(family).with_prediction(prediction).name if family else "custom"
     return ModelSpec(
         family=name,
         unet=_unet_config(_section(params, "unet_config", "model.params")),

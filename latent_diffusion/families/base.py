@@ -34,8 +34,10 @@ class Component:
     prefix: str
     what: str  # in words, for ``ldm info``
     config: Any
-# Tensors release files carry besides the networks, by what they are.
-SCHEDULE_BUFFER_REASON = "diffusion schedule buffers"
+
+
+_ENCODER_WORDS = {"CLIPTextConfig": "CLIP text transformer", "BERTTextConfig": "BERT-style text transformer",
+                  "ClassEmbedderConfig": "class embedding"}
 
 
 class Family:
@@ -116,7 +118,7 @@ class Family:
         from latent_diffusion.checkpoints.schedule_buffers import SCHEDULE_BUFFER_NAMES
 
         if key in SCHEDULE_BUFFER_NAMES:
-            return SCHEDULE_BUFFER_REASON
+            return "diffusion schedule buffers"
         if key == "scale_factor":
             return "latent scale factor"
         if key.startswith("model_ema."):
@@ -132,9 +134,9 @@ class Family:
         parts = [Component("unet", UNET_PREFIX, "denoising UNet", spec.unet),
                  Component("vae", VAE_PREFIX, f"{spec.autoencoder.kind.upper()} autoencoder", spec.autoencoder)]
         if spec.conditioner is not None:
+            kind = type(spec.conditioner).__name__
             parts.append(Component("text_encoder" if self.takes_text(spec) else "class_embedder",
-                                   self.conditioner_prefix, type(spec.conditioner).__name__.removesuffix("Config"),
-                                   spec.conditioner))
+                                   self.conditioner_prefix, _ENCODER_WORDS.get(kind, kind), spec.conditioner))
         return parts
 
     # ------------------------------------------------------------------ what it does

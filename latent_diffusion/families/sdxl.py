@@ -59,6 +59,8 @@ class SDXL(Family):
     def set_aside_reason(self, key: str, features: Features) -> str | None:
         if key.startswith(EMBEDDERS_PREFIX) and key.endswith(".model.logit_scale"):
             return "unused CLIP logit scale"
+        if key == "denoiser.sigmas":
+            return "noise levels of the training schedule (files saved by Stability's training code)"
         return super().set_aside_reason(key, features)
 
     def components(self, spec):

@@ -9,7 +9,7 @@ batch, and a second, packed copy of the weights in memory.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch._inductor.config as inductor_config
@@ -24,8 +24,9 @@ class FrozenCompiled:
     not take effect (measured: no speed-up, no packed copy).
     """
 
-    def __init__(self, module: nn.Module) -> None:
-        module.requires_grad_(False)
+    def __init__(self, module: nn.Module | Callable[..., Tensor]) -> None:
+        if isinstance(module, nn.Module):
+            module.requires_grad_(False)
         self.compiled = torch.compile(module, dynamic=False)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Tensor:

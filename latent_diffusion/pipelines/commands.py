@@ -38,6 +38,61 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda, cuda:1, mps)")
 
 
+def add_sdxl_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("SDXL")
+    group.add_argument("--refiner", default=None, metavar="FILE",
+                       help="a refiner model (.safetensors/.ckpt or diffusers folder) that finishes the image")
+    group.add_argument("--refiner-switch-at", type=float, default=0.8, metavar="FRACTION",
+                       help="where the refiner takes over, as a fraction of the noise schedule in (0, 1) (A1111: 0.8)")
+    group.add_argument("--original-size", type=_size, default=None, metavar="WxH",
+                       help="size conditioning: the size the model should think the image had; default: the image's")
+    group.add_argument("--target-size", type=_size, default=None, metavar="WxH", help="size conditioning; default: the image's")
+    group.add_argument("--crop-top-left", type=_size, default=None, metavar="TOPxLEFT",
+                       help="crop conditioning in pixels; default 0x0 (an uncropped image)")
+    group.add_argument("--aesthetic-score", type=float, default=6.0, help="refiner's score for the prompt (A1111: 6)")
+    group.add_argument("--negative-aesthetic-score", type=float, default=2.5,
+                       help="refiner's score for the negative prompt (A1111: 2.5)")
+
+
+def _size(text: str) -> tuple[int, int]:
+    """"1024x768" -> (1024, 768)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"expected two whole numbers as AxB (e.g. 1024x768), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def _sdxl_kwargs(args: argparse.Namespace, pipe) -> dict[str, Any]:
+    """The refiner and micro-conditioning keywords of txt2img and img2img."""
+    from latent_diffusion.pipelines.refiner import Refiner
+    from latent_diffusion.pipelines.text_conditioning import MicroConditioning
+
+    micro = MicroConditioning(original_size=args.original_size, target_size=args.target_size,
+                              crop_top_left=args.crop_top_left or (0, 0), aesthetic_score=args.aesthetic_score,
+                              negative_aesthetic_score=args.negative_aesthetic_score)
+    refiner = None
+    if args.refiner is not None:
+        from latent_diffusion.pipelines.common import Pipeline
+
+        refiner = Refiner(Pipeline.from_checkpoint(args.refiner, device=args.device, progress=not args.quiet,
+                                                   half=args.half, tiled_vae=args.tiled_vae, lean=args.lean),
+                          args.refiner_switch_at)
+        refiner.check_fits(pipe)
+    return dict(micro_conditioning=None if micro == MicroConditioning() else micro, refiner=refiner)
+
+
+def _check_sdxl_options(args: argparse.Namespace) -> None:
+    """Refiner options that need no model, checked before the slow load."""
+    if getattr(args, "refiner", None) is None:
+        return
+    from pathlib import Path
+
+    if not 0.0 < args.refiner_switch_at < 1.0:
+        raise ValueError(f"--refiner-switch-at must lie strictly between 0 and 1, got {args.refiner_switch_at}")
+    if not Path(args.refiner).exists():
+        raise FileNotFoundError(f"refiner not found: {args.refiner}")
+
+
 def add_sampling_options(parser: argparse.ArgumentParser, *, guidance: float, builtin_guidance: float = 3.0,
                          sampler: str = DEFAULT_SAMPLER) -> None:
     """``guidance``: the default for a checkpoint; ``builtin_guidance``: for the built-in models, which were
@@ -77,6 +132,35 @@ def add_prompt_options(parser: argparse.ArgumentParser, *, clip_skip: bool = Tru
                            help="A1111 clip skip: 2 = penultimate CLIP layer; default: the model's own")
 
 
+def add_hires_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "hires fix", "generate at the given size, enlarge, then redraw at the larger size (A1111's hires fix); "
+                     "on with --hires-scale, --hires-width or --hires-height")
+    group.add_argument("--hires-scale", metavar="FACTOR", type=float, default=None,
+                       help="enlarge the first pass by this factor (1-4]")
+    group.add_argument("--hires-width", metavar="PX", type=int, default=None,
+                       help="target width (multiple of 8) instead of --hires-scale; alone it keeps the aspect ratio")
+    group.add_argument("--hires-height", metavar="PX", type=int, default=None,
+                       help="target height (multiple of 8); with --hires-width the centre of the enlarged "
+                            "image is kept")
+    group.add_argument("--hires-upscaler", metavar="NAME", default=None,
+                       help="Latent (default), Latent (antialiased|bicubic|bicubic antialiased|nearest|nearest-exact), "
+                            "None, Lanczos, Nearest, or a super-resolution checkpoint (a file, or the built-in "
+                            "shapes-sr)")
+    group.add_argument("--hires-steps", metavar="N", type=int, default=None,
+                       help="steps the second pass runs; default 0: as many as the first pass")
+    group.add_argument("--hires-denoise", metavar="STRENGTH", type=float, default=None,
+                       help="denoising strength of the second pass in [0, 1]; default 0.7")
+    group.add_argument("--hires-sampler", metavar="NAME", default=None,
+                       help="the second pass's sampler; default: --sampler")
+    group.add_argument("--hires-scheduler", metavar="NAME", default=None,
+                       help="the second pass's scheduler; default: --scheduler")
+    group.add_argument("--hires-prompt", metavar="TEXT", default=None,
+                       help="the second pass's prompt; default: the prompt")
+    group.add_argument("--hires-negative-prompt", metavar="TEXT", default=None,
+                       help="the second pass's negative prompt; default: the negative prompt")
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 def read_prompts(args: argparse.Namespace) -> list[str]:
     if getattr(args, "prompts_file", None) is None:
@@ -107,14 +191,20 @@ def _pipeline(args: argparse.Namespace):
                                     compile_unet=args.compile, bf16=args.bf16)
 
 
-def _guidance(args: argparse.Namespace) -> float:
+def _guidance(args: argparse.Namespace, pipe=None) -> float:
+    """The CFG scale asked for; else the built-in models' (measured best), a released family's own
+    (SD 7.5, SDXL 5), or the command's default for models trained here."""
     if args.guidance_scale is not None:
         return args.guidance_scale
-    return args.builtin_guidance if getattr(args, "checkpoint", None) is None else args.default_guidance
+    if getattr(args, "checkpoint", None) is None:
+        return args.builtin_guidance
+    if pipe is not None and pipe.family.preset is not None:
+        return pipe.family.default_guidance
+    return args.default_guidance
 
 
-def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(sampler=args.sampler, scheduler=args.scheduler, steps=args.steps, guidance_scale=_guidance(args),
+def _sampling_kwargs(args: argparse.Namespace, pipe=None) -> dict[str, Any]:
+    return dict(sampler=args.sampler, scheduler=args.scheduler, steps=args.steps, guidance_scale=_guidance(args, pipe),
                 batch_size=args.batch_size, batch_count=args.batch_count)
 
 
@@ -133,6 +223,7 @@ def _check_common(args: argparse.Namespace) -> None:
     for name in ("batch_size", "batch_count"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    _check_sdxl_options(args)
     args.seed = resolve_seed(args.seed)
 
 
@@ -164,6 +255,77 @@ def _check_given_size(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} {value}: give a positive multiple of 8, or leave {flag} out for the default")
 
 
+_HIRES_DETAILS = ("hires_upscaler", "hires_steps", "hires_denoise", "hires_sampler", "hires_scheduler",
+                  "hires_prompt", "hires_negative_prompt")
+
+
+def _hires_requested(args: argparse.Namespace) -> bool:
+    """Whether the hires fix is on; its other options without a target are refused."""
+    if args.hires_scale is not None or args.hires_width is not None or args.hires_height is not None:
+        return True
+    stray = [name for name in _HIRES_DETAILS if getattr(args, name) is not None]
+    if stray:
+        raise ValueError(f"--{stray[0].replace('_', '-')} needs --hires-scale or --hires-width/--hires-height")
+    return False
+
+
+def _hires_fix(args: argparse.Namespace, upscaler):
+    """The hires fix the options ask for, checked (``upscaler``: a name or a loaded super-resolution model)."""
+    from latent_diffusion.pipelines.hires import DEFAULT_DENOISING_STRENGTH, HiresFix
+
+    return HiresFix(
+        scale=args.hires_scale if args.hires_scale is not None else 2.0, upscaler=upscaler,
+        steps=args.hires_steps or 0, resize_x=args.hires_width or 0, resize_y=args.hires_height or 0,
+        denoising_strength=DEFAULT_DENOISING_STRENGTH if args.hires_denoise is None else args.hires_denoise,
+        sampler=args.hires_sampler, scheduler=args.hires_scheduler, prompt=args.hires_prompt or "",
+        negative_prompt=args.hires_negative_prompt or "")
+
+
+def _hires_upscaler_source(name: str | None) -> str | Path:
+    """A built-in upscaler's name, or the super-resolution checkpoint that ``--hires-upscaler`` names."""
+    from latent_diffusion.pipelines.common import default_upscaler_path
+    from latent_diffusion.pipelines.hires import DEFAULT_UPSCALER, unknown_upscaler, upscaler_names
+
+    name = DEFAULT_UPSCALER if name is None else name
+    if name in upscaler_names():
+        return name
+    if Path(name).exists():
+        return Path(name)
+    try:
+        builtin = default_upscaler_path()
+    except FileNotFoundError:
+        builtin = None
+    if builtin is not None and name == builtin.stem:
+        return builtin
+    raise unknown_upscaler(name, [builtin.stem] if builtin is not None else [],
+                           "the path of a super-resolution checkpoint")
+
+
+def _check_hires(args: argparse.Namespace) -> str | Path | None:
+    """The hires options checked before any model loads; the upscaler to use (None: no hires fix)."""
+    from latent_diffusion.pipelines.hires import DEFAULT_UPSCALER, checked_target_sizes
+
+    if not _hires_requested(args):
+        return None
+    source = _hires_upscaler_source(args.hires_upscaler)
+    # A super-resolution model is loaded after the main one; its numbers are checked now.
+    hires = _hires_fix(args, source if isinstance(source, str) else DEFAULT_UPSCALER)
+    if args.width is not None and args.height is not None:
+        checked_target_sizes(hires, args.width, args.height)
+    return source
+
+
+def _load_hires(args: argparse.Namespace, source: str | Path | None):
+    """The hires fix with its upscaler loaded (None without one)."""
+    if source is None:
+        return None
+    if isinstance(source, Path):
+        from latent_diffusion.pipelines.common import Pipeline
+
+        source = Pipeline.from_checkpoint(source, half=args.half, device=args.device, progress=not args.quiet)
+    return _hires_fix(args, source)
+
+
 def native_image_size(pipe) -> int:
     """Default image side: the family's (512 for SD 1.x, 1024 for SDXL; a model of ours: its training size)."""
     return pipe.family.native_image_size(pipe.spec)
@@ -180,13 +342,15 @@ def cmd_txt2img(args: argparse.Namespace) -> None:
     _check_given_size(args)
     if args.width is not None or args.height is not None:
         check_size(args.width or 64, args.height or 64)
+    hires_upscaler = _check_hires(args)
     read_prompts(args)
     pipe = _pipeline(args)
+    hires = _load_hires(args, hires_upscaler)
     args.width, args.height = args.width or native_image_size(pipe), args.height or native_image_size(pipe)
     check_size(args.width, args.height)
     _run_prompts(args, lambda prompt, **kw: pipe.txt2img(
         prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
-        clip_skip=args.clip_skip, **_sampling_kwargs(args), **kw))
+        clip_skip=args.clip_skip, hires=hires, **_sdxl_kwargs(args, pipe), **_sampling_kwargs(args, pipe), **kw))
 
 
 def cmd_img2img(args: argparse.Namespace) -> None:
@@ -204,7 +368,7 @@ def cmd_img2img(args: argparse.Namespace) -> None:
     pipe = _pipeline(args)
     _run_prompts(args, lambda prompt, **kw: pipe.img2img(
         prompt, image, negative_prompt=args.negative_prompt, strength=args.strength, width=args.width,
-        height=args.height, clip_skip=args.clip_skip, **_sampling_kwargs(args), **kw))
+        height=args.height, clip_skip=args.clip_skip, **_sdxl_kwargs(args, pipe), **_sampling_kwargs(args, pipe), **kw))
 
 
 def cmd_inpaint(args: argparse.Namespace) -> None:
@@ -222,7 +386,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     _run_prompts(args, lambda prompt, **kw: pipe.inpaint(
         prompt, image, mask, negative_prompt=args.negative_prompt, mask_blur=args.mask_blur,
         mask_padding=args.mask_padding, keep_unmasked=args.keep_unmasked, strength=args.strength,
-        clip_skip=args.clip_skip, **_sampling_kwargs(args), **kw))
+        clip_skip=args.clip_skip, **_sampling_kwargs(args, pipe), **kw))
 
 
 def cmd_upscale(args: argparse.Namespace) -> None:
@@ -241,7 +405,7 @@ def cmd_upscale(args: argparse.Namespace) -> None:
     _run_prompts(args, lambda prompt, **kw: pipe.upscale(
         image, prompt, negative_prompt=args.negative_prompt, noise_level=args.noise_level,
         tile_size=args.tile_size, tile_overlap=args.tile_overlap, clip_skip=args.clip_skip,
-        **_sampling_kwargs(args), **kw))
+        **_sampling_kwargs(args, pipe), **kw))
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -252,7 +416,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     pipe = _pipeline(args)
     writer = Writer(args.outdir, args.quiet)
     writer.save(pipe.sample(class_ids=args.class_ids, width=args.width, height=args.height, seed=args.seed,
-                            **_sampling_kwargs(args)))
+                            **_sampling_kwargs(args, pipe)))
     if args.grid:
         writer.save_grid()
 
@@ -277,7 +441,7 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
 
         def generate(caption: str):
             return pipe.txt2img(caption, width=args.size, height=args.size, steps=args.steps, sampler=args.sampler,
-                                scheduler=args.scheduler, guidance_scale=_guidance(args), seed=next(counter)).images[0]
+                                scheduler=args.scheduler, guidance_scale=_guidance(args, pipe), seed=next(counter)).images[0]
 
     evaluation = evaluate_generator(generate, prompts=prompts, images_per_prompt=args.images_per_prompt, seed=args.seed)
     if args.json:
@@ -290,7 +454,8 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
 
 
 def apply_png_parameters(args: argparse.Namespace) -> None:
-    """Take prompt, negative prompt, steps, sampler, schedule type, CFG scale, seed, size and clip skip from a PNG."""
+    """Take prompt, negative prompt, steps, sampler, schedule type, CFG scale, seed, size, clip skip and the
+    hires fix from a PNG."""
     from latent_diffusion.pipelines.png_info import parse_parameters, read_png_parameters
 
     text = read_png_parameters(args.from_png)
@@ -307,8 +472,26 @@ def apply_png_parameters(args: argparse.Namespace) -> None:
         args.guidance_scale = float(settings.get("CFG scale", _guidance(args)))
         args.seed = int(settings.get("Seed", args.seed))
         args.clip_skip = int(settings["Clip skip"]) if "Clip skip" in settings else args.clip_skip
+        _apply_png_hires(args, settings)
     except ValueError as error:
         raise ValueError(f"{args.from_png}: unreadable generation parameters ({error})") from None
+
+
+def _apply_png_hires(args: argparse.Namespace, settings: dict[str, str]) -> None:
+    """The hires fix of a PNG's parameters (A1111's keys), when it was made with one."""
+    if "Hires upscale" not in settings and "Hires resize" not in settings:
+        return
+    args.hires_scale = args.hires_width = args.hires_height = None
+    if "Hires resize" in settings:
+        width, height = (int(v) for v in settings["Hires resize"].split("x"))
+        args.hires_width, args.hires_height = width or None, height or None
+    else:
+        args.hires_scale = float(settings["Hires upscale"])
+    args.hires_upscaler = settings.get("Hires upscaler")
+    args.hires_steps = int(settings.get("Hires steps", 0))
+    args.hires_denoise = float(settings["Denoising strength"]) if "Denoising strength" in settings else None
+    args.hires_sampler, args.hires_scheduler = settings.get("Hires sampler"), settings.get("Hires schedule type")
+    args.hires_prompt, args.hires_negative_prompt = settings.get("Hires prompt"), settings.get("Hires negative prompt")
 
 
 def add_task_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
@@ -320,9 +503,12 @@ def add_task_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--height", "-H", type=int, default=None,
                    help="image height in pixels (multiple of 8); default: the model's native size")
     p.add_argument("--from-png", default=None,
-                   help="regenerate a PNG written by ldm/A1111: its prompt, seed, size, sampler, schedule type, steps, CFG")
+                   help="regenerate a PNG written by ldm/A1111: its prompt, seed, size, sampler, schedule type, steps, "
+                        "CFG, hires fix")
     add_sampling_options(p, guidance=7.5)
+    add_hires_options(p)
     add_model_options(p)
+    add_sdxl_options(p)
     add_output_options(p, "txt2img")
 
     p = add("img2img", cmd_img2img, "Redraw an image towards a prompt (SDEdit).")
@@ -333,6 +519,7 @@ def add_task_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--height", "-H", type=int, default=None, help="resize the image to this height; default: its own")
     add_sampling_options(p, guidance=7.5)
     add_model_options(p)
+    add_sdxl_options(p)
     add_output_options(p, "img2img")
 
     p = add("inpaint", cmd_inpaint, "Repaint the white part of a mask (inpainting or ordinary models).")

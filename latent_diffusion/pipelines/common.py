@@ -33,7 +33,7 @@ from latent_diffusion.diffusion.sampling import BatchNoise, make_generators, sam
 from latent_diffusion.diffusion.schedulers import AUTOMATIC, SchedulerSpec
 from latent_diffusion.diffusion.schedules import NoiseSchedule
 from latent_diffusion.models.autoencoder import AutoencoderKL
-from latent_diffusion.models.vae_tiling import decode_tiled
+from latent_diffusion.models.vae_tiling import decode_tiled, encode_tiled
 from latent_diffusion.pipelines.images import check_size, tensor_to_images
 from latent_diffusion.pipelines.memory import check_encoding, check_sampling
 from latent_diffusion.pipelines.png_info import format_parameters, model_hash
@@ -178,19 +178,25 @@ class Pipeline:
         self.tiled_vae = tiled_vae
         if lean:
             _make_pipeline_lean(self.model)
-        # What the sampler calls; the model keeps the plain UNet (and its state-dict names).
-        self.unet_forward: Callable[..., Tensor] = self.model.unet
-        if compile_unet:
-            from latent_diffusion.nn.compiled import FrozenCompiled
-
-            self.unet_forward = FrozenCompiled(self.model.unet)
         # Latents, conditioning and images stay fp32 in bf16 mode; only the UNet's insides are bf16.
         self.bf16 = bf16
+        self.unet_forward = self._unet_stack(compile_unet=compile_unet, bf16=bf16)
+        self._text: TextConditioner | None = None
+
+    def _unet_stack(self, *, compile_unet: bool, bf16: bool) -> Callable[..., Tensor]:
+        """What the sampler calls: the UNet, wrapped by each run mode in turn. A layer takes the callable
+        below it and passes every argument through, so a per-request layer (a ControlNet's residuals)
+        stacks on top the same way; the model keeps the plain UNet and its state-dict names."""
+        network: Callable[..., Tensor] = self.model.unet
         if bf16:
             from latent_diffusion.nn.bf16 import BF16Autocast
 
-            self.unet_forward = BF16Autocast(self.model.unet)
-        self._text: TextConditioner | None = None
+            network = BF16Autocast(self.model.unet)  # converts the UNet's weights in place
+        if compile_unet:
+            from latent_diffusion.nn.compiled import FrozenCompiled
+
+            network = FrozenCompiled(network)
+        return network
 
     @classmethod
     def from_checkpoint(
@@ -297,28 +303,40 @@ class Pipeline:
                                      height=height, micro=micro or MicroConditioning())
 
     # ------------------------------------------------------------------ latents <-> images
-    def encode_images(self, pixels: Tensor, generators: Sequence[torch.Generator] | None) -> Tensor:
-        """Scaled latents of images in [-1, 1]; a KL posterior is sampled with each image's generator."""
-        check_encoding(self, pixels.shape[-1], pixels.shape[-2])
+    def encode_images(self, pixels: Tensor, generators: Sequence[torch.Generator] | None, *,
+                      tiled: bool = False) -> Tensor:
+        """Scaled latents of images in [-1, 1]; a KL posterior is sampled with each image's generator.
+
+        ``tiled`` encodes in bands of rows (models/vae_tiling.py): the same latents in bounded memory.
+        """
+        check_encoding(self, pixels.shape[-1], pixels.shape[-2], tiled=tiled)
         vae = self.model.first_stage_model
         pixels = pixels.to(self.device, self.dtype)
+
+        def encode(x: Tensor):
+            return encode_tiled(vae, x, progress=self.progress) if tiled else vae.encode(x)
+
         with torch.no_grad():
             if isinstance(vae, AutoencoderKL):
                 rows = []
                 for i in range(pixels.shape[0]):
-                    posterior = vae.encode(pixels[i:i + 1])
+                    posterior = encode(pixels[i:i + 1])
                     rows.append(posterior.sample(generators[i]) if generators else posterior.mode())
                 latents = torch.cat(rows)
             else:
-                latents = vae.encode(pixels)
+                latents = encode(pixels)
         return latents * self.spec.scale_factor
 
-    def decode(self, latents: Tensor, warnings: list[str] | None = None) -> Tensor:
-        """Images in [-1, 1] (float32, on the CPU) from scaled latents; a half-precision overflow is redone in fp32."""
+    def decode(self, latents: Tensor, warnings: list[str] | None = None, *, tiled: bool | None = None) -> Tensor:
+        """Images in [-1, 1] (float32, on the CPU) from scaled latents; a half-precision overflow is redone in fp32.
+
+        ``tiled`` decodes in bands of rows (default: the pipeline's ``tiled_vae``).
+        """
         vae = self.model.first_stage_model
+        tiled = self.tiled_vae if tiled is None else tiled
         with torch.no_grad():
             z = latents.to(self.dtype) / self.spec.scale_factor
-            images = decode_tiled(vae, z, progress=self.progress) if self.tiled_vae else vae.decode(z)
+            images = decode_tiled(vae, z, progress=self.progress) if tiled else vae.decode(z)
             if not torch.isfinite(images).all():
                 if self.dtype == torch.float32:
                     raise FloatingPointError("the decoded image contains NaN/inf even in fp32; the weights are broken")
@@ -328,8 +346,8 @@ class Pipeline:
                 images = _decode_fp32(vae, z.float())
         return images.float().cpu()
 
-    def to_images(self, latents: Tensor, warnings: list[str]) -> list[Image.Image]:
-        return tensor_to_images(self.decode(latents, warnings))
+    def to_images(self, latents: Tensor, warnings: list[str], *, tiled: bool | None = None) -> list[Image.Image]:
+        return tensor_to_images(self.decode(latents, warnings, tiled=tiled))
 
     # ------------------------------------------------------------------ the sampling core
     def latent_shape(self, batch_size: int, width: int, height: int) -> tuple[int, int, int, int]:
@@ -350,12 +368,14 @@ class Pipeline:
         keep_mask: Tensor | None = None,
         description: str = "sampling",
         refine: RefinerRun | None = None,
+        tiled_decode: bool | None = None,
     ) -> Tensor:
         """Run the sampler under classifier-free guidance (skipped when ``uncond`` is None or scale 1);
-        ``refine`` hands the last part of the schedule to a refiner model."""
+        ``refine`` hands the last part of the schedule to a refiner model. Refused first when sampling,
+        and decoding the result (``tiled_decode``: in bands; default the pipeline's), cannot fit in memory."""
         batch, _channels, latent_height, latent_width = shape if init_latent is None else init_latent.shape
         check_sampling(self, batch, latent_width, latent_height,
-                       guided=uncond is not None and settings.guidance_scale != 1.0)
+                       guided=uncond is not None and settings.guidance_scale != 1.0, tiled_decode=tiled_decode)
         denoiser = self.guided_denoiser(uncond, settings.guidance_scale)
         if refine is not None:
             refiner = refine.refiner

@@ -8,9 +8,10 @@ rounded down, so that a refused request could not have run:
 
 - VAE decoder: 4 (measured 3.9 to 4.1). Its largest activation, at level ``i`` (pixels / 4^i), has
   the widest of the level's own channels and those the coarser level brings up, for the whole
-  batch (decoded at once). Tiled decoding (models/vae_tiling.py): 2 (measured 2.1), as only the
-  activations between layers exist whole, in float16 above 1 GiB.
+  batch (decoded at once).
 - VAE encoder, one image at a time: 6 (measured 6.1); the finer level's channels come down.
+- Either in bands of rows (models/vae_tiling.py): 2 (measured 2.1), as only the activations between
+  layers exist whole, in float16 above 1 GiB.
 - UNet: 5 (measured 5.4 to 6.8), at latent level ``l``: the transformer's GEGLU projection (8 x the
   channels per token) where the level attends, the older attention block's qkv (3 x) there, else
   the skip concatenation (2 x); classifier-free guidance runs the batch twice.
@@ -55,8 +56,12 @@ class Need:
     itemsize: int
 
     @property
+    def activation_bytes(self) -> int:
+        return self.batch * self.channels * self.width * self.height * self.itemsize
+
+    @property
     def bytes(self) -> int:
-        return self.copies * self.batch * self.channels * self.width * self.height * self.itemsize
+        return self.copies * self.activation_bytes
 
     @property
     def detail(self) -> str:
@@ -70,23 +75,28 @@ def _largest_level(widths: list[int], width: int, height: int) -> tuple[int, int
     return max(levels, key=lambda level: level[0] * level[1] * level[2])
 
 
+def _banded(network: str, copies: int, batch: int, channels: int, width: int, height: int, itemsize: int,
+            tiled: bool) -> Need:
+    if not tiled:
+        return Need(network, copies, batch, channels, width, height, itemsize)
+    if batch * channels * width * height * 4 > DEFAULT_EXACT_BYTES:
+        itemsize = 2
+    return Need(f"{network} (tiled)", 2, batch, channels, width, height, itemsize)
+
+
 def decoder_need(config: AutoencoderConfig, batch: int, width: int, height: int, itemsize: int,
                  tiled: bool = False) -> Need:
     """The VAE decoder making ``batch`` images of ``width`` x ``height`` pixels at once."""
     mult = config.ch_mult
     widths = [config.ch * max(m, mult[min(i + 1, len(mult) - 1)]) for i, m in enumerate(mult)]
-    channels, w, h = _largest_level(widths, width, height)
-    if tiled and batch * channels * w * h * 4 > DEFAULT_EXACT_BYTES:
-        itemsize = 2
-    return Need("VAE decoder" + (" (tiled)" if tiled else ""), 2 if tiled else 4, batch, channels, w, h, itemsize)
+    return _banded("VAE decoder", 4, batch, *_largest_level(widths, width, height), itemsize, tiled)
 
 
-def encoder_need(config: AutoencoderConfig, width: int, height: int, itemsize: int) -> Need:
+def encoder_need(config: AutoencoderConfig, width: int, height: int, itemsize: int, tiled: bool = False) -> Need:
     """The VAE encoder reading one image of ``width`` x ``height`` pixels."""
     mult = config.ch_mult
     widths = [config.ch * max(m, mult[i - 1] if i else 1) for i, m in enumerate(mult)]
-    channels, w, h = _largest_level(widths, width, height)
-    return Need("VAE encoder", 6, 1, channels, w, h, itemsize)
+    return _banded("VAE encoder", 6, 1, *_largest_level(widths, width, height), itemsize, tiled)
 
 
 def _attends(config: UNetConfig, level: int) -> bool:
@@ -196,20 +206,24 @@ def check_fits(needs: list[Need], available: int | None, *, size: tuple[int, int
     )
 
 
-def check_sampling(pipe: Pipeline, batch: int, latent_width: int, latent_height: int, guided: bool) -> None:
-    """Refuse to sample ``batch`` latents of this size, and decode them, when that cannot fit."""
+def check_sampling(pipe: Pipeline, batch: int, latent_width: int, latent_height: int, guided: bool,
+                   tiled_decode: bool | None = None) -> None:
+    """Refuse to sample ``batch`` latents of this size, and decode them (in bands when ``tiled_decode``;
+    by default as the pipeline does), when that cannot fit."""
     f = pipe.latent_factor
     width, height = latent_width * f, latent_height * f
     vae, itemsize = pipe.spec.autoencoder, pipe.dtype.itemsize
+    tiled = pipe.tiled_vae if tiled_decode is None else tiled_decode
     unet = unet_need(pipe.spec.unet, batch * (2 if guided else 1), latent_width, latent_height,
                      2 if pipe.bf16 else itemsize)
-    decode = decoder_need(vae, batch, width, height, itemsize, tiled=pipe.tiled_vae)
-    tiled = None if pipe.tiled_vae else decoder_need(vae, batch, width, height, itemsize, tiled=True)
+    decode = decoder_need(vae, batch, width, height, itemsize, tiled=tiled)
+    alternative = None if tiled else decoder_need(vae, batch, width, height, itemsize, tiled=True)
     check_fits([unet, decode], available_bytes(pipe.device), size=(width, height), multiple=max(8, f),
-               tiled_alternative=tiled)
+               tiled_alternative=alternative)
 
 
-def check_encoding(pipe: Pipeline, width: int, height: int) -> None:
-    """Refuse to encode an image of this size when that cannot fit."""
-    need = encoder_need(pipe.spec.autoencoder, width, height, pipe.dtype.itemsize)
+def check_encoding(pipe: Pipeline, width: int, height: int, *, tiled: bool = False) -> None:
+    """Refuse to encode an image of this size (in bands when ``tiled``) when that cannot fit."""
+    # No tiled alternative to offer: img2img and inpaint encode whole whatever --tiled-vae says.
+    need = encoder_need(pipe.spec.autoencoder, width, height, pipe.dtype.itemsize, tiled=tiled)
     check_fits([need], available_bytes(pipe.device), size=(width, height), multiple=max(8, pipe.latent_factor))

@@ -5,6 +5,7 @@ import torch
 
 from latent_diffusion.diffusion.sampling import BatchNoise
 from latent_diffusion.pipelines.common import GenerationResult, Pipeline, SamplingSettings, StepCallback
+from latent_diffusion.pipelines.hires import FirstPass, HiresFix, plan_hires, second_pass
 from latent_diffusion.pipelines.refiner import Refiner, prepare_refiner
 from latent_diffusion.pipelines.text_conditioning import MicroConditioning
 
@@ -39,17 +40,21 @@ def txt2img(
     step_callback: StepCallback | None = None,
     micro_conditioning: MicroConditioning | None = None,
     refiner: Refiner | None = None,
+    hires: HiresFix | None = None,
 ) -> GenerationResult:
     """Generate ``batch_size * batch_count`` images of ``prompt``; image k has seed ``seed + k``.
 
-    ``refiner`` (e.g. SDXL's) takes the latents over for the last part of the schedule.
+    ``refiner`` (e.g. SDXL's) takes the latents over for the last part of the schedule. ``hires``
+    enlarges the images and redraws them at the larger size (A1111's hires fix, pipelines/hires.py).
     """
     check_text_model(pipe, "txt2img")
     settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback, scheduler)
     pipe.latent_shape(1, width, height)  # validates the size before any work
     if refiner is not None:
         refiner.check_fits(pipe)
-    extra = {"Clip skip": clip_skip, **(refiner.parameters() if refiner else {}),
+    plan = plan_hires(hires, pipe, width, height, settings, prompt, negative_prompt) if hires else None
+    extra = {**(plan.parameters() if plan else {}), "Clip skip": clip_skip,
+             **(refiner.parameters() if refiner else {}),
              **(micro_conditioning.parameters() if micro_conditioning else {})}
 
     def run_batch(first_seed: int, generators: list[torch.Generator]) -> GenerationResult:
@@ -61,7 +66,11 @@ def txt2img(
         latents = pipe.sample_latents(settings, BatchNoise(generators), cond, uncond,
                                       shape=pipe.latent_shape(batch, width, height), refine=refine)
         result = GenerationResult()
-        result.images = (refiner.pipe if refiner else pipe).to_images(latents, result.warnings)
+        if plan is None:
+            result.images = (refiner.pipe if refiner else pipe).to_images(latents, result.warnings)
+        else:
+            first = FirstPass(latents, first_seed, clip_skip, micro_conditioning, refiner)
+            result.images = second_pass(pipe, plan, first, result.warnings)
         result.seeds = [first_seed + i for i in range(batch)]
         result.parameters = [pipe.parameters_text(prompt, negative_prompt, settings, s, width, height, extra)
                              for s in result.seeds]

@@ -23,6 +23,12 @@ def is_upscaler(pipe: Pipeline) -> bool:
     return pipe.family.is_upscaler(pipe.spec)
 
 
+def input_multiple(pipe: Pipeline) -> int:
+    """What the sides of an input (or tile) must be a multiple of: the UNet halves the latent
+    (len(channel_mult) - 1) times, and the latent has the input's size."""
+    return 2 ** (len(pipe.spec.unet.channel_mult) - 1)
+
+
 def augment(pixels: Tensor, noise_level: int, pipe: Pipeline, generators) -> Tensor:
     """The low-res image noised to ``noise_level`` on the augmentation schedule (DDPM forward process)."""
     alpha_bar = alphas_cumprod_for(pipe.spec.noise_augmentation)[noise_level].item()
@@ -85,8 +91,7 @@ def upscale(
     if augmented and not 0 <= noise_level <= (pipe.spec.max_noise_level or 350):
         raise ValueError(f"noise level must be in [0, {pipe.spec.max_noise_level or 350}], got {noise_level}")
     f = pipe.latent_factor
-    # The UNet halves the latent (len(channel_mult) - 1) times; every tile side must survive that.
-    multiple = 2 ** (len(pipe.spec.unet.channel_mult) - 1)
+    multiple = input_multiple(pipe)
     image = to_rgb(image, what="input image")
     width, height = image.size
     if width % multiple or height % multiple:

@@ -7,38 +7,33 @@ is validated before queueing (:mod:`.generate`), so bad requests cost nothing an
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import secrets
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse
-from fastapi.staticfiles import StaticFiles
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from latent_diffusion.diffusion.registry import SAMPLERS
-from latent_diffusion.diffusion.schedulers import SCHEDULERS
 from latent_diffusion.pipelines.common import Pipeline
+from latent_diffusion.pipelines.refiner import DEFAULT_SWITCH_AT, Refiner
 from latent_diffusion.server import generate as gen
-from latent_diffusion.server.jobs import Job, JobQueue, QueueFull
-from latent_diffusion.server.models import ModelManager
-from latent_diffusion.server.schemas import (
-    ErrorResponse, ExtrasSingleImageRequest, ExtrasSingleImageResponse, ImageResponse, Img2ImgRequest, Options,
-    PNGInfoRequest, PNGInfoResponse, ProgressResponse, ProgressState, SamplerItem, SchedulerItem, SDModelItem,
-    Txt2ImgRequest, UpscalerItem,
+from latent_diffusion.server.errors import ClientGone, add_error_handlers
+from latent_diffusion.server.gate import GateMiddleware, allowed_host_names
+from latent_diffusion.server.jobs import JobQueue
+from latent_diffusion.server.models import ModelEntry, ModelManager
+from latent_diffusion.server.routes import (
+    add_extras_routes, add_generation_routes, add_model_routes, add_page_routes, add_progress_routes,
 )
+from latent_diffusion.server.schemas import ErrorResponse
 
-STATIC = Path(__file__).resolve().parent / "static"
 CLIENT_CHECK_SECONDS = 0.5  # how often a waiting request checks that its client is still connected
-
-
-class ClientGone(Exception):
-    """The client closed the connection while its job waited or ran."""
+ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": text} for status, text in (
+    (400, "invalid input, a foreign Host name, or a request beyond this server's limits"),
+    (401, "credentials required (--api-auth)"),
+    (413, "the request body is too large"),
+    (422, "the request does not match the schema"),
+    (429, "the job queue is full"),
+    (500, "the generation failed"))}
 
 
 @dataclass
@@ -56,6 +51,8 @@ class ServerConfig:
     # Further Pipeline modes for every model the server loads: lean, bf16, tiled_vae (see `ldm txt2img -h`).
     pipeline_options: dict[str, bool] = field(default_factory=dict)
     upscalers: list[Path] | None = None  # super-resolution checkpoints; None: the built-in one if installed
+    host: str = "127.0.0.1"  # the address the server is bound to; a loopback one answers to loopback names only
+    allowed_hosts: list[str] = field(default_factory=list)  # further Host names to answer to (--allow-host)
 
 
 class ServerState:
@@ -99,49 +96,26 @@ class ServerState:
             return self.models.load(self.models.find(str(name)))
         return self.models.pipeline
 
+    def refiner_entry(self, request) -> ModelEntry | None:
+        """The listed model a request names as its refiner (checked before queueing; "None" is none, as A1111)."""
+        name = (request.refiner_checkpoint or "").strip()
+        return None if name in ("", "None") else self.models.find(name)
 
-def _error(status: int, kind: str, detail: str) -> JSONResponse:
-    # A1111 answers errors as {"error", "detail", ...}; its clients print "detail".
-    return JSONResponse(status_code=status, content={"error": kind, "detail": detail})
+    def refiner_for(self, request) -> Refiner | None:
+        """The request's refiner, loaded on first use; call only from the job worker."""
+        entry = self.refiner_entry(request)
+        if entry is None:
+            return None
+        switch_at = request.refiner_switch_at if request.refiner_switch_at is not None else DEFAULT_SWITCH_AT
+        return Refiner(self.models.refiner(entry), switch_at)
 
-
-class GateMiddleware:
-    """Credentials and body size, checked before any route (a plain ASGI middleware, so that handlers
-    still see the client's disconnect)."""
-
-    def __init__(self, app, credentials: list[str], max_body_bytes: int) -> None:
-        self.app, self.credentials, self.max_body_bytes = app, credentials, max_body_bytes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http":
-            request = Request(scope)
-            response = None
-            length = request.headers.get("content-length", "0")
-            if self.credentials and not _authorised(request.headers.get("authorization", ""), self.credentials):
-                response = _error(401, "Unauthorized", "this server needs credentials (user:password, HTTP Basic)")
-                response.headers["WWW-Authenticate"] = 'Basic realm="ldm"'
-            elif not length.isdigit() or int(length) > self.max_body_bytes:
-                response = _error(413, "PayloadTooLarge",
-                                  f"the request body exceeds this server's limit of {self.max_body_bytes} bytes")
-            if response is not None:
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-def _authorised(header: str, credentials: list[str]) -> bool:
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "basic":
-        try:
-            given = base64.b64decode(value, validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
-            return False
-    elif scheme.lower() == "bearer":
-        given = value
-    else:
-        return False
-    # Compare against every pair so that timing does not tell which user exists.
-    return any([secrets.compare_digest(given.encode(), c.encode()) for c in credentials])
+    def upscaler_pipeline(self, name: str) -> Pipeline | None:
+        """The model an upscale job runs on (None for a resampling filter); loads on first use, on the worker."""
+        if name in gen.UPSCALERS:
+            return None
+        if name in self.models.upscaler_paths:
+            return self.models.upscaler(name)
+        return self.models.pipeline
 
 
 def create_app(config: ServerConfig | None = None, *, models: ModelManager | None = None) -> FastAPI:
@@ -154,207 +128,14 @@ def create_app(config: ServerConfig | None = None, *, models: ModelManager | Non
         yield
         state.queue.close()
 
-    errors = {400: {"model": ErrorResponse, "description": "invalid input"},
-              401: {"model": ErrorResponse, "description": "credentials required (--api-auth)"},
-              413: {"model": ErrorResponse, "description": "the request body is too large"},
-              429: {"model": ErrorResponse, "description": "the job queue is full"},
-              500: {"model": ErrorResponse, "description": "the generation failed"}}
-    app = FastAPI(title="latent-diffusion", version="0.1.0", lifespan=lifespan, responses=errors,
+    app = FastAPI(title="latent-diffusion", version="0.1.0", lifespan=lifespan, responses=ERROR_RESPONSES,
+                  docs_url=None, redoc_url=None,
                   description="AUTOMATIC1111-compatible Stable Diffusion API on the latent_diffusion pipelines.")
     app.state.server = state
-
-    app.add_middleware(GateMiddleware, credentials=config.api_auth, max_body_bytes=config.limits.max_body_bytes)
-
-    @app.exception_handler(gen.BadRequest)
-    async def bad_request(request: Request, error: gen.BadRequest):
-        return _error(400, "BadRequest", str(error))
-
-    @app.exception_handler(ValueError)
-    async def value_error(request: Request, error: ValueError):
-        return _error(400, "BadRequest", str(error))
-
-    @app.exception_handler(FileNotFoundError)
-    async def not_found(request: Request, error: FileNotFoundError):
-        return _error(400, "BadRequest", str(error))
-
-    @app.exception_handler(QueueFull)
-    async def queue_full(request: Request, error: QueueFull):
-        return _error(429, "QueueFull", f"the server is busy: {error}; retry later")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, error: StarletteHTTPException):
-        headers = dict(error.headers or {})
-        if error.status_code == 405:
-            # Starlette names only the first matching route's methods; GET and POST /options are two routes.
-            allowed = sorted({m for r in app.routes if getattr(r, "path", None) == request.url.path
-                              for m in (getattr(r, "methods", None) or ())})
-            headers["Allow"] = ", ".join(allowed)
-        return JSONResponse(status_code=error.status_code, headers=headers,
-                            content={"error": HTTPStatus(error.status_code).phrase, "detail": str(error.detail)})
-
-    @app.exception_handler(ClientGone)
-    async def client_gone(request: Request, error: ClientGone):
-        # Nobody reads this answer; 499 is the usual log code for "client closed request".
-        return JSONResponse(status_code=499, content={"error": "ClientClosedRequest", "detail": str(error)})
-
-    @app.exception_handler(FloatingPointError)
-    async def numeric_failure(request: Request, error: FloatingPointError):
-        return _error(500, "GenerationFailed", str(error))
-
-    # ------------------------------------------------------------------------------------- pages
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-
-    @app.get("/", include_in_schema=False)
-    async def index():
-        return FileResponse(STATIC / "index.html")
-
-    # ------------------------------------------------------------------------------------- listings
-    @app.get("/sdapi/v1/samplers", response_model=list[SamplerItem])
-    async def samplers():
-        return [SamplerItem(name=s.label, aliases=[s.name, *s.aliases], options={}) for s in SAMPLERS.values()]
-
-    @app.get("/sdapi/v1/schedulers", response_model=list[SchedulerItem])
-    async def schedulers():
-        return [SchedulerItem(name=s.name, label=s.label, aliases=list(s.aliases) or None, default_rho=s.default_rho,
-                              need_inner_model=s.need_inner_model) for s in SCHEDULERS.values()]
-
-    @app.get("/sdapi/v1/sd-models", response_model=list[SDModelItem])
-    async def sd_models():
-        # File names only: where the models live on disk is not the client's business.
-        return [SDModelItem(title=e.title, model_name=e.name, hash=e.hash, filename=e.path.name)
-                for e in state.models.entries()]
-
-    @app.post("/sdapi/v1/refresh-checkpoints")
-    async def refresh_checkpoints() -> None:
-        # The model folder is read on every listing; kept for A1111 clients that call it.
-        return None
-
-    @app.get("/sdapi/v1/upscalers", response_model=list[UpscalerItem])
-    async def upscalers():
-        items = [UpscalerItem(name=name, scale=1.0 if name == "None" else 4.0) for name in gen.UPSCALERS]
-        items += [UpscalerItem(name=name, model_name=name) for name in state.models.upscaler_paths]
-        pipe = state.models.pipeline
-        if pipe is not None and _is_upscaler(pipe) and pipe.name not in state.models.upscaler_paths:
-            items.append(UpscalerItem(name=pipe.name, model_name=pipe.name, scale=pipe.latent_factor))
-        return items
-
-    @app.get("/sdapi/v1/options")
-    async def get_options() -> dict[str, Any]:
-        entry = state.models.entry
-        return {"sd_model_checkpoint": entry.title if entry else None,
-                "show_progress_every_n_steps": state.preview_every, "samples_format": "png",
-                "live_previews_enable": state.preview_every > 0}
-
-    @app.post("/sdapi/v1/options")
-    async def set_options(options: Options) -> None:
-        if options.show_progress_every_n_steps is not None:
-            state.preview_every = max(options.show_progress_every_n_steps, 0)
-        if options.sd_model_checkpoint:
-            entry = state.models.find(options.sd_model_checkpoint)
-            # Loaded on the worker: never while a job is sampling with the current weights.
-            await state.run("load model", lambda job: state.models.load(entry))
-        return None
-
-    # ------------------------------------------------------------------------------------- progress
-    @app.get("/sdapi/v1/progress", response_model=ProgressResponse)
-    async def progress(skip_current_image: bool = False):
-        job: Job | None = state.queue.current
-        waiting = state.queue.pending_count
-        if job is None:
-            return ProgressResponse(progress=0.0, eta_relative=0.0,
-                                    state=ProgressState(job_count=waiting, queue_length=waiting))
-        done = job.fraction_done
-        elapsed = _elapsed(job)
-        eta = elapsed / done - elapsed if done > 0 else 0.0
-        preview = job.preview
-        return ProgressResponse(
-            progress=done, eta_relative=eta,
-            state=ProgressState(interrupted=job.interrupted.is_set(), job=job.id, job_count=job.batch_count,
-                                job_no=job.batch_no, sampling_step=job.step, sampling_steps=job.steps,
-                                job_timestamp=str(int(job.created)), queue_length=waiting),
-            current_image=None if skip_current_image or preview is None else gen.encode_png(preview),
-            textinfo=f"{job.name}: step {job.step}/{job.steps}, batch {job.batch_no + 1}/{job.batch_count}",
-        )
-
-    @app.post("/sdapi/v1/interrupt")
-    async def interrupt() -> None:
-        state.queue.interrupt_current()
-        return None
-
-    @app.post("/sdapi/v1/skip")
-    async def skip() -> None:
-        state.queue.interrupt_current()
-        return None
-
-    @app.post("/sdapi/v1/png-info", response_model=PNGInfoResponse)
-    async def png_info(body: PNGInfoRequest):
-        return gen.png_info(gen.decode_image(body.image, what="image", limits=state.limits))
-
-    # ------------------------------------------------------------------------------------- generation
-    def respond(request, outcome, pipe) -> ImageResponse:
-        result, seed, interrupted = outcome
-        images = [gen.encode_png(image, text) for image, text in zip(result.images, result.parameters)]
-        return ImageResponse(images=images if request.send_images else [],
-                             parameters=request.model_dump(exclude={"init_images", "mask"}),
-                             info=gen.info_json(request, result, seed, pipe, interrupted))
-
-    @app.post("/sdapi/v1/txt2img", response_model=ImageResponse)
-    async def txt2img(request: Txt2ImgRequest, http: Request):
-        gen.check_generation(request, state.limits)
-        preview_every = state.preview_every
-
-        def work(job: Job):
-            pipe = state.pipeline_for(request.override_settings)
-            return gen.run_txt2img(job, pipe, request, preview_every), pipe
-
-        outcome, pipe = await state.run("txt2img", work, http)
-        return respond(request, outcome, pipe)
-
-    @app.post("/sdapi/v1/img2img", response_model=ImageResponse)
-    async def img2img(request: Img2ImgRequest, http: Request):
-        gen.check_generation(request, state.limits)
-        image, mask = gen.prepare_img2img(request, state.limits)
-        preview_every = state.preview_every
-
-        def work(job: Job):
-            pipe = state.pipeline_for(request.override_settings)
-            return gen.run_img2img(job, pipe, request, image, mask, preview_every), pipe
-
-        outcome, pipe = await state.run("img2img", work, http)
-        return respond(request, outcome, pipe)
-
-    @app.post("/sdapi/v1/extra-single-image", response_model=ExtrasSingleImageResponse)
-    async def extra_single_image(request: ExtrasSingleImageRequest, http: Request):
-        image = gen.decode_image(request.image, what="image", limits=state.limits)
-        size = gen.upscale_target(request, image, state.limits)
-        names = [u.name for u in await upscalers()]
-        if request.upscaler_1 not in names:
-            raise gen.BadRequest(f"unknown upscaler {request.upscaler_1!r}; choose one of {names}")
-
-        def work(job: Job):
-            name = request.upscaler_1
-            if name in gen.UPSCALERS:
-                pipe = None
-            elif name in state.models.upscaler_paths:
-                pipe = state.models.upscaler(name)
-            else:
-                pipe = state.models.pipeline
-            return gen.run_upscale(job, pipe, request, image, size)
-
-        upscaled = await state.run("upscale", work, http)
-        text = f"Postprocess upscale to: {upscaled.width}x{upscaled.height}, Postprocess upscaler: {request.upscaler_1}"
-        return ExtrasSingleImageResponse(image=gen.encode_png(upscaled, text), html_info=text)
-
+    app.add_middleware(GateMiddleware, credentials=config.api_auth, max_body_bytes=config.limits.max_body_bytes,
+                       allowed_hosts=allowed_host_names(config.host, config.allowed_hosts))
+    add_error_handlers(app)
+    for add_routes in (add_page_routes, add_model_routes, add_generation_routes, add_extras_routes,
+                       add_progress_routes):
+        add_routes(app, state)
     return app
-
-
-def _is_upscaler(pipe) -> bool:
-    from latent_diffusion.pipelines.upscale import is_upscaler
-
-    return is_upscaler(pipe)
-
-
-def _elapsed(job: Job) -> float:
-    import time
-
-    return time.time() - (job.started or time.time())

@@ -12,19 +12,25 @@ import json
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from latent_diffusion.diffusion.registry import resolve_sampler
 from latent_diffusion.diffusion.samplers import Step
 from latent_diffusion.pipelines.common import GenerationResult, Pipeline, resolve_seed
+from latent_diffusion.pipelines.hires import (
+    DEFAULT_UPSCALER, HiresFix, check_upscaler_name, checked_target_sizes, is_same_choice,
+)
 from latent_diffusion.pipelines.png_info import PARAMETERS_KEY, parse_parameters
 from latent_diffusion.server.jobs import Job, JobInterrupted
-from latent_diffusion.server.schemas import ExtrasSingleImageRequest, GenerationRequest, Img2ImgRequest
+from latent_diffusion.server.models import ModelManager
+from latent_diffusion.server.schemas import ExtrasSingleImageRequest, GenerationRequest, Img2ImgRequest, Txt2ImgRequest
 
 DEFAULT_SAMPLER = "Euler a"
 UPSCALERS = ("None", "Lanczos", "Nearest")
+UPSCALE_TILE_OVERLAP = 16  # input pixels shared by neighbouring tiles of a super-resolution model
+HIRES_DENOISING_STRENGTH = 0.75  # A1111's txt2img API default
 
 
 class BadRequest(ValueError):
@@ -41,6 +47,11 @@ class ServerLimits:
     max_upscaled_size: int | None = None  # pixels per side of an upscaler's output; default 4 * max_size
     max_input_pixels: int = 4096 * 4096  # decoded input images (guards against decompression bombs)
     max_body_bytes: int = 64 * 1024 * 1024  # a request body (base64 images included)
+    # Super-resolution models: inputs up to max_upscale_input pixels per side, run in tiles of at most
+    # upscale_tile pixels per side so that memory stays bounded whatever the input (the work grows with
+    # the input's area; the limit bounds it).
+    max_upscale_input: int = 512
+    upscale_tile: int = 128
 
     @property
     def upscaled_limit(self) -> int:
@@ -92,9 +103,10 @@ def png_info(image: Image.Image) -> dict[str, Any]:
     if text:
         prompt, negative, settings = parse_parameters(text)
         parameters = {"Prompt": prompt, "Negative prompt": negative, **settings}
-        width, _, height = settings.get("Size", "").partition("x")
-        if width.isdigit() and height.isdigit():
-            parameters["Size-1"], parameters["Size-2"] = width, height
+        for key in ("Size", "Hires resize"):  # split as A1111 does: "Size-1", "Size-2"
+            width, _, height = settings.get(key, "").partition("x")
+            if width.isdigit() and height.isdigit():
+                parameters[f"{key}-1"], parameters[f"{key}-2"] = width, height
     return {"info": text, "items": items, "parameters": parameters}
 
 
@@ -177,10 +189,51 @@ def common_options(request: GenerationRequest) -> dict[str, Any]:
                 guidance_scale=request.cfg_scale, batch_size=request.batch_size)
 
 
-def run_txt2img(job: Job, pipe: Pipeline, request: GenerationRequest, preview_every: int):
-    """The txt2img job."""
+def check_hires(request: Txt2ImgRequest, limits: ServerLimits,
+                model_upscalers: Sequence[str]) -> dict[str, Any] | None:
+    """The hires fix a txt2img request asks for, checked before queueing: HiresFix's arguments, the
+    upscaler by name (a super-resolution model is loaded on the worker). None without ``enable_hr``."""
+    if not request.enable_hr:
+        return None
+    options = dict(
+        scale=request.hr_scale, steps=request.hr_second_pass_steps, resize_x=request.hr_resize_x,
+        resize_y=request.hr_resize_y, prompt=request.hr_prompt, negative_prompt=request.hr_negative_prompt,
+        denoising_strength=(HIRES_DENOISING_STRENGTH if request.denoising_strength is None
+                            else request.denoising_strength),
+        sampler=None if is_same_choice(request.hr_sampler_name) else request.hr_sampler_name,
+        scheduler=None if is_same_choice(request.hr_scheduler) else request.hr_scheduler)
+    upscaler = request.hr_upscaler or DEFAULT_UPSCALER
+    try:
+        check_upscaler_name(upscaler, model_upscalers, others=None)
+        enlarged, _ = checked_target_sizes(HiresFix(**options), request.width, request.height)
+    except ValueError as error:
+        raise BadRequest(str(error)) from None
+    if max(enlarged) > limits.max_size:
+        raise BadRequest(f"the hires fix makes {enlarged[0]}x{enlarged[1]}, beyond this server's limit of "
+                         f"{limits.max_size} pixels")
+    if request.hr_second_pass_steps > limits.max_steps:
+        raise BadRequest(f"hr_second_pass_steps {request.hr_second_pass_steps} exceeds this server's limit of "
+                         f"{limits.max_steps}")
+    return {**options, "upscaler": upscaler}
+
+
+def hires_fix(options: dict[str, Any] | None, models: ModelManager) -> HiresFix | None:
+    """Checked hires options (:func:`check_hires`) with their upscaler; call on the worker, which loads
+    a super-resolution model."""
+    if options is None:
+        return None
+    name = options["upscaler"]
+    upscaler = models.upscaler(name) if name in models.upscaler_paths else name
+    return HiresFix(**{**options, "upscaler": upscaler})
+
+
+def run_txt2img(job: Job, pipe: Pipeline, request: GenerationRequest, preview_every: int,
+                hires: HiresFix | None = None, refiner=None):
+    """The txt2img job, with the hires fix when ``hires`` is given and a refiner (a
+    :class:`~latent_diffusion.pipelines.refiner.Refiner`) when ``refiner`` is."""
     return run_batches(job, pipe, request, preview_every, lambda **run: pipe.txt2img(
-        request.prompt, width=request.width, height=request.height, **run, **common_options(request)))
+        request.prompt, width=request.width, height=request.height, hires=hires, refiner=refiner, **run,
+        **common_options(request)))
 
 
 def prepare_img2img(request: Img2ImgRequest, limits: ServerLimits) -> tuple[Image.Image, Image.Image | None]:
@@ -202,12 +255,12 @@ def prepare_img2img(request: Img2ImgRequest, limits: ServerLimits) -> tuple[Imag
 
 
 def run_img2img(job: Job, pipe: Pipeline, request: Img2ImgRequest, image: Image.Image, mask: Image.Image | None,
-                preview_every: int):
+                preview_every: int, refiner=None):
     """The img2img job, or inpainting when a mask was sent (original pixels kept outside it, as A1111)."""
     options = common_options(request)
     if mask is None:
         return run_batches(job, pipe, request, preview_every, lambda **run: pipe.img2img(
-            request.prompt, image, strength=request.denoising_strength, **run, **options))
+            request.prompt, image, strength=request.denoising_strength, refiner=refiner, **run, **options))
     return run_batches(job, pipe, request, preview_every, lambda **run: pipe.inpaint(
         request.prompt, image, mask, strength=request.denoising_strength, mask_blur=request.mask_blur,
         mask_padding=request.inpaint_full_res_padding, keep_unmasked=True, **run, **options))
@@ -225,19 +278,59 @@ def upscale_target(request: ExtrasSingleImageRequest, image: Image.Image, limits
     return size
 
 
+def check_model_upscale(name: str, image: Image.Image, trained_size: int | None, limits: ServerLimits) -> None:
+    """Refuse an input a super-resolution model should not be given (before queueing)."""
+    width, height = image.size
+    if trained_size is not None and max(width, height) > trained_size:
+        raise BadRequest(f"upscaler {name!r} was trained on inputs of {trained_size}x{trained_size} pixels; a "
+                         f"{width}x{height} input is outside that range and comes out recoloured (whole or in "
+                         f"tiles), so it is refused: reduce it to {trained_size}x{trained_size} first, or use Lanczos")
+    if max(width, height) > limits.max_upscale_input:
+        raise BadRequest(f"input {width}x{height} exceeds this server's limit of {limits.max_upscale_input} pixels "
+                         f"per side for super-resolution models; use Lanczos, or upscale a smaller image")
+
+
 def run_upscale(job: Job, pipe: Pipeline | None, request: ExtrasSingleImageRequest, image: Image.Image,
-                size: tuple[int, int]) -> Image.Image:
-    """Upscale with a resampling filter, or with the loaded super-resolution model then resized to ``size``."""
-    name = request.upscaler_1
+                size: tuple[int, int], limits: ServerLimits) -> tuple[Image.Image, str]:
+    """The upscaled image and its A1111 description: a resampling filter, or the super-resolution model
+    ``pipe`` (in tiles, then resized to ``size``); an interrupted model upscale falls back to Lanczos."""
+    name, note = request.upscaler_1, ""
     if name == "None":
-        return image
-    if name in ("Lanczos", "Nearest"):
-        method = Image.Resampling.LANCZOS if name == "Lanczos" else Image.Resampling.NEAREST
-        return image.convert("RGB").resize(size, method)
-    if pipe is None:
-        raise BadRequest(f"unknown upscaler {name!r}")
-    upscaled = pipe.upscale(image.convert("RGB"), seed=0, step_callback=StepReporter(job, pipe, 0)).images[0]
-    return upscaled if upscaled.size == size else upscaled.resize(size, Image.Resampling.LANCZOS)
+        upscaled = image
+    elif pipe is None:
+        upscaled = resample(image, size, name)
+    else:
+        factor = pipe.latent_factor
+        if max(image.size) * factor > limits.upscaled_limit:
+            raise BadRequest(f"upscaler {name!r} makes a {image.width * factor}x{image.height * factor} image from "
+                             f"this input, more than this server's limit of {limits.upscaled_limit} pixels per side")
+        tile, overlap = upscale_tiles(pipe, image, limits.upscale_tile)
+        try:
+            upscaled = pipe.upscale(image.convert("RGB"), seed=0, tile_size=tile, tile_overlap=overlap,
+                                    step_callback=StepReporter(job, pipe, 0)).images[0]
+            if upscaled.size != size:
+                upscaled = upscaled.resize(size, Image.Resampling.LANCZOS)
+        except JobInterrupted:
+            # As an interrupted generation answers with what it has: here the input, resampled to the size asked.
+            upscaled, note = resample(image, size, "Lanczos"), " (interrupted: resampled with Lanczos instead)"
+    return upscaled, f"Postprocess upscale to: {upscaled.width}x{upscaled.height}, Postprocess upscaler: {name}{note}"
+
+
+def resample(image: Image.Image, size: tuple[int, int], name: str) -> Image.Image:
+    """``image`` resized with a resampling filter of :data:`UPSCALERS`."""
+    method = Image.Resampling.NEAREST if name == "Nearest" else Image.Resampling.LANCZOS
+    return image.convert("RGB").resize(size, method)
+
+
+def upscale_tiles(pipe: Pipeline, image: Image.Image, largest: int) -> tuple[int, int]:
+    """Tile side and overlap (input pixels) for ``pipe``: at most ``largest``, a multiple of what its UNet
+    divides; an input smaller than two of those is refused (the UNet's lowest level would be one pixel)."""
+    multiple = 2 ** (len(pipe.spec.unet.channel_mult) - 1)
+    if min(image.size) < 2 * multiple:
+        raise BadRequest(f"input {image.width}x{image.height} is too small for this super-resolution model: it "
+                         f"needs at least {2 * multiple} pixels per side")
+    tile = max(largest - largest % multiple, 2 * multiple)
+    return tile, min(UPSCALE_TILE_OVERLAP, tile // 4)
 
 
 def info_json(request: GenerationRequest, result: GenerationResult, seed: int, pipe: Pipeline,

@@ -14,6 +14,10 @@ from latent_diffusion.pipelines.common import Pipeline, default_checkpoint_path
 from latent_diffusion.pipelines.png_info import model_hash
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
+# The built-in super-resolution model saw only 16x16 inputs (shapes scenes reduced from 64x64). Larger
+# inputs come out recoloured, whole or cut into 16 px tiles (bench/builtin_upscaler_range.py, 64 -> 256:
+# PSNR 29.0 and 21.1 dB where bicubic gives 35.2), so the server refuses them.
+BUILTIN_UPSCALER_INPUT = 16
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,8 @@ class ModelManager:
         # loaded on first use and kept, beside the generation model.
         self.upscaler_paths = {Path(p).stem: Path(p) for p in (builtin_upscalers() if upscalers is None else upscalers)}
         self._upscalers: dict[str, Pipeline] = {}
+        # The last refiner asked for, kept beside the generation model (one at a time: they are large).
+        self._refiner: tuple[Path, Pipeline] | None = None
         for path in self.upscaler_paths.values():
             if not path.is_file():
                 raise FileNotFoundError(f"upscaler checkpoint not found: {path}")
@@ -102,6 +108,15 @@ class ModelManager:
         self.pipeline, self.entry = pipeline, ModelEntry(entry.name, entry.path, self._hash(entry.path))
         return pipeline
 
+    def refiner(self, entry: ModelEntry) -> Pipeline:
+        """The pipeline of a listed model used as a refiner; call only from the job worker."""
+        if entry.path == (self.entry.path if self.entry else None) and self.pipeline is not None:
+            return self.pipeline
+        if self._refiner is None or self._refiner[0] != entry.path:
+            self._refiner = None  # release the previous one before loading the next
+            self._refiner = (entry.path, self.loader(entry.path))
+        return self._refiner[1]
+
     def upscaler(self, name: str) -> Pipeline:
         """The super-resolution pipeline listed as ``name``; call only from the job worker."""
         if name not in self.upscaler_paths:
@@ -109,6 +124,14 @@ class ModelManager:
         if name not in self._upscalers:
             self._upscalers[name] = self.loader(self.upscaler_paths[name])
         return self._upscalers[name]
+
+    def trained_input_size(self, name: str) -> int | None:
+        """The largest input side the upscaler listed as ``name`` was trained on, where known (the built-in one)."""
+        path = self.upscaler_paths.get(name)
+        if path is None and self.pipeline is not None and self.entry is not None and self.pipeline.name == name:
+            path = self.entry.path
+        builtin = [p.resolve() for p in builtin_upscalers()]
+        return BUILTIN_UPSCALER_INPUT if path is not None and path.resolve() in builtin else None
 
     def load_startup(self) -> Pipeline:
         """Load the first listed model: ``--checkpoint``, else the built-in one, else the folder's first."""

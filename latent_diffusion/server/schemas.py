@@ -1,7 +1,7 @@
 """Request and response bodies of the API, with AUTOMATIC1111's field names so that its clients work unchanged.
 
-Fields A1111 accepts but we do not implement (hires fix, face restoration, scripts, subseeds) are
-accepted and ignored, as A1111 itself ignores options that do not apply, so that existing client
+Fields A1111 accepts but we do not implement (face restoration, scripts, subseeds, a hires
+checkpoint) are accepted and ignored, as A1111 itself ignores options that do not apply, so that existing client
 payloads are not rejected.
 """
 from __future__ import annotations
@@ -46,13 +46,29 @@ class GenerationRequest(_Lenient):
     override_settings: Optional[dict[str, Any]] = None
     send_images: bool = True
     save_images: bool = False
+    refiner_checkpoint: Optional[str] = Field(
+        None, max_length=300, description="a model from /sdapi/v1/sd-models that finishes the image (SDXL's refiner)")
+    refiner_switch_at: Optional[float] = Field(
+        None, gt=0.0, lt=1.0, description="where the refiner takes over, as a fraction of the noise schedule (0.8)")
 
 
 class Txt2ImgRequest(GenerationRequest):
-    """``POST /sdapi/v1/txt2img``."""
+    """``POST /sdapi/v1/txt2img``; ``enable_hr`` turns on the hires fix (``hr_*``, ``denoising_strength``)."""
 
     enable_hr: bool = False
-    denoising_strength: Optional[float] = Field(None, ge=0.0, le=1.0)
+    denoising_strength: Optional[float] = Field(None, ge=0.0, le=1.0,
+                                                description="the hires fix's second pass; default 0.75")
+    hr_scale: float = Field(2.0, description="enlargement of the first pass, in (1, 4]; unused with hr_resize_x/y")
+    hr_upscaler: Optional[str] = Field(None, max_length=200,
+                                       description="a latent mode (GET /latent-upscale-modes) or an upscaler "
+                                                   "(GET /upscalers); default Latent")
+    hr_second_pass_steps: int = Field(0, ge=0, le=1000, description="0: as many as the first pass")
+    hr_resize_x: int = Field(0, ge=0, le=8192, description="target width instead of hr_scale (0: unset)")
+    hr_resize_y: int = Field(0, ge=0, le=8192, description="target height instead of hr_scale (0: unset)")
+    hr_sampler_name: Optional[str] = Field(None, max_length=100, description="default: the first pass's")
+    hr_scheduler: Optional[str] = Field(None, max_length=100, description="default: the first pass's")
+    hr_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="empty: the first pass's")
+    hr_negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="empty: the first pass's")
 
 
 class Img2ImgRequest(GenerationRequest):
@@ -101,6 +117,12 @@ class UpscalerItem(BaseModel):
     model_path: Optional[str] = None
     model_url: Optional[str] = None
     scale: float = 4.0
+
+
+class LatentUpscaleModeItem(BaseModel):
+    """``GET /sdapi/v1/latent-upscale-modes``: the hires fix's latent upscalers."""
+
+    name: str
 
 
 class PNGInfoRequest(_Lenient):
@@ -168,8 +190,18 @@ class Options(_Lenient):
     samples_format: Optional[str] = None
 
 
-class ErrorResponse(BaseModel):
-    """Body of every 4xx/5xx answer of ours (A1111's ``error`` and ``detail`` fields)."""
+class FieldError(BaseModel):
+    """One field of a request that does not match the schema."""
 
-    error: str
-    detail: str
+    loc: list[str | int] = Field(description="where: 'body' then the field names and list indices")
+    msg: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    """Body of every 4xx/5xx answer (A1111's four error keys), whatever refused the request."""
+
+    error: str = Field(description="kind of error, e.g. BadRequest, ValidationError, PayloadTooLarge")
+    detail: str = Field(description="what was wrong, naming the field, value or limit")
+    body: str = Field("", description="always empty: request bodies are never echoed back")
+    errors: list[FieldError] = Field(default_factory=list, description="the fields that broke the schema (422)")

@@ -27,6 +27,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--listen", action="store_true", help="bind to 0.0.0.0 so other machines can connect")
     parser.add_argument("--host", default=None, help="bind address (overrides --listen)")
     parser.add_argument("--port", type=int, default=7860, help="TCP port (A1111's default)")
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="a further host name clients may reach the server by (repeatable); without --listen "
+                        "the server answers only to its bind address and localhost, against DNS rebinding")
     parser.add_argument("--api-auth", default=None,
                         help="require credentials user:password[,user2:password2] (HTTP Basic or Bearer user:password)")
     parser.add_argument("--max-size", type=int, default=1024, help="largest image side in pixels a request may ask for")
@@ -64,6 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     for name in ("max_size", "max_steps", "max_images", "max_queue", "port"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    host = args.host or ("0.0.0.0" if args.listen else "127.0.0.1")
     config = ServerConfig(
         checkpoint=Path(args.checkpoint) if args.checkpoint else None,
         models_dir=Path(args.models_dir) if args.models_dir else None,
@@ -72,8 +76,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         device=args.device, half=args.half,
         pipeline_options={name: True for name in ("lean", "bf16", "tiled_vae") if getattr(args, name)},
         upscalers=[Path(p) for p in args.upscaler] if args.upscaler else None,
+        host=host, allowed_hosts=list(args.allow_host),
     )
-    host = args.host or ("0.0.0.0" if args.listen else "127.0.0.1")
     if host not in ("127.0.0.1", "localhost", "::1") and not config.api_auth:
         print("ldm serve: warning: listening beyond this machine without --api-auth; anyone who can reach "
               f"port {args.port} can use it", file=sys.stderr)

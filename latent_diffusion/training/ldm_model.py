@@ -261,7 +261,7 @@ def _yaml_describes(compvis: dict, spec: ModelSpec) -> bool:
     from latent_diffusion.checkpoints.yaml_config import spec_from_yaml
 
     try:
-        read = spec_from_yaml(compvis, family=None if spec.family == "custom" else spec.family)
+        read = spec_from_yaml(compvis, family=spec.family)
     except (ValueError, TypeError, KeyError):
         return False
     fields = ("unet", "autoencoder", "conditioner", "conditioning", "prediction", "schedule")

@@ -44,16 +44,20 @@ function selectTab(name) {
 
 // ------------------------------------------------------------------------------------------- lists
 async function loadLists() {
-  const [samplers, schedulers, models, options, upscalers] = await Promise.all([
-    api("/samplers"), api("/schedulers"), api("/sd-models"), api("/options"), api("/upscalers")]);
+  const [samplers, schedulers, models, options, upscalers, latentModes] = await Promise.all([
+    api("/samplers"), api("/schedulers"), api("/sd-models"), api("/options"), api("/upscalers"),
+    api("/latent-upscale-modes")]);
   $("sampler_name").replaceChildren(...samplers.map((s) => new Option(s.name, s.name)));
   $("sampler_name").value = "Euler a";
   $("scheduler").replaceChildren(...schedulers.map((s) => new Option(s.label, s.label)));
   $("scheduler").value = "Automatic";
   $("model").replaceChildren(...models.map((m) => new Option(m.model_name, m.title)));
+  $("refiner_checkpoint").replaceChildren(new Option("None", ""), ...models.map((m) => new Option(m.model_name, m.title)));
   const current = models.find((m) => options.sd_model_checkpoint && options.sd_model_checkpoint.startsWith(m.filename));
   if (current) $("model").value = current.title;
   $("upscaler_1").replaceChildren(...upscalers.filter((u) => u.name !== "None").map((u) => new Option(u.name, u.name)));
+  $("hr_upscaler").replaceChildren(...[...latentModes, ...upscalers].map((u) => new Option(u.name, u.name)));
+  $("hr_upscaler").value = "Latent";
 }
 
 // ------------------------------------------------------------------------------------------- input image and mask
@@ -128,9 +132,24 @@ function generationRequest() {
   };
 }
 
+// A1111's refiner: another listed model takes over at "switch at" (a fraction of the noise schedule).
+function refinerRequest() {
+  if (!$("refiner_checkpoint").value) return {};
+  return { refiner_checkpoint: $("refiner_checkpoint").value, refiner_switch_at: numberField("refiner_switch_at") };
+}
+
+function hiresRequest() {
+  if (!$("enable_hr").checked) return {};
+  return {
+    enable_hr: true, hr_upscaler: $("hr_upscaler").value, hr_scale: numberField("hr_scale"),
+    hr_second_pass_steps: numberField("hr_second_pass_steps"), denoising_strength: numberField("hr_denoising_strength"),
+    hr_resize_x: numberField("hr_resize_x"), hr_resize_y: numberField("hr_resize_y"),
+  };
+}
+
 async function run() {
   if (currentTab !== "txt2img" && !initImage) throw new Error("choose an input image first");
-  if (currentTab === "txt2img") return api("/txt2img", generationRequest());
+  if (currentTab === "txt2img") return api("/txt2img", { ...generationRequest(), ...hiresRequest(), ...refinerRequest() });
   const init = canvasBase64($("init_canvas"));
   if (currentTab === "upscale") {
     const result = await api("/extra-single-image", {
@@ -139,6 +158,7 @@ async function run() {
   }
   const body = { ...generationRequest(), init_images: [init], denoising_strength: numberField("denoising_strength") };
   if (currentTab === "inpaint") Object.assign(body, { mask: maskBase64(), mask_blur: numberField("mask_blur") });
+  else Object.assign(body, refinerRequest());
   return api("/img2img", body);
 }
 
@@ -213,11 +233,28 @@ function applyParsed(parameters) {
   for (const [key, id] of Object.entries(fields)) {
     if (parameters[key] !== undefined && parameters[key] !== "") $(id).value = parameters[key];
   }
+  applyHires(parameters);
   if (!parameters.Sampler) return;
   // No "Schedule type" means Automatic, as A1111 reads it.
   const [sampler, scheduler] = splitSampler(parameters.Sampler, parameters["Schedule type"] || "Automatic");
   if (hasOption("sampler_name", sampler)) $("sampler_name").value = sampler;
   if (hasOption("scheduler", scheduler)) $("scheduler").value = scheduler;
+}
+
+function applyHires(parameters) {
+  const hires = parameters["Hires upscale"] !== undefined || parameters["Hires resize-1"] !== undefined;
+  $("enable_hr").checked = hires;
+  if (!hires) return;
+  const fields = { "Hires upscale": "hr_scale", "Hires steps": "hr_second_pass_steps",
+                   "Denoising strength": "hr_denoising_strength", "Hires resize-1": "hr_resize_x",
+                   "Hires resize-2": "hr_resize_y" };
+  const defaults = { hr_second_pass_steps: "0", hr_resize_x: "0", hr_resize_y: "0" };
+  for (const [key, id] of Object.entries(fields)) {
+    const value = parameters[key] !== undefined ? parameters[key] : defaults[id];
+    if (value !== undefined) $(id).value = value;
+  }
+  const upscaler = parameters["Hires upscaler"] || "Latent";
+  if (hasOption("hr_upscaler", upscaler)) $("hr_upscaler").value = upscaler;
 }
 
 function hasOption(id, value) {
