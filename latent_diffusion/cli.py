@@ -1,7 +1,9 @@
 """The ``ldm`` command.
 
-Each sub-command is one small function; heavy imports happen inside them so that ``ldm --help``
-answers at once. User errors (bad file, bad option) end as one clear line and exit code 2.
+Each sub-command is one small function; heavy imports happen inside them so that ``ldm --help``,
+``ldm samplers`` and ``ldm png-info`` answer without loading PyTorch. User errors (bad file, bad
+option, a size that cannot fit, a full disk) end as one clear line and exit code 2; output into a
+reader that has gone (``| head``) is dropped quietly while the command finishes its work.
 """
 from __future__ import annotations
 

@@ -189,6 +189,9 @@ def test_a_size_that_cannot_fit_in_memory_is_refused_before_sampling(capsys, tmp
     # The built-in decoder's widest full-size activation has 64 channels: 4 copies in float32.
     assert "a 1000000x64 image needs about 61.0 GiB for the VAE decoder (4 x 64 channels at 1000000x64" in line
     assert "but only 16.0 GiB of memory is free; use a size up to about 4096x4096" in line
+    code, _, err = run(capsys, "txt2img", "x", "--batch-size", 100000, "--steps", 1, "-o", tmp_path / "out")
+    assert code == 2 and "a batch of 100000 64x64 images needs about 390.6 GiB for the VAE decoder" in err
+    assert "use --batch-size 4096 or one image at a time, a size up to about 4096x4096" in err
     # Where the UNet would fit and only the decoder would not, tiled decoding is offered.
     monkeypatch.setattr(memory, "_host_available", lambda: 48 * memory.GIB)
     code, _, err = run(capsys, "txt2img", "x", "-W", 8192, "-H", 8192, "--steps", 1, "-o", tmp_path / "out")
@@ -209,6 +212,21 @@ def test_an_init_image_too_large_for_memory_is_refused_before_encoding(capsys, i
     assert code == 2 and sampling_started == []
     assert "a 2048x2048 image needs about 3.0 GiB for the VAE encoder (6 x 32 channels at 2048x2048" in line
     assert "but only 512 MiB of memory is free; use a size up to about 832x832" in line
+
+
+def test_a_hires_pass_decoded_in_bands_is_checked_as_banded(monkeypatch):
+    from latent_diffusion.pipelines import hires as hires_module
+    from latent_diffusion.pipelines import memory
+    from latent_diffusion.pipelines.hires import HiresFix
+
+    pipe = common.Pipeline.from_checkpoint(progress=False)
+    options = dict(width=32, height=32, steps=1, seed=1, hires=HiresFix(scale=2, steps=1, denoising_strength=0.5))
+    # At 64x64 the UNet needs 2.5 MiB and the decoder 4 MiB whole, 2 MiB in bands: 3 MiB fits only banded.
+    monkeypatch.setattr(memory, "_host_available", lambda: 3 * 2**20)
+    with pytest.raises(memory.InsufficientMemoryError, match="64x64 image needs about 4 MiB for the VAE decoder"):
+        pipe.txt2img("a red circle", **options)
+    monkeypatch.setattr(hires_module, "AUTO_TILED_VAE_BYTES", 1)  # the hires pass decodes in bands
+    assert pipe.txt2img("a red circle", **options).images[0].size == (64, 64)
 
 
 def test_memory_estimates_match_the_documented_tiled_decoder_peak():

@@ -21,9 +21,8 @@ from latent_diffusion.diffusion.analytic import GaussianMixture
 from latent_diffusion.diffusion.beta_distribution import beta_cdf, beta_quantile
 from latent_diffusion.diffusion.registry import SAMPLERS, SamplerSpec, get_sampler, resolve_sampler, sigmas_for
 from latent_diffusion.diffusion.sampling import sample
-from latent_diffusion.diffusion.schedulers import (
-    AUTOMATIC, SCHEDULERS, get_scheduler, polyexponential, scheduler_names, scheduler_sigmas,
-)
+from latent_diffusion.diffusion.scheduler_functions import polyexponential
+from latent_diffusion.diffusion.schedulers import AUTOMATIC, SCHEDULERS, get_scheduler, scheduler_names, scheduler_sigmas
 from latent_diffusion.diffusion.schedules import NoiseSchedule, make_sigmas
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.usefixtures("one_thread")]

@@ -162,7 +162,7 @@ def _read(source: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, Any]:
         raise ConfigError(f"{path}: no such YAML file")
     try:
         data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: not valid YAML ({error})") from None
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: expected a mapping at the top level")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -98,11 +98,3 @@ def scheduler_sigmas(spec: SchedulerSpec, schedule: NoiseSchedule, num_steps: in
                          f"{schedule.num_timesteps}-timestep training schedule; use fewer steps")
     return sigmas
 
-
-def __getattr__(name: str) -> Any:
-    # The functions and tables, still importable from here as before the split.
-    if not name.startswith("__"):
-        module = importlib.import_module(_FUNCTIONS)
-        if hasattr(module, name):
-            return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -180,30 +180,35 @@ def _gib(count: float) -> str:
 
 
 def check_fits(needs: list[Need], available: int | None, *, size: tuple[int, int], multiple: int,
-               tiled_alternative: Need | None = None) -> None:
-    """InsufficientMemoryError when the largest need exceeds ``available``; it says how large the
-    request is, and what fits instead: tiled decoding, or the largest square size of the same batch."""
+               batch: int = 1, tiled_alternative: Need | None = None) -> None:
+    """InsufficientMemoryError when the largest need exceeds ``available``. It says how large the request
+    is, and what fits instead: tiled decoding, a smaller batch, the largest square size of one image
+    (every need grows in proportion to the pixels and the batch)."""
     if available is None:
         return
     worst = max(needs, key=lambda need: need.bytes)
     if worst.bytes <= available:
         return
     width, height = size
-    side = math.isqrt(int(width * height * available / worst.bytes))
-    side -= side % multiple
     advice = []
     if tiled_alternative is not None and worst.network == "VAE decoder":
         others = max([need.bytes for need in needs if need is not worst] + [tiled_alternative.bytes])
         if others <= available:
             advice.append(f"--tiled-vae (Pipeline(tiled_vae=True); then about {_gib(others)})")
-    advice.append(f"a size up to about {side}x{side}" if side >= multiple else "a smaller size")
-    if worst.batch > 1:
-        advice.append("a smaller --batch-size")
+    if batch > 1 and batch * available // worst.bytes >= 1:
+        advice.append(f"--batch-size {batch * available // worst.bytes}")
+    side = math.isqrt(width * height * batch * available // worst.bytes)
+    side -= side % multiple
+    one = "one image at a time, " if batch > 1 else ""
+    advice.append(f"{one}a size up to about {side}x{side}" if side >= multiple else "a smaller size")
     raise InsufficientMemoryError(
-        f"a {width}x{height} image needs about {_gib(worst.bytes)} for the {worst.network} "
-        f"({worst.detail}), but only {_gib(available)} of memory is free; "
-        f"use {' or '.join(advice)}"
+        f"{_request(width, height, batch)} needs about {_gib(worst.bytes)} for the {worst.network} "
+        f"({worst.detail}), but only {_gib(available)} of memory is free; use {' or '.join(advice)}"
     )
+
+
+def _request(width: int, height: int, batch: int) -> str:
+    return f"a batch of {batch} {width}x{height} images" if batch > 1 else f"a {width}x{height} image"
 
 
 def check_sampling(pipe: Pipeline, batch: int, latent_width: int, latent_height: int, guided: bool,
@@ -219,7 +224,7 @@ def check_sampling(pipe: Pipeline, batch: int, latent_width: int, latent_height:
     decode = decoder_need(vae, batch, width, height, itemsize, tiled=tiled)
     alternative = None if tiled else decoder_need(vae, batch, width, height, itemsize, tiled=True)
     check_fits([unet, decode], available_bytes(pipe.device), size=(width, height), multiple=max(8, f),
-               tiled_alternative=alternative)
+               batch=batch, tiled_alternative=alternative)
 
 
 def check_encoding(pipe: Pipeline, width: int, height: int, *, tiled: bool = False) -> None:

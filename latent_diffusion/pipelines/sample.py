@@ -57,8 +57,8 @@ def sample_classes(
 ) -> GenerationResult:
     """Images of the given classes (cycled over the images) or, for unconditional models, of nothing."""
     if pipe.takes_text or pipe.concat_channels:
-        raise ValueError(f"`sample` draws images of a class, or of nothing, from class-conditional and "
-                         f"unconditional models; {_what_to_run_instead(pipe)}")
+        raise ValueError(f"`sample` is for class-conditional and unconditional models (images of a class, or of "
+                         f"nothing); {_what_to_run_instead(pipe)}")
     settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback, scheduler)
     pipe.latent_shape(1, width, height)
     n_classes = class_count(pipe)
