@@ -1,4 +1,5 @@
-"""Tiny random-weight models saved as single files, and diffusers pipelines built from the same weights."""
+"""Tiny random-weight models saved as single files, diffusers pipelines built from the same weights, and
+small input images for the tasks."""
 from __future__ import annotations
 
 import dataclasses
@@ -146,3 +147,17 @@ def diffusers_components(folder: Path) -> dict:
 
 SD_SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
                     steps_offset=1)
+
+
+def write_task_images(folder: Path) -> Path:
+    """``image.png`` (32 px noise), ``small.png`` (16 px, an upscaler's input) and ``mask.png`` (a white square)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / "image.png")
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / "small.png")
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[8:20, 8:20] = 255
+    Image.fromarray(mask).save(folder / "mask.png")
+    return folder

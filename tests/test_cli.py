@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline_tiny import TINY_CLASS, TINY_SD1, TINY_X4, write_checkpoint
+from pipeline_tiny import TINY_CLASS, TINY_SD1, TINY_X4, write_checkpoint, write_task_images
 
 COMMANDS = ["info", "samplers", "txt2img", "img2img", "inpaint", "upscale", "sample", "png-info", "convert",
             "eval-shapes"]
@@ -34,14 +34,8 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / "image.png")
-    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / "small.png")
-    mask = np.zeros((32, 32), dtype=np.uint8)
-    mask[8:20, 8:20] = 255
-    Image.fromarray(mask).save(folder / "mask.png")
-    Image.fromarray(mask[:24, :24]).save(folder / "mask24.png")
+    folder = write_task_images(tmp_path_factory.mktemp("images"))
+    Image.open(folder / "mask.png").crop((0, 0, 24, 24)).save(folder / "mask24.png")
     (folder / "not-an-image.png").write_text("hello")
     (folder / "prompts.txt").write_text("a red circle\n\n(a blue:1.2) square\n")
     return folder

@@ -15,10 +15,11 @@ import zipfile
 import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image, PngImagePlugin
+
+from pipeline_tiny import write_task_images
 
 from latent_diffusion import cli
 from latent_diffusion.pipelines import common
@@ -55,13 +56,7 @@ def loads(monkeypatch) -> list:
 
 @pytest.fixture()
 def image_files(tmp_path) -> Path:
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "image.png")
-    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "small.png")
-    mask = np.zeros((32, 32), dtype=np.uint8)
-    mask[8:20, 8:20] = 255
-    Image.fromarray(mask).save(tmp_path / "mask.png")
-    return tmp_path
+    return write_task_images(tmp_path)
 
 
 def png_claiming(path: Path, width: int, height: int, parameters: str | None = None) -> Path:
