@@ -4,7 +4,7 @@ At large sizes activations, not weights, fill the memory, and they grow with the
 rule: a network's peak is a fixed number of copies of its largest activation (a layer's input and
 output, a residual branch, the normalised copy...). The copies were measured (peak resident memory
 of a forward pass on the CPU in float32, SD 1 and the built-in model's networks, 512 to 1024 px) and
-rounded down, so that a refused request could not have run:
+rounded to whole copies, down where they varied, so that a refused request could not have run:
 
 - VAE decoder: 4 (measured 3.9 to 4.1). Its largest activation, at level ``i`` (pixels / 4^i), has
   the widest of the level's own channels and those the coarser level brings up, for the whole
@@ -77,6 +77,7 @@ def _largest_level(widths: list[int], width: int, height: int) -> tuple[int, int
 
 def _banded(network: str, copies: int, batch: int, channels: int, width: int, height: int, itemsize: int,
             tiled: bool) -> Need:
+    """The whole pass's need, or the banded pass's (two whole activations, float16 above 1 GiB)."""
     if not tiled:
         return Need(network, copies, batch, channels, width, height, itemsize)
     if batch * channels * width * height * 4 > DEFAULT_EXACT_BYTES:
