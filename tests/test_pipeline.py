@@ -291,3 +291,18 @@ def test_align_your_steps_takes_the_table_of_the_model_family(pipe, monkeypatch)
     np.testing.assert_allclose(visited("sd1"), sd15, rtol=1e-12)
     np.testing.assert_allclose(visited("sdxl"), sdxl, rtol=1e-12)
     np.testing.assert_allclose(visited("sd2"), sd15, rtol=1e-12)
+
+
+def test_tiled_vae_also_encodes_in_bands_with_the_same_result(checkpoint, pipe, monkeypatch):
+    from latent_diffusion.models import vae_tiling
+
+    tiled = Pipeline.from_checkpoint(checkpoint, progress=False, tiled_vae=True)
+    calls = []
+    original = vae_tiling.encode_tiled
+    monkeypatch.setattr("latent_diffusion.pipelines.common.encode_tiled",
+                        lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    options = dict(seed=3, steps=3, strength=0.7, sampler="euler")
+    banded = tiled.img2img("a circle", _image(32), **options)
+    whole = pipe.img2img("a circle", _image(32), **options)
+    assert calls  # the init image was encoded in bands
+    assert np.abs(_array(banded.images[0]) - _array(whole.images[0])).max() <= 1

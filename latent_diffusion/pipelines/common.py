@@ -304,11 +304,13 @@ class Pipeline:
 
     # ------------------------------------------------------------------ latents <-> images
     def encode_images(self, pixels: Tensor, generators: Sequence[torch.Generator] | None, *,
-                      tiled: bool = False) -> Tensor:
+                      tiled: bool | None = None) -> Tensor:
         """Scaled latents of images in [-1, 1]; a KL posterior is sampled with each image's generator.
 
-        ``tiled`` encodes in bands of rows (models/vae_tiling.py): the same latents in bounded memory.
+        ``tiled`` encodes in bands of rows (models/vae_tiling.py): the same latents in bounded memory
+        (default: the pipeline's ``tiled_vae``, as for decoding).
         """
+        tiled = self.tiled_vae if tiled is None else tiled
         check_encoding(self, pixels.shape[-1], pixels.shape[-2], tiled=tiled)
         vae = self.model.first_stage_model
         pixels = pixels.to(self.device, self.dtype)

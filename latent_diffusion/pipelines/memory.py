@@ -192,7 +192,7 @@ def check_fits(needs: list[Need], available: int | None, *, size: tuple[int, int
         return
     width, height = size
     advice = []
-    if tiled_alternative is not None and worst.network == "VAE decoder":
+    if tiled_alternative is not None and worst.network in ("VAE decoder", "VAE encoder"):
         others = max([need.bytes for need in needs if need is not worst] + [tiled_alternative.bytes])
         if others <= available:
             advice.append(f"--tiled-vae (Pipeline(tiled_vae=True); then about {_gib(others)})")
@@ -230,6 +230,8 @@ def check_sampling(pipe: Pipeline, batch: int, latent_width: int, latent_height:
 
 def check_encoding(pipe: Pipeline, width: int, height: int, *, tiled: bool = False) -> None:
     """Refuse to encode an image of this size (in bands when ``tiled``) when that cannot fit."""
-    # No tiled alternative to offer: img2img and inpaint encode whole whatever --tiled-vae says.
-    need = encoder_need(pipe.spec.autoencoder, width, height, pipe.dtype.itemsize, tiled=tiled)
-    check_fits([need], available_bytes(pipe.device), size=(width, height), multiple=max(8, pipe.latent_factor))
+    vae, itemsize = pipe.spec.autoencoder, pipe.dtype.itemsize
+    need = encoder_need(vae, width, height, itemsize, tiled=tiled)
+    alternative = None if tiled else encoder_need(vae, width, height, itemsize, tiled=True)
+    check_fits([need], available_bytes(pipe.device), size=(width, height), multiple=max(8, pipe.latent_factor),
+               tiled_alternative=alternative)
