@@ -8,6 +8,8 @@ outputs are blended with linear ramps, so memory stays bounded.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 from PIL import Image
@@ -59,6 +61,49 @@ def _ramp(size: int, overlap: int, at_start: bool, at_end: bool) -> Tensor:
     return weights
 
 
+def _check_inputs(pipe: Pipeline, image: Image.Image | None, noise_level: int, tile_size: int | None,
+                  tile_overlap: int) -> tuple[Image.Image, int]:
+    """The input image in RGB and the multiple its sides (and tiles) must have; ValueError otherwise."""
+    if not is_upscaler(pipe):
+        raise ValueError(f"upscale needs a super-resolution model (SD x4 upscaler or LDM SR); this is a "
+                         f"{pipe.spec.family!r} model")
+    if image is None or not isinstance(image, Image.Image):
+        raise ValueError("upscale needs an input image")
+    if pipe.spec.noise_augmentation is not None and not 0 <= noise_level <= (pipe.spec.max_noise_level or 350):
+        raise ValueError(f"noise level must be in [0, {pipe.spec.max_noise_level or 350}], got {noise_level}")
+    multiple = input_multiple(pipe)
+    image = to_rgb(image, what="input image")
+    if image.width % multiple or image.height % multiple:
+        raise ValueError(f"input image size {image.width}x{image.height} must be a multiple of {multiple} "
+                         "for this model")
+    if tile_size is not None and (tile_size < 2 * multiple or tile_size % multiple or tile_overlap < 0
+                                  or tile_overlap >= tile_size):
+        raise ValueError(f"tile size must be a multiple of {multiple} (at least {2 * multiple}) larger than "
+                         f"the overlap; got {tile_size} and overlap {tile_overlap}")
+    return image, multiple
+
+
+def _in_tiles(pixels: Tensor, tile: int, overlap: int, multiple: int, factor: int,
+              upscale_part: Callable[[Tensor], Tensor]) -> Tensor:
+    """``upscale_part`` of every overlapping tile of ``pixels``, blended with linear ramps."""
+    height, width = pixels.shape[2:]
+    ys, xs = _tiles(height, tile, overlap, multiple), _tiles(width, tile, overlap, multiple)
+    if len(ys) * len(xs) == 1:
+        return upscale_part(pixels)
+    output, total = None, torch.zeros(1, 1, height * factor, width * factor)
+    for y in ys:
+        for x in xs:
+            h, w = min(tile, height), min(tile, width)
+            part = upscale_part(pixels[:, :, y:y + h, x:x + w]).cpu()
+            if output is None:
+                output = torch.zeros(part.shape[0], 3, height * factor, width * factor)
+            weight = (_ramp(h * factor, overlap * factor, y == 0, y + h == height)[:, None]
+                      * _ramp(w * factor, overlap * factor, x == 0, x + w == width)[None, :])
+            output[:, :, y * factor:(y + h) * factor, x * factor:(x + w) * factor] += part * weight
+            total[:, :, y * factor:(y + h) * factor, x * factor:(x + w) * factor] += weight
+    return output / total
+
+
 def upscale(
     pipe: Pipeline,
     image: Image.Image | None = None,
@@ -79,27 +124,13 @@ def upscale(
     step_callback: StepCallback | None = None,
 ) -> GenerationResult:
     """Upscale ``image`` by the model's factor; ``tile_size`` (low-res pixels) splits large inputs."""
-    if not is_upscaler(pipe):
-        raise ValueError(f"upscale needs a super-resolution model (SD x4 upscaler or LDM SR); this is a "
-                         f"{pipe.spec.family!r} model")
-    if image is None or not isinstance(image, Image.Image):
-        raise ValueError("upscale needs an input image")
+    image, multiple = _check_inputs(pipe, image, noise_level, tile_size, tile_overlap)
     text = pipe.takes_text
     # Without a prompt there is nothing to guide by: the model runs unguided, and its PNGs say so.
     settings = SamplingSettings.make(sampler, steps, guidance_scale if text else 1.0, step_callback, scheduler)
     augmented = pipe.spec.noise_augmentation is not None
-    if augmented and not 0 <= noise_level <= (pipe.spec.max_noise_level or 350):
-        raise ValueError(f"noise level must be in [0, {pipe.spec.max_noise_level or 350}], got {noise_level}")
     f = pipe.latent_factor
-    multiple = input_multiple(pipe)
-    image = to_rgb(image, what="input image")
     width, height = image.size
-    if width % multiple or height % multiple:
-        raise ValueError(f"input image size {width}x{height} must be a multiple of {multiple} for this model")
-    if tile_size is not None and (tile_size < 2 * multiple or tile_size % multiple or tile_overlap < 0
-                                  or tile_overlap >= tile_size):
-        raise ValueError(f"tile size must be a multiple of {multiple} (at least {2 * multiple}) larger than "
-                         f"the overlap; got {tile_size} and overlap {tile_overlap}")
     pixels = image_to_tensor(image)
     extra = {"Noise level": noise_level if augmented else None, "Upscale": f,
              "Tile size": tile_size, "Clip skip": clip_skip}
@@ -126,24 +157,9 @@ def upscale(
                                                   width=width * f, height=height * f)
         else:
             cond, uncond = Conditioning(), None
-        tile = tile_size or max(width, height)
-        ys, xs = _tiles(height, tile, tile_overlap, multiple), _tiles(width, tile, tile_overlap, multiple)
-        if len(ys) * len(xs) == 1:
-            output = upscale_tile(pixels, batch, generators, cond, uncond)
-        else:
-            output = torch.zeros(batch, 3, height * f, width * f)
-            total = torch.zeros(1, 1, height * f, width * f)
-            for y in ys:
-                for x in xs:
-                    h, w = min(tile, height), min(tile, width)
-                    # Every tile starts from the same seeds, so a tile's content does not depend on its position.
-                    part = upscale_tile(pixels[:, :, y:y + h, x:x + w], batch, make_generators(first_seed, batch),
-                                        cond, uncond)
-                    weight = (_ramp(h * f, tile_overlap * f, y == 0, y + h == height)[:, None]
-                              * _ramp(w * f, tile_overlap * f, x == 0, x + w == width)[None, :])
-                    output[:, :, y * f:(y + h) * f, x * f:(x + w) * f] += part.cpu() * weight
-                    total[:, :, y * f:(y + h) * f, x * f:(x + w) * f] += weight
-            output = output / total
+        # Every tile starts from the same seeds, so a tile's content does not depend on its position.
+        output = _in_tiles(pixels, tile_size or max(width, height), tile_overlap, multiple, f,
+                           lambda part: upscale_tile(part, batch, make_generators(first_seed, batch), cond, uncond))
         result = GenerationResult(warnings=list(warnings))
         result.images = tensor_to_images(output)
         result.seeds = [first_seed + i for i in range(batch)]
