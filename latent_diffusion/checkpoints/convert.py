@@ -55,8 +55,8 @@ def _text_components(spec: ModelSpec) -> list[Component]:
 # Tensors
 
 
-def _component_names(spec: ModelSpec, keys: list[str]) -> dict[str, tuple[str, str]]:
-    """Original key -> (component folder, diffusers name) for every network key of ``spec``."""
+def component_names(spec: ModelSpec, keys: list[str]) -> dict[str, tuple[str, str]]:
+    """Original key -> (component folder, diffusers name) for every network key of ``spec`` among ``keys``."""
     blocks_per_level = spec.unet.num_res_blocks + 1
     levels = len(spec.autoencoder.ch_mult)
     parts = family_of(spec).components(spec)
@@ -108,7 +108,7 @@ def _to_text_encoder(out: dict, part: Component, key: str, name: str, tensor: to
 def to_diffusers(spec: ModelSpec, state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """Original-layout network weights -> {component (or its extras): diffusers-named tensors}."""
     _check_supported(spec)
-    names = _component_names(spec, list(state_dict))
+    names = component_names(spec, list(state_dict))
     texts = {part.name: part for part in _text_components(spec)}
     out: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "vae": {}}
     for name in texts:
@@ -147,7 +147,7 @@ def from_diffusers(spec: ModelSpec, components: dict[str, dict[str, torch.Tensor
     """The inverse of :func:`to_diffusers`: diffusers-named tensors -> original-layout network weights."""
     _check_supported(spec)
     expected = build_on_meta(spec).state_dict()
-    names = _component_names(spec, list(expected))
+    names = component_names(spec, list(expected))
     prefixes = {part.name: part.prefix for part in _text_components(spec)}
     out: dict[str, torch.Tensor] = {}
     used: dict[str, set[str]] = {c: set() for c in components}

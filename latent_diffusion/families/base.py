@@ -170,6 +170,20 @@ class Family:
         """One tokenizer per text encoder, in the conditioner's order (training uses the first)."""
         return []
 
+    # ------------------------------------------------------------------ add-on networks
+    def lora_prefixes(self, spec: ModelSpec) -> dict[str, tuple[str, ...]]:
+        """The networks LoRA files adapt, by component name (as :meth:`components`), with the key
+        prefixes kohya's trainer and diffusers give each; keys under other prefixes are for another family."""
+        prefixes = {"unet": ("lora_unet_", "unet.")}
+        if self.takes_text(spec):
+            prefixes["text_encoder"] = ("lora_te_", "text_encoder.")
+        return prefixes
+
+    def embedding_keys(self, spec: ModelSpec) -> list[str | None]:
+        """For each text encoder (in the conditioner's order), the key of its vectors in a
+        textual-inversion file; None: the file's one set of vectors (SD 1.x/2.x files)."""
+        return [None] if self.takes_text(spec) else []
+
     # ------------------------------------------------------------------ diffusers names
     def diffusers_sample_size(self, spec: ModelSpec) -> int:
         """The ``sample_size`` (latent side) diffusers' UNet config records."""

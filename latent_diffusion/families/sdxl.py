@@ -19,6 +19,8 @@ from latent_diffusion.families.text import clip_tokenizer
 _SDXL = dict(condition_encoder="embedders", first_stage="kl", cross_attention=True, label_embedding=False,
              low_scale_buffers=False)
 _TEXT_ENCODER_NAMES = {"openai": "CLIP ViT-L/14", "openclip": "OpenCLIP ViT-bigG/14"}
+# Where SDXL textual-inversion files keep each encoder's vectors.
+_EMBEDDING_KEYS = {"openai": "clip_l", "openclip": "clip_g"}
 
 
 class SDXL(Family):
@@ -74,6 +76,15 @@ class SDXL(Family):
 
     def tokenizers(self, spec):
         return [clip_tokenizer(encoder) for encoder in spec.conditioner.text_encoders]
+
+    def lora_prefixes(self, spec):
+        # kohya numbers the encoders te1 (CLIP-L) and te2 (bigG); the refiner has bigG alone.
+        encoders = {"text_encoder": ("lora_te1_", "text_encoder."), "text_encoder_2": ("lora_te2_", "text_encoder_2.")}
+        present = {part.name for part in self.components(spec)}
+        return {"unet": ("lora_unet_", "unet."), **{name: p for name, p in encoders.items() if name in present}}
+
+    def embedding_keys(self, spec):
+        return [_EMBEDDING_KEYS[encoder.layout] for encoder in spec.conditioner.text_encoders]
 
     def text_conditioner(self, model, dtype):
         from latent_diffusion.pipelines.text_conditioning import PromptEncoder, SDXLText
