@@ -7,6 +7,7 @@ within 1e-4 of the reference's magnitude.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -64,7 +65,9 @@ def _tokens(vocab: int, seed: int = 2) -> torch.Tensor:
 
 def _merge(checkpoint, path, unet: float, text: float, family=None):
     loaded = load_checkpoint(checkpoint, family=family)
-    MergedLoras(loaded.model, loaded.family, loaded.spec).apply([LoraUse(read_lora_file(path), unet, text)])
+    changed, warnings = MergedLoras(loaded.model, loaded.family, loaded.spec).apply(
+        [LoraUse(read_lora_file(path), unet, text)])
+    assert changed and warnings == []  # every layer of the file found its place
     return loaded
 
 
@@ -113,3 +116,57 @@ def test_sd1_lora_matches_diffusers_fuse_lora(sd1, tmp_path, layout):
     tokens = _tokens(TINY_SD1.conditioner.vocab_size)
     with torch.no_grad():
         assert_close_to_reference(loaded.model.condition_encoder(tokens), reference.text_encoder(tokens).last_hidden_state)
+
+
+def test_sd2_split_qkv_loras_land_on_their_third_of_openclips_fused_projection(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    checkpoint = write_checkpoint(TINY_SD2, tmp_path / "sd2.safetensors")
+    reference = _reference(StableDiffusionPipeline, diffusers_components(diffusers_folder(checkpoint, tmp_path / "d")))
+    unet_layers, text_layers = layers(reference.unet, UNET_LAYERS), layers(reference.text_encoder, TEXT_LAYERS)
+    assert any(name.endswith("k_proj") for name in text_layers)
+    path = tmp_path / "lora.safetensors"
+    save_safetensors({**kohya_lora(unet_layers, "lora_unet_"), **kohya_lora(text_layers, "lora_te_", seed=1)}, path)
+    _fuse(reference, path, 1.0, 0.7)
+    loaded = _merge(checkpoint, path, 1.0, 0.7)
+
+    assert_close_to_reference(*_ours_and_reference_unet(loaded, reference.unet, TINY_SD2.unet.context_dim))
+    tokens = _tokens(TINY_SD2.conditioner.vocab_size)
+    with torch.no_grad():
+        # diffusers keeps SD 2's text encoder without its last layer, whose output SD 2 never reads.
+        assert_close_to_reference(loaded.model.condition_encoder(tokens), reference.text_encoder(tokens).last_hidden_state)
+
+
+# kohya's SDXL trainer names UNet layers as the original (sgm) files do.
+SGM_UNET_LAYERS = re.compile(r".*(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|proj_in|proj_out|"
+                             r"in_layers\.2|out_layers\.3|emb_layers\.1|skip_connection)$")
+
+
+def test_sdxl_lora_with_original_unet_names_and_two_text_encoders_matches_diffusers(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    checkpoint = write_checkpoint(TINY_SDXL, tmp_path / "xl.safetensors")
+    reference = _reference(StableDiffusionXLPipeline, sdxl_components(diffusers_folder(checkpoint, tmp_path / "d")))
+    ours_before = load_checkpoint(checkpoint)
+    unet_layers = layers(ours_before.model.unet, SGM_UNET_LAYERS)
+    assert any(name.startswith("output_blocks") and "in_layers" in name for name in unet_layers)
+    path = tmp_path / "lora.safetensors"
+    save_safetensors({**kohya_lora(unet_layers, "lora_unet_"),
+                      **kohya_lora(layers(reference.text_encoder, TEXT_LAYERS), "lora_te1_", seed=1),
+                      **kohya_lora(layers(reference.text_encoder_2, TEXT_LAYERS), "lora_te2_", seed=2)}, path)
+    _fuse(reference, path, 0.9, 0.5, text_encoders=("text_encoder", "text_encoder_2"))
+    loaded = _merge(checkpoint, path, 0.9, 0.5)
+
+    generator = torch.Generator().manual_seed(3)
+    pooled = torch.randn(1, 64, generator=generator)
+    sizes = dict(original_size=torch.tensor([[32.0, 32.0]]), crop_coords_top_left=torch.tensor([[0.0, 0.0]]),
+                 target_size=torch.tensor([[32.0, 32.0]]))
+    with torch.no_grad():
+        y = loaded.model.condition_encoder.vector(pooled, sizes)
+    added = dict(text_embeds=pooled, time_ids=torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]]))
+    assert_close_to_reference(*_ours_and_reference_unet(loaded, reference.unet, TINY_SDXL.unet.context_dim, y, added))
+    tokens = _tokens(49408)
+    with torch.no_grad():
+        for ours, theirs in zip(loaded.model.condition_encoder.text_encoders,
+                                (reference.text_encoder, reference.text_encoder_2)):
+            assert_close_to_reference(ours(tokens), theirs(tokens, output_hidden_states=True).hidden_states[-2])

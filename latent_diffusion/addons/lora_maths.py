@@ -62,7 +62,7 @@ def _lokr_product(layer: LoraLayer) -> tuple[Tensor, int | None]:
     second, second_rank = _lokr_factor(layer, 2)
     while first.dim() < second.dim():
         first = first.unsqueeze(-1)
-    return torch.kron(first, second), second_rank if second_rank is not None else first_rank
+    return torch.kron(first.contiguous(), second.contiguous()), second_rank if second_rank is not None else first_rank
 
 
 def product_shape(layer: LoraLayer) -> tuple[int, ...]:
