@@ -55,6 +55,48 @@ def _cmd_samplers(args: argparse.Namespace) -> None:
     print("\n".join([*_table(samplers), "", *_table(schedulers), "", note]))
 
 
+def _listed(describe: Callable[[str], dict], name: str) -> dict:
+    """A folder entry described, or the reason it cannot be (one bad file does not hide the others)."""
+    try:
+        return describe(name)
+    except ValueError as error:
+        return {"name": name, "error": str(error)}
+
+
+def _cmd_loras(args: argparse.Namespace) -> None:
+    from latent_diffusion.addons.library import LoraLibrary
+
+    library = LoraLibrary(args.lora_dir)
+    entries = [_listed(library.describe, name) for name in library.names()]
+    if args.json:
+        print(json.dumps(entries, indent=2, ensure_ascii=False))
+        return
+    rows = [("NAME", "FAMILY", "FILE")] + [(e["name"], e.get("family") or "unknown", e.get("path", e.get("error")))
+                                           for e in entries]
+    print("\n".join(_table(rows)) if entries else f"no LoRA files in {library.folder}")
+
+
+def _cmd_embeddings(args: argparse.Namespace) -> None:
+    from latent_diffusion.addons.embeddings import EmbeddingLibrary, made_for
+
+    library = EmbeddingLibrary(args.embeddings_dir)
+    def describe(name: str) -> dict:
+        embedding = library.read(name)
+        return {"name": name, "family": made_for(embedding), "vectors": len(next(iter(embedding.vectors.values()))),
+                "widths": {key or "": v.shape[1] for key, v in embedding.vectors.items()},
+                "path": embedding.path.relative_to(library.folder).as_posix(), **embedding.info}
+
+    entries = [_listed(describe, name) for name in library.names()]
+    if args.json:
+        print(json.dumps(entries, indent=2, ensure_ascii=False))
+        return
+    rows = [("NAME", "FAMILY", "VECTORS", "WIDTH", "FILE")] + [
+        (e["name"], e.get("family") or "unknown", str(e.get("vectors", "-")),
+         " + ".join(f"{k}: {w}" if k else str(w) for k, w in e.get("widths", {}).items()) or "-",
+         e.get("path", e.get("error"))) for e in entries]
+    print("\n".join(_table(rows)) if entries else f"no embeddings in {library.folder}")
+
+
 def _cmd_png_info(args: argparse.Namespace) -> None:
     from latent_diffusion.pipelines.png_info import parse_parameters, read_png_parameters
 
@@ -112,6 +154,15 @@ def _build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
     add("samplers", _cmd_samplers, "List the samplers with the names A1111/ComfyUI users know.")
+
+    loras = add("loras", _cmd_loras, "List the LoRA / LyCORIS files that prompts can name, with the family each is for.")
+    embeddings = add("embeddings", _cmd_embeddings,
+                     "List the textual-inversion embeddings that prompts can name, with the family each fits.")
+    from latent_diffusion.pipelines.commands import add_addon_options
+
+    for listing in (loras, embeddings):
+        add_addon_options(listing)
+        listing.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
     from latent_diffusion.pipelines.commands import add_task_parsers
 

@@ -328,6 +328,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+def read_saved_object(path: str | os.PathLike) -> object:
+    """What a weight file holds: a safetensors file's tensors, or the object a pickled file was saved
+    from (tensors and plain containers only, as for :func:`read_state_dict`; never runs code)."""
+    path = Path(path)
+    kind = sniff_format(path)
+    return _read_safetensors(path) if kind == "safetensors" else _torch_load(path, kind)
+
+
 def read_tensor_infos(path: str | os.PathLike) -> dict[str, TensorInfo]:
     """Shapes and dtypes of a weight file's tensors; safetensors are answered from the header alone."""
     path = Path(path)

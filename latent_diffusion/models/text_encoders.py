@@ -116,6 +116,15 @@ class _OpenAIEmbeddings(nn.Module):
         return self.token_embedding(tokens) + self.position_embedding.weight[: tokens.shape[1]]
 
 
+def _token_vectors(table: nn.Embedding, tokens: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+    """Token vectors where ids past the vocabulary index ``extra`` (textual-inversion embeddings)."""
+    vocab = table.num_embeddings
+    beyond = tokens >= vocab
+    vectors = table(torch.where(beyond, 0, tokens))
+    extra = extra.to(vectors.device, vectors.dtype)
+    return torch.where(beyond[..., None], extra[torch.where(beyond, tokens - vocab, 0)], vectors)
+
+
 def _drop_stored_position_ids(module, state_dict, prefix, *args) -> None:
     state_dict.pop(prefix + _STORED_POSITION_IDS, None)
 
@@ -141,8 +150,11 @@ class _OpenAITextModel(nn.Module):
     def final_norm(self) -> nn.LayerNorm:
         return self.final_layer_norm
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.embeddings(tokens)
+    def embed(self, tokens: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        if extra is None:
+            return self.embeddings(tokens)
+        table = self.embeddings
+        return _token_vectors(table.token_embedding, tokens, extra) + table.position_embedding.weight[: tokens.shape[1]]
 
 
 class _OpenAITransformer(nn.Module):
@@ -228,8 +240,9 @@ class _OpenCLIPTextModel(nn.Module):
     def final_norm(self) -> nn.LayerNorm:
         return self.ln_final
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
+    def embed(self, tokens: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        vectors = self.token_embedding(tokens) if extra is None else _token_vectors(self.token_embedding, tokens, extra)
+        return vectors + self.positional_embedding[: tokens.shape[1]]
 
 
 @dataclass(frozen=True)
@@ -278,12 +291,13 @@ class CLIPTextEncoder(nn.Module):
     def _context(self, x: torch.Tensor) -> torch.Tensor:
         return self._text_model.final_norm(x) if self.config.normalize_context else x
 
-    def encode(self, tokens: torch.Tensor, clip_skip: int | None = None) -> TextEncoding:
+    def encode(self, tokens: torch.Tensor, clip_skip: int | None = None,
+               extra_vectors: torch.Tensor | None = None) -> TextEncoding:
         """Hidden states (as :meth:`forward`) plus the pooled end-token features of the last layer."""
         body = self._text_model
-        _check_token_ids(tokens, self.config.vocab_size, self.config.context_length, "CLIPTextEncoder")
+        _check_token_ids(tokens, self._vocabulary(extra_vectors), self.config.context_length, "CLIPTextEncoder")
         layers_to_run = self._layers_to_run(clip_skip)
-        x = body.embed(tokens)
+        x = body.embed(tokens, extra_vectors)
         context = None
         for index, block in enumerate(body.blocks):
             if index == layers_to_run:
@@ -291,22 +305,29 @@ class CLIPTextEncoder(nn.Module):
             x = block(x)
         final = body.final_norm(x)
         context = self._context(x) if context is None else context
-        # The end token has the largest id, so argmax finds its first occurrence (CLIP's rule).
-        pooled = final[torch.arange(final.shape[0], device=final.device), tokens.argmax(dim=-1)]
+        # The end token has the largest id, so argmax finds its first occurrence (CLIP's rule);
+        # embedding vectors' ids lie past the vocabulary and are not candidates.
+        ends = tokens if extra_vectors is None else torch.where(tokens >= self.config.vocab_size, -1, tokens)
+        pooled = final[torch.arange(final.shape[0], device=final.device), ends.argmax(dim=-1)]
         projected = pooled @ body.text_projection if self.config.layout == "openclip" else None
         return TextEncoding(hidden_states=context, pooled=pooled, projected=projected)
 
-    def forward(self, tokens: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
+    def _vocabulary(self, extra_vectors: torch.Tensor | None) -> int:
+        return self.config.vocab_size + (0 if extra_vectors is None else extra_vectors.shape[0])
+
+    def forward(self, tokens: torch.Tensor, clip_skip: int | None = None,
+                extra_vectors: torch.Tensor | None = None) -> torch.Tensor:
         """Cross-attention context ``[B, N, width]``: the last layer run, through the final LayerNorm.
 
         ``clip_skip=None`` follows ``config.skip_last_layers`` (0 for SD 1; 1 for SD 2, matching
         ``FrozenOpenCLIPEmbedder(layer="penultimate")``, which also applies ``ln_final``).
         ``clip_skip=k`` is A1111's "Clip skip" setting: drop the last ``k - 1`` layers. Without
         ``config.normalize_context`` (SDXL) the hidden states come without the final LayerNorm.
+        ``extra_vectors`` are the token vectors of ids ``vocab_size`` and up (textual inversion).
         """
         body = self._text_model
-        _check_token_ids(tokens, self.config.vocab_size, self.config.context_length, "CLIPTextEncoder")
-        x = body.embed(tokens)
+        _check_token_ids(tokens, self._vocabulary(extra_vectors), self.config.context_length, "CLIPTextEncoder")
+        x = body.embed(tokens, extra_vectors)
         for block in body.blocks[: self._layers_to_run(clip_skip)]:
             x = block(x)
         return self._context(x)

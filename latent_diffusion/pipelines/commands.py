@@ -36,6 +36,18 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="UNet in bfloat16 (matmuls and convolutions; attention and norms fp32): about half the "
                             "time on CPUs with native bf16, about 30 dB from the exact image")
     group.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda, cuda:1, mps)")
+    add_addon_options(parser)
+
+
+def add_addon_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "LoRAs and embeddings", "prompts name LoRAs as <lora:NAME:WEIGHT> (or <lora:NAME:TEXT_WEIGHT:UNET_WEIGHT>) "
+                                "and textual-inversion embeddings by their file names")
+    group.add_argument("--lora-dir", default=None, metavar="FOLDER",
+                       help="folder of LoRA / LyCORIS files; default: MODELS/loras, where MODELS is $LDM_MODELS_DIR "
+                            "or ./models")
+    group.add_argument("--embeddings-dir", default=None, metavar="FOLDER",
+                       help="folder of textual-inversion embeddings; default: MODELS/embeddings")
 
 
 def add_sdxl_options(parser: argparse.ArgumentParser) -> None:
@@ -188,7 +200,8 @@ def _pipeline(args: argparse.Namespace):
     return Pipeline.from_checkpoint(args.checkpoint, vae=args.vae, config_yaml=args.config, half=args.half,
                                     use_ema=args.ema, device=args.device, progress=not args.quiet,
                                     tiled_vae=args.tiled_vae, lean=args.lean,
-                                    compile_unet=args.compile, bf16=args.bf16)
+                                    compile_unet=args.compile, bf16=args.bf16, lora_dir=args.lora_dir,
+                                    embeddings_dir=args.embeddings_dir)
 
 
 def _guidance(args: argparse.Namespace, pipe=None) -> float:
@@ -224,7 +237,23 @@ def _check_common(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     _check_sdxl_options(args)
+    _check_prompt_addons(args)
     args.seed = resolve_seed(args.seed)
+
+
+def _check_prompt_addons(args: argparse.Namespace) -> None:
+    """The LoRA and embedding folders exist, and every ``<lora:...>`` of the prompts is readable and
+    found, before the slow load."""
+    from latent_diffusion.addons.embeddings import EmbeddingLibrary
+    from latent_diffusion.addons.library import LoraLibrary
+    from latent_diffusion.pipelines.prompt_addons import PromptAddons
+
+    EmbeddingLibrary(args.embeddings_dir)
+    loras = LoraLibrary(args.lora_dir)
+    texts = read_prompts(args) if hasattr(args, "prompt") else []
+    texts += [getattr(args, name, None) or "" for name in ("negative_prompt", "hires_prompt", "hires_negative_prompt")]
+    for tag in PromptAddons.tags(*texts):
+        loras.path_of(tag.name)
 
 
 def _run_prompts(args: argparse.Namespace, task: Callable[..., Any], **inputs: Any) -> None:

@@ -37,6 +37,7 @@ from latent_diffusion.models.vae_tiling import decode_tiled, encode_tiled
 from latent_diffusion.pipelines.images import check_size, tensor_to_images
 from latent_diffusion.pipelines.memory import check_encoding, check_sampling
 from latent_diffusion.pipelines.png_info import format_parameters, model_hash
+from latent_diffusion.pipelines.prompt_addons import PromptAddons
 from latent_diffusion.pipelines.refiner import HandOff, RefinerRun
 from latent_diffusion.pipelines.text_conditioning import MicroConditioning, TextConditioner
 
@@ -160,7 +161,8 @@ class Pipeline:
 
     def __init__(self, loaded: LoadedModel, *, name: str | None = None, hash_: str | None = None,
                  progress: bool = True, tiled_vae: bool = False, lean: bool = False,
-                 compile_unet: bool = False, bf16: bool = False) -> None:
+                 compile_unet: bool = False, bf16: bool = False, lora_dir: str | os.PathLike | None = None,
+                 embeddings_dir: str | os.PathLike | None = None) -> None:
         if sum((lean, compile_unet, bf16)) > 1:
             raise ValueError("lean mode, bf16 mode and a compiled UNet do not combine: lean swaps the weights "
                              "per block, bf16 converts them, a compiled UNet has them frozen in")
@@ -179,9 +181,11 @@ class Pipeline:
         if lean:
             _make_pipeline_lean(self.model)
         # Latents, conditioning and images stay fp32 in bf16 mode; only the UNet's insides are bf16.
-        self.bf16 = bf16
+        self.bf16, self.compile_unet = bf16, compile_unet
         self.unet_forward = self._unet_stack(compile_unet=compile_unet, bf16=bf16)
         self._text: TextConditioner | None = None
+        # LoRAs and embeddings that prompts name (default folders: addons/library.py).
+        self.addons = PromptAddons(self, lora_dir, embeddings_dir)
 
     def _unet_stack(self, *, compile_unet: bool, bf16: bool) -> Callable[..., Tensor]:
         """What the sampler calls: the UNet, wrapped by each run mode in turn. A layer takes the callable
@@ -197,6 +201,13 @@ class Pipeline:
 
             network = FrozenCompiled(network)
         return network
+
+    def weights_changed(self) -> None:
+        """The UNet's weights were replaced (LoRAs merged or removed): a compiled UNet, which froze
+        the old ones into its graph, is compiled again on its next call."""
+        if self.compile_unet:
+            torch.compiler.reset()
+            self.unet_forward = self._unet_stack(compile_unet=True, bf16=self.bf16)
 
     @classmethod
     def from_checkpoint(
@@ -215,6 +226,8 @@ class Pipeline:
         lean: bool = False,
         compile_unet: bool = False,
         bf16: bool = False,
+        lora_dir: str | os.PathLike | None = None,
+        embeddings_dir: str | os.PathLike | None = None,
     ) -> Pipeline:
         """Load a single file or diffusers folder (the built-in model when ``path`` is None).
 
@@ -247,7 +260,8 @@ class Pipeline:
         if vae is not None:
             load_vae_weights(loaded.model, vae)
         return cls(loaded, name=path.stem if path.is_file() else path.name, hash_=hash_, progress=progress,
-                   tiled_vae=tiled_vae, lean=lean, compile_unet=compile_unet, bf16=bf16)
+                   tiled_vae=tiled_vae, lean=lean, compile_unet=compile_unet, bf16=bf16, lora_dir=lora_dir,
+                   embeddings_dir=embeddings_dir)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -292,13 +306,17 @@ class Pipeline:
         All prompts passed together get the same number of 77-token chunks, so encode a batch's
         prompts and negative prompts in one call.
         """
-        context = self.text.encode(prompts, clip_skip)
+        context = self.text.encode(self.addons.apply(*prompts), clip_skip)
         return context[0] if isinstance(context, tuple) else context
 
     def text_conditioning(self, prompt: str, negative_prompt: str, batch_size: int, clip_skip: int | None, *,
                           width: int, height: int,
                           micro: MicroConditioning | None = None) -> tuple[Conditioning, Conditioning]:
-        """(cond, uncond) for a batch of one prompt at an image size (SDXL conditions on the size)."""
+        """(cond, uncond) for a batch of one prompt at an image size (SDXL conditions on the size).
+
+        The LoRAs the prompts' ``<lora:...>`` tags name are merged first (and only those).
+        """
+        prompt, negative_prompt = self.addons.apply(prompt, negative_prompt)
         return self.text.encode_pair(prompt, negative_prompt, batch_size, clip_skip=clip_skip, width=width,
                                      height=height, micro=micro or MicroConditioning())
 
@@ -428,6 +446,7 @@ class Pipeline:
         for index in batches:
             first = seed + index * batch_size
             result.extend(run_batch(first, make_generators(first, batch_size)))
+            result.warnings += [w for w in self.addons.take_warnings() if w not in result.warnings]
         return result
 
     # ------------------------------------------------------------------ parameters text
@@ -440,6 +459,8 @@ class Pipeline:
             "CFG scale": _number(settings.guidance_scale),
             "Seed": seed, "Size": f"{width}x{height}", "Model hash": self.hash, "Model": self.name,
         }
+        if self.takes_text:
+            values.update(self.addons.parameters(prompt, negative_prompt))
         values.update(extra or {})
         return format_parameters(prompt, negative_prompt, values)
 

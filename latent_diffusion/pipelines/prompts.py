@@ -102,7 +102,7 @@ class TokenChunk:
 
 def chunk_prompt(
     prompt: str,
-    encode: Callable[[str], list[int]],
+    encode: Callable[[str], list[int | tuple[int, ...]]],
     *,
     start_token: int,
     end_token: int,
@@ -110,7 +110,10 @@ def chunk_prompt(
     comma_token: int | None,
     emphasis: bool = True,
 ) -> list[TokenChunk]:
-    """Tokenise a prompt into 77-token windows with weights, splitting like A1111."""
+    """Tokenise a prompt into 77-token windows with weights, splitting like A1111.
+
+    ``encode`` may give a tuple of ids for a unit that must not be split (an embedding's vectors).
+    """
     runs = parse_emphasis(prompt) if emphasis else [WeightedText(prompt)]
     chunks: list[TokenChunk] = []
     current = TokenChunk()
@@ -133,6 +136,14 @@ def chunk_prompt(
             close_current()
             continue
         for token in encode(run.text):
+            if isinstance(token, tuple):  # an embedding's vectors: one window holds them all
+                if len(token) > CHUNK_TOKENS:
+                    raise ValueError(f"an embedding of {len(token)} vectors does not fit a {CHUNK_TOKENS}-token window")
+                if len(current.tokens) + len(token) > CHUNK_TOKENS:
+                    close_current()
+                current.tokens += token
+                current.weights += [run.weight] * len(token)
+                continue
             if token == comma_token:
                 last_comma = len(current.tokens)
             elif (

@@ -69,8 +69,11 @@ def prepare_refiner(refiner: Refiner | None, prompt: str, negative_prompt: str, 
     """The refiner's conditioning for a batch (None without a refiner)."""
     if refiner is None:
         return None
-    cond, uncond = refiner.pipe.text_conditioning(prompt, negative_prompt, batch_size, None, width=width,
-                                                  height=height, micro=micro)
+    from latent_diffusion.addons.prompt_tags import without_lora_tags
+
+    # The LoRAs a prompt names are for the base model (a refiner's layers differ); embeddings apply to both.
+    cond, uncond = refiner.pipe.text_conditioning(without_lora_tags(prompt), without_lora_tags(negative_prompt),
+                                                  batch_size, None, width=width, height=height, micro=micro)
     return RefinerRun(refiner, cond, uncond)
 
 

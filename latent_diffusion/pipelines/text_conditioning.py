@@ -64,6 +64,9 @@ class MicroConditioning:
 class TextConditioner(Protocol):
     """Turns a prompt and a negative prompt into the (cond, uncond) pair for one batch."""
 
+    @property
+    def prompt_encoders(self) -> list[PromptEncoder]: ...
+
     def encode_pair(self, prompt: str, negative_prompt: str, batch_size: int, *, clip_skip: int | None,
                     width: int, height: int, micro: MicroConditioning) -> tuple[Conditioning, Conditioning]: ...
 
@@ -73,10 +76,16 @@ class PromptEncoder:
 
     def __init__(self, encoder: torch.nn.Module, tokenizer, *, clip: bool) -> None:
         self.encoder, self.tokenizer, self.clip = encoder, tokenizer, clip
+        # The textual-inversion embeddings prompts may name (addons/embeddings.py); None: none.
+        self.vocabulary = None
+
+    def _encode_text(self, text: str):
+        ids = self.tokenizer.encode(text)
+        return ids if self.vocabulary is None else self.vocabulary.expand(ids)
 
     def _chunker(self, prompt: str):
         tokenizer = self.tokenizer
-        return chunk_prompt(prompt, tokenizer.encode, start_token=tokenizer.start_id, end_token=tokenizer.end_id,
+        return chunk_prompt(prompt, self._encode_text, start_token=tokenizer.start_id, end_token=tokenizer.end_id,
                             pad_token=tokenizer.pad_id, comma_token=tokenizer.token_to_id.get(",</w>"))
 
     def encode(self, prompts: Sequence[str], clip_skip: int | None = None) -> tuple[Tensor, Tensor | None]:
@@ -93,7 +102,8 @@ class PromptEncoder:
             tokens = tokens.to(device)
             if not self.clip:
                 return self.encoder(tokens), None
-            encoding = self.encoder.encode(tokens, clip_skip=clip_skip)
+            extra = None if self.vocabulary is None else self.vocabulary.vectors()
+            encoding = self.encoder.encode(tokens, clip_skip=clip_skip, extra_vectors=extra)
             return encoding.hidden_states, encoding.projected
 
         with torch.no_grad():
@@ -105,6 +115,10 @@ class CrossAttentionText:
 
     def __init__(self, encoder: PromptEncoder, dtype: torch.dtype) -> None:
         self.prompts, self.dtype = encoder, dtype
+
+    @property
+    def prompt_encoders(self) -> list[PromptEncoder]:
+        return [self.prompts]
 
     def encode(self, prompts: Sequence[str], clip_skip: int | None = None) -> Tensor:
         return self.prompts.encode(prompts, clip_skip)[0].to(self.dtype)
@@ -124,6 +138,10 @@ class ShortWindowText(CrossAttentionText):
     def __init__(self, encoder: torch.nn.Module, tokenizer, dtype: torch.dtype) -> None:
         self.encoder, self.tokenizer, self.dtype = encoder, tokenizer, dtype
 
+    @property
+    def prompt_encoders(self) -> list[PromptEncoder]:
+        return []  # one window of plain tokens: no embeddings
+
     def encode(self, prompts: Sequence[str], clip_skip: int | None = None) -> Tensor:
         if clip_skip is not None:
             raise ValueError("clip skip applies to CLIP text encoders only")
@@ -139,6 +157,10 @@ class SDXLText:
 
     def __init__(self, conditioner: torch.nn.Module, encoders: Sequence[PromptEncoder], dtype: torch.dtype) -> None:
         self.conditioner, self.encoders, self.dtype = conditioner, list(encoders), dtype
+
+    @property
+    def prompt_encoders(self) -> list[PromptEncoder]:
+        return self.encoders
 
     def encode(self, prompts: Sequence[str], clip_skip: int | None = None) -> tuple[Tensor, Tensor]:
         """(context ``[B, 77 * chunks, sum of widths]``, pooled ``[B, width]`` of the pooled encoder)."""

@@ -1,0 +1,126 @@
+"""``<lora:...>`` in prompts through the pipeline and ``ldm``: merged for that prompt only, recorded in
+the PNG parameters, found in ``--lora-dir``, listed by ``ldm loras``; bad tags are one clear line."""
+from __future__ import annotations
+
+import hashlib
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from latent_diffusion import cli
+from latent_diffusion.addons.lora_file import read_lora_file
+from latent_diffusion.addons.lora_merge import LoraUse, MergedLoras
+from latent_diffusion.checkpoints.io import CheckpointError, save_safetensors
+from latent_diffusion.pipelines.common import Pipeline
+from latent_diffusion.pipelines.png_info import read_png_parameters
+from lora_tiny import TEXT_LAYERS, kohya_lora, layers
+from pipeline_tiny import TINY_SD1, write_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+OPTIONS = dict(width=32, height=32, steps=3, seed=5, sampler="euler")
+UNET = re.compile(r".*(attn[12]\.(to_q|to_k|to_v|to_out\.0)|proj_in|proj_out|in_layers\.2)")
+TEXT = re.compile(r".*self_attn\.(q_proj|k_proj|v_proj|out_proj)")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lora-pipeline")
+    checkpoint = write_checkpoint(TINY_SD1, folder / "model.safetensors")
+    model = Pipeline.from_checkpoint(checkpoint, progress=False).model
+    loras = folder / "loras"
+    (loras / "styles").mkdir(parents=True)
+    for seed, path in enumerate((loras / "style.safetensors", loras / "styles" / "ink.safetensors")):
+        save_safetensors({**kohya_lora(layers(model.unet, UNET), "lora_unet_", seed=seed, scale=0.4),
+                          **kohya_lora(layers(model.condition_encoder, TEXT), "lora_te_", seed=seed + 7, scale=0.4)},
+                         path, metadata={"ss_output_name": f"alias{seed}"})
+    # An SDXL LoRA: its cross-attention reads a 2048-wide context.
+    save_safetensors({"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.randn(4, 2048),
+                      "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.randn(640, 4)},
+                     loras / "xl-detail.safetensors", metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    return checkpoint, loras
+
+
+def _kohya_hash(path) -> str:
+    data = path.read_bytes()
+    return hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]
+
+
+def _image(result) -> np.ndarray:
+    return np.asarray(result.images[0])
+
+
+def _by_hand(checkpoint, loras, *uses) -> Pipeline:
+    pipe = Pipeline.from_checkpoint(checkpoint, progress=False)
+    MergedLoras(pipe.model, pipe.family, pipe.spec).apply(
+        [LoraUse(read_lora_file(loras / f"{name}.safetensors"), unet=unet, text=text) for name, text, unet in uses])
+    return pipe
+
+
+def test_a_prompt_tag_merges_its_lora_for_that_prompt_and_records_its_hash(files):
+    checkpoint, loras = files
+    pipe = Pipeline.from_checkpoint(checkpoint, progress=False, lora_dir=loras)
+    plain = Pipeline.from_checkpoint(checkpoint, progress=False).txt2img("a red circle", **OPTIONS)
+    # A1111's order: the text encoders' weight first, then the UNet's.
+    tagged = pipe.txt2img("a red circle <lora:style:0.8:0.5>", **OPTIONS)
+    expected = _by_hand(checkpoint, loras, ("style", 0.8, 0.5)).txt2img("a red circle ", **OPTIONS)
+    np.testing.assert_array_equal(_image(tagged), _image(expected))
+    assert not np.array_equal(_image(tagged), _image(plain))
+    assert tagged.parameters[0].startswith("a red circle <lora:style:0.8:0.5>\n")
+    assert f'Lora hashes: "style: {_kohya_hash(loras / "style.safetensors")}"' in tagged.parameters[0]
+
+    # The next prompt names no LoRA: the original weights are back.
+    np.testing.assert_array_equal(_image(pipe.txt2img("a red circle", **OPTIONS)), _image(plain))
+
+
+def test_two_loras_in_one_prompt_with_their_own_weights(files):
+    checkpoint, loras = files
+    pipe = Pipeline.from_checkpoint(checkpoint, progress=False, lora_dir=loras)
+    tagged = pipe.txt2img("<lora:style:0.5> a circle, <lora:styles/ink:te=0.3:unet=0.7>", **OPTIONS)
+    expected = _by_hand(checkpoint, loras, ("style", 0.5, 0.5), ("styles/ink", 0.3, 0.7)).txt2img(" a circle, ", **OPTIONS)
+    np.testing.assert_array_equal(_image(tagged), _image(expected))
+    ink = _kohya_hash(loras / "styles" / "ink.safetensors")
+    assert f'Lora hashes: "style: {_kohya_hash(loras / "style.safetensors")}, styles/ink: {ink}"' in tagged.parameters[0]
+
+
+def test_bad_tags_and_foreign_loras_are_named(files):
+    checkpoint, loras = files
+    pipe = Pipeline.from_checkpoint(checkpoint, progress=False, lora_dir=loras)
+    with pytest.raises(ValueError, match=r"unknown LoRA 'styel': no such file in .*loras; did you mean style"):
+        pipe.txt2img("<lora:styel:1>", **OPTIONS)
+    with pytest.raises(ValueError, match=r"prompt tag <lora:style:strong>: the weight 'strong' is not a number"):
+        pipe.txt2img("<lora:style:strong>", **OPTIONS)
+    with pytest.raises(CheckpointError, match=r"xl-detail.safetensors is for sdxl models .*2048-wide"):
+        pipe.txt2img("a circle <lora:xl-detail:1>", **OPTIONS)
+    with pytest.raises(FileNotFoundError, match="LoRA folder not found"):
+        Pipeline.from_checkpoint(checkpoint, progress=False, lora_dir=loras / "missing")
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_takes_lora_dir_lists_loras_and_refuses_bad_tags_before_loading(files, tmp_path, capsys, monkeypatch):
+    checkpoint, loras = files
+    code, out, _ = run(capsys, "loras", "--lora-dir", loras)
+    assert code == 0
+    rows = [line.split() for line in out.splitlines()]
+    assert rows[0] == ["NAME", "FAMILY", "FILE"]
+    assert ["xl-detail", "sdxl", "xl-detail.safetensors"] in rows and ["ink", "unknown", "styles/ink.safetensors"] in rows
+
+    loads = []
+    monkeypatch.setattr(Pipeline, "from_checkpoint", classmethod(lambda cls, *a, **k: loads.append(a)))
+    for prompt, message in (("<lora:nope:1>", "unknown LoRA 'nope'"), ("<lora:style:1:2:3>", "at most two weights")):
+        code, _, err = run(capsys, "txt2img", prompt, "-c", checkpoint, "--lora-dir", loras, "-o", tmp_path)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert loads == []
+    monkeypatch.undo()
+
+    code, out, err = run(capsys, "txt2img", "a circle <lora:ink:0.6>", "-c", checkpoint, "--lora-dir", loras,
+                         "-o", tmp_path, "-W", 32, "-H", 32, "--steps", 2, "-q")
+    assert code == 0, err
+    written = sorted(tmp_path.glob("*.png"))
+    assert len(written) == 1 and "Lora hashes: \"ink: " in read_png_parameters(written[0])
