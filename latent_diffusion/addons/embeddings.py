@@ -50,19 +50,19 @@ def _encoder_widths(spec) -> list[int]:
     return [getattr(encoder, "width", None) for encoder in encoders]
 
 
+def fits(embedding: Embedding, family, spec) -> bool:
+    """Whether the embedding has vectors of the right width for every text encoder of a model."""
+    keys = family.embedding_keys(spec)
+    return bool(keys) and all(key in embedding.vectors and embedding.vectors[key].shape[1] == width
+                              for key, width in zip(keys, _encoder_widths(spec)))
+
+
 def made_for(embedding: Embedding) -> str | None:
-    """The first family each of whose text encoders the embedding fits (None: no released family)."""
+    """The first released family whose text encoders the embedding fits (None: none)."""
     from latent_diffusion.families import FAMILIES
 
-    for family in FAMILIES:
-        if family.preset is None or family.requires is None or not family.takes_text(family.preset):
-            continue
-        keys = family.embedding_keys(family.preset)
-        fitting = [key in embedding.vectors and embedding.vectors[key].shape[1] == width
-                   for key, width in zip(keys, _encoder_widths(family.preset))]
-        if fitting and all(fitting):
-            return family.name
-    return None
+    return next((family.name for family in FAMILIES if family.preset is not None and family.requires is not None
+                 and family.takes_text(family.preset) and fits(embedding, family, family.preset)), None)
 
 
 def _vector_sets(path: Path, saved: dict) -> dict[str | None, Any]:

@@ -35,6 +35,10 @@ class PromptAddons:
         self._embedding_keys = pipe.family.embedding_keys(pipe.spec)
         self.warnings: list[str] = []  # taken by the task that runs next
 
+    def share_folders(self, loras: LoraLibrary, embeddings: EmbeddingLibrary) -> None:
+        """Read names from these folders (a server's, shared by every model it loads)."""
+        self.loras, self.embeddings = loras, embeddings
+
     @staticmethod
     def tags(*prompts: str) -> list[LoraTag]:
         """The ``<lora:...>`` tags of the prompts (a malformed one is a ValueError naming it)."""

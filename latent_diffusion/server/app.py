@@ -14,9 +14,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 
+from latent_diffusion.addons.embeddings import EmbeddingLibrary
+from latent_diffusion.addons.library import LoraLibrary
 from latent_diffusion.pipelines.common import Pipeline
 from latent_diffusion.pipelines.refiner import DEFAULT_SWITCH_AT, Refiner
 from latent_diffusion.server import generate as gen
+from latent_diffusion.server.addons import add_addon_routes
 from latent_diffusion.server.errors import ClientGone, add_error_handlers
 from latent_diffusion.server.gate import GateMiddleware, allowed_host_names
 from latent_diffusion.server.jobs import JobQueue
@@ -53,6 +56,8 @@ class ServerConfig:
     upscalers: list[Path] | None = None  # super-resolution checkpoints; None: the built-in one if installed
     host: str = "127.0.0.1"  # the address the server is bound to; a loopback one answers to loopback names only
     allowed_hosts: list[str] = field(default_factory=list)  # further Host names to answer to (--allow-host)
+    lora_dir: Path | None = None  # None: the default folders (addons/library.py)
+    embeddings_dir: Path | None = None
 
 
 class ServerState:
@@ -61,14 +66,20 @@ class ServerState:
     def __init__(self, config: ServerConfig, models: ModelManager | None = None) -> None:
         self.config = config
         self.limits = config.limits
-        self.models = models or ModelManager(
-            config.checkpoint, config.models_dir,
-            loader=lambda path: Pipeline.from_checkpoint(path, progress=False, device=config.device, half=config.half,
-                                                         **config.pipeline_options),
-            upscalers=config.upscalers)
+        # One LoRA and one embedding folder for every model the server loads (refreshed together).
+        self.loras, self.embeddings = LoraLibrary(config.lora_dir), EmbeddingLibrary(config.embeddings_dir)
+        self.models = models or ModelManager(config.checkpoint, config.models_dir, loader=self._load,
+                                             upscalers=config.upscalers)
         self.models.load_startup()
         self.queue = JobQueue(config.max_queue)
         self.preview_every = config.preview_every
+
+    def _load(self, path: Path) -> Pipeline:
+        config = self.config
+        pipe = Pipeline.from_checkpoint(path, progress=False, device=config.device, half=config.half,
+                                        **config.pipeline_options)
+        pipe.addons.share_folders(self.loras, self.embeddings)
+        return pipe
 
     async def run(self, name: str, work, client: Request | None = None) -> Any:
         """Queue ``work(job)`` and await its result (429 when the queue is full).
@@ -136,6 +147,6 @@ def create_app(config: ServerConfig | None = None, *, models: ModelManager | Non
                        allowed_hosts=allowed_host_names(config.host, config.allowed_hosts))
     add_error_handlers(app)
     for add_routes in (add_page_routes, add_model_routes, add_generation_routes, add_extras_routes,
-                       add_progress_routes):
+                       add_progress_routes, add_addon_routes):
         add_routes(app, state)
     return app

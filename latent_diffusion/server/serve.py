@@ -38,6 +38,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--max-queue", type=int, default=16, help="requests allowed to wait; more get HTTP 429")
     parser.add_argument("--preview-every", type=int, default=5,
                         help="decode a live preview every N sampler steps (0: no previews)")
+    from latent_diffusion.pipelines.commands import add_addon_options
+
+    add_addon_options(parser)
     parser.set_defaults(func=cmd_serve)
     return parser
 
@@ -77,6 +80,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         pipeline_options={name: True for name in ("lean", "bf16", "tiled_vae") if getattr(args, name)},
         upscalers=[Path(p) for p in args.upscaler] if args.upscaler else None,
         host=host, allowed_hosts=list(args.allow_host),
+        lora_dir=Path(args.lora_dir) if args.lora_dir else None,
+        embeddings_dir=Path(args.embeddings_dir) if args.embeddings_dir else None,
     )
     if host not in ("127.0.0.1", "localhost", "::1") and not config.api_auth:
         print("ldm serve: warning: listening beyond this machine without --api-auth; anyone who can reach "
