@@ -63,6 +63,9 @@ _SPECS = (
     ),
     SamplerSpec("plms", "PLMS", "sample_plms", spacing="uniform", final="sigma_min", default_steps=50),
     SamplerSpec("ddpm", "DDPM", "sample_ddpm", spacing="uniform", default_steps=100, stochastic=True),
+    # Latent consistency models (LCM checkpoints, or any model with an LCM-LoRA): a few steps at
+    # guidance 1-2, on the timesteps they were distilled on.
+    SamplerSpec("lcm", "LCM", "sample_lcm", spacing="lcm", default_steps=4, stochastic=True),
 )
 
 SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in _SPECS}

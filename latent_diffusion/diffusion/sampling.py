@@ -10,7 +10,7 @@ from torch import Tensor
 from .denoiser import Conditioning
 from .registry import SamplerSpec, resolve_sampler
 from .samplers import Callback, DenoiserFn, NoiseSource
-from .schedules import img2img_sigmas, scale_to_vp
+from .schedules import NoiseSchedule, img2img_sigmas, scale_to_vp
 
 
 def make_generators(seed: int, batch_size: int, device: str | torch.device = "cpu") -> list[torch.Generator]:
@@ -89,12 +89,14 @@ def sample(
     callback: Callback | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    schedule: NoiseSchedule | None = None,
     **options,
 ) -> Tensor:
     """Generate latents: txt2img, img2img (``init_latent``, ``strength``), inpainting (``keep_mask``).
 
     ``noise`` draws all randomness (initial, ancestral, re-noising): a :class:`BatchNoise` for seeded
     per-image noise, or any function returning standard normal noise shaped like its argument.
+    ``schedule`` is the model's noise schedule, for samplers that need its timesteps (LCM).
 
     txt2img starts from ``noise * sqrt(1 + sigma_max^2)``, the unit-variance latent that DDPM/DDIM
     start from, seen in the sigma frame. img2img runs the last ``int(n * strength)`` steps from
@@ -124,6 +126,8 @@ def sample(
             raise ValueError(f"sampler {spec.name!r} has no option(s) {unknown}")
         if "noise" in accepted:
             kwargs["noise"] = noise
+        if "schedule" in accepted and schedule is not None:
+            kwargs["schedule"] = schedule
         x = spec.function(denoiser, x, sigmas, cond=cond, callback=callback, **kwargs)
     if float(sigmas[-1]) > 0:
         x = scale_to_vp(x, float(sigmas[-1]))

@@ -18,7 +18,9 @@ from torch import Tensor
 
 from ..config import ScheduleConfig
 
-Spacing = Literal["leading", "trailing", "linspace", "uniform", "karras"]
+Spacing = Literal["leading", "trailing", "linspace", "uniform", "karras", "lcm"]
+# The timesteps a latent consistency model was distilled on: every (T / 50)-th, ending at T - 1.
+LCM_ORIGINAL_STEPS = 50
 FinalSigma = Literal["zero", "sigma_min"]
 SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace", "uniform", "karras")
 
@@ -144,7 +146,9 @@ def spaced_timesteps(
     "linspace" ``linspace(T-1, 0, n)``, left fractional as in diffusers' Euler/Heun/LMS (its DDIM and
     PNDM round them). "uniform" is CompVis' DDIM/PLMS discretisation ``range(0, T, T // n) + 1``,
     which gives more than n steps when n does not divide T, as the reference does (it crashes where
-    T // n divides T - 1; we drop that step past the schedule).
+    T // n divides T - 1; we drop that step past the schedule). "lcm" takes n of the 50 timesteps a
+    latent consistency model was distilled on (``k * T // 50 - 1``), at evenly spaced places from the
+    top (Luo et al. 2023; diffusers' ``LCMScheduler``).
     """
     if not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
@@ -155,18 +159,29 @@ def spaced_timesteps(
         t = torch.arange(T, 0, -T / n, dtype=torch.float64).round() - 1
     elif spacing == "linspace":
         t = torch.linspace(0, T - 1, n, dtype=torch.float64)
+    elif spacing == "lcm":
+        t = _lcm_timesteps(n, T)
     elif spacing == "uniform":
         t = torch.arange(0, T, T // n, dtype=torch.float64) + 1
         # Where T // n divides T - 1 (n = 9, 27, 37, ...) the last one is T, an IndexError in CompVis.
         t = t[t <= T - 1]
     else:
-        raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of leading, trailing, linspace, uniform")
+        raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of leading, trailing, linspace, uniform, lcm")
     if t.max() > T - 1:
         raise ValueError(
             f"{spacing!r} spacing of {n} steps (steps_offset={steps_offset}) reaches timestep {int(t.max())}, "
             f"past the last trained timestep {T - 1}"
         )
     return t.sort(descending=True).values
+
+
+def _lcm_timesteps(num_steps: int, num_train_timesteps: int) -> Tensor:
+    if num_steps > LCM_ORIGINAL_STEPS:
+        raise ValueError(f"the LCM schedule has {LCM_ORIGINAL_STEPS} timesteps to choose from; {num_steps} steps asked "
+                         "(LCM is made for 2-8)")
+    distilled = torch.arange(LCM_ORIGINAL_STEPS, 0, -1, dtype=torch.float64) * (num_train_timesteps // LCM_ORIGINAL_STEPS) - 1
+    places = torch.floor(torch.arange(num_steps, dtype=torch.float64) * LCM_ORIGINAL_STEPS / num_steps).long()
+    return distilled[places]
 
 
 def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:

@@ -415,7 +415,7 @@ class Pipeline:
             latents = sample(
                 settings.sampler, denoiser, sigmas, noise, shape=shape, cond=cond, init_latent=init_latent,
                 strength=strength, keep_mask=keep_mask, callback=on_step,
-                dtype=self.dtype, device=self.device,
+                dtype=self.dtype, device=self.device, schedule=self.schedule,
             )
         if not torch.isfinite(latents).all():
             raise FloatingPointError(
