@@ -13,6 +13,7 @@ from latent_diffusion import cli
 from latent_diffusion.addons.lora_file import read_lora_file
 from latent_diffusion.addons.lora_merge import LoraUse, MergedLoras
 from latent_diffusion.checkpoints.io import CheckpointError, save_safetensors
+from latent_diffusion.nn.bf16 import has_native_bf16
 from latent_diffusion.pipelines.common import Pipeline
 from latent_diffusion.pipelines.png_info import read_png_parameters
 from lora_tiny import TEXT_LAYERS, kohya_lora, layers
@@ -124,3 +125,54 @@ def test_cli_takes_lora_dir_lists_loras_and_refuses_bad_tags_before_loading(file
     assert code == 0, err
     written = sorted(tmp_path.glob("*.png"))
     assert len(written) == 1 and "Lora hashes: \"ink: " in read_png_parameters(written[0])
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = (np.asarray(x, np.float64) / 255 for x in (a, b))
+    return 10 * np.log10(1 / max(np.mean((a - b) ** 2), 1e-12))
+
+
+def test_lora_merges_into_lean_half_precision_weights_and_comes_out_bitwise(files):
+    import copy
+
+    from latent_diffusion.nn.lean import _parameter_count, make_lean
+
+    checkpoint, loras = files
+    pipe = Pipeline.from_checkpoint(checkpoint, progress=False)
+    lean = copy.deepcopy(pipe.model)
+    # Tiny blocks: store all but the timestep MLP in fp16, as lean mode stores a full-size UNet.
+    make_lean(lean.unet, unit_parameters=200_000, min_parameters=_parameter_count(lean.unet.time_embed) + 1)
+    stored = {k: v.clone() for k, v in lean.state_dict().items()}
+    assert any(v.dtype == torch.float16 for v in stored.values())
+    merged = MergedLoras(lean, pipe.family, pipe.spec)
+    merged.apply([LoraUse(read_lora_file(loras / "style.safetensors"), 1.0, 1.0)])
+    exact = _by_hand(checkpoint, loras, ("style", 1.0, 1.0)).model
+    x, context = torch.randn(1, 4, 8, 8), torch.randn(1, 7, 32)
+    with torch.no_grad():
+        ours, reference = lean.unet(x, torch.tensor([300]), context), exact.unet(x, torch.tensor([300]), context)
+    assert ours.dtype == torch.float32
+    assert (ours - reference).abs().max() < 1e-2 * reference.abs().max()  # fp16 rounding of the weights only
+    merged.apply([])
+    assert all(torch.equal(lean.state_dict()[k], v) for k, v in stored.items())
+
+
+@pytest.mark.skipif(not has_native_bf16("cpu"), reason="this CPU has no native bfloat16")
+def test_lora_in_bf16_mode_makes_nearly_the_fp32_lora_image(files):
+    checkpoint, loras = files
+    prompt = "a red circle <lora:style:0.9>"
+    exact = Pipeline.from_checkpoint(checkpoint, progress=False, lora_dir=loras).txt2img(prompt, **OPTIONS)
+    fast_pipe = Pipeline.from_checkpoint(checkpoint, progress=False, lora_dir=loras, bf16=True)
+    fast = fast_pipe.txt2img(prompt, **OPTIONS)
+    plain = fast_pipe.txt2img("a red circle", **OPTIONS)
+    assert _psnr(_image(fast), _image(exact)) >= 30 > _psnr(_image(plain), _image(exact))
+
+
+@pytest.mark.slow  # compiling the tiny UNet twice takes minutes on 2 cores
+def test_a_compiled_unet_is_compiled_again_when_a_lora_changes_its_weights(files):
+    checkpoint, loras = files
+    prompt = "a red circle <lora:style:0.9>"
+    exact = Pipeline.from_checkpoint(checkpoint, progress=False, lora_dir=loras)
+    compiled = Pipeline.from_checkpoint(checkpoint, progress=False, lora_dir=loras, compile_unet=True)
+    for text in ("a red circle", prompt, "a red circle"):
+        assert np.abs(_image(compiled.txt2img(text, **OPTIONS)).astype(int)
+                      - _image(exact.txt2img(text, **OPTIONS)).astype(int)).max() <= 1

@@ -68,17 +68,23 @@ class MergedLoras:
         if signature == self._active:
             return False, []
         warnings: list[str] = []
-        placed = [(use, self._place(use.lora, warnings)) for use in uses]
-        parameters = dict(self.model.named_parameters())
-        deltas: dict[str, Tensor] = {}
-        for use, layers in placed:
-            for item in layers:
+        by_key: dict[str, list[tuple[_Placed, float]]] = {}
+        for use in uses:
+            for item in self._place(use.lora, warnings):
                 strength = use.text if item.layer.is_text else use.unet
                 if strength:
-                    self._add_delta(deltas, parameters, item, strength)
-        changed = self._write(parameters, deltas)
+                    by_key.setdefault(item.target.key, []).append((item, strength))
+        parameters = dict(self.model.named_parameters())
+        changed = self._restore(parameters, keep=by_key)
+        try:
+            for key, items in by_key.items():  # one weight at a time: one change in memory at a time
+                self._merge(parameters[key], key, items)
+        except BaseException:
+            self._restore(parameters, keep={})
+            self._active = ()
+            raise
         self._active = signature
-        return changed, warnings
+        return changed or bool(by_key), warnings
 
     # ------------------------------------------------------------------ placing a file's layers
     def _place(self, lora: LoraFile, warnings: list[str]) -> list[_Placed]:
@@ -119,36 +125,28 @@ class MergedLoras:
                 f"{width}-wide text context); this {self.family.name!r} model's reads {ours}")
 
     # ------------------------------------------------------------------ weights
-    @staticmethod
-    def _add_delta(deltas: dict[str, Tensor], parameters: dict[str, nn.Parameter], item: _Placed,
-                   strength: float) -> None:
-        target = item.target
-        weight = parameters[target.key].data
-        original = weight.float()
-        if target.rows is not None:
-            original = original[target.rows[0]:target.rows[1]]
-        elif target.transposed:
-            original = original.t()
-        try:
-            change = layer_delta(item.layer, original.cpu(), strength)
-        except RuntimeError as error:  # factors whose shapes do not multiply
-            raise CheckpointError(f"LoRA layer {item.layer.prefix}{item.layer.name}: malformed factors "
-                                  f"({str(error).splitlines()[0]})") from None
-        total = deltas.setdefault(target.key, torch.zeros(weight.shape, dtype=torch.float32))
-        if target.rows is not None:
-            total[target.rows[0]:target.rows[1]] += change
-        else:
-            total += change.t() if target.transposed else change
-
-    def _write(self, parameters: dict[str, nn.Parameter], deltas: dict[str, Tensor]) -> bool:
-        changed = False
-        for key in [k for k in self._originals if k not in deltas]:
+    def _restore(self, parameters: dict[str, nn.Parameter], keep) -> bool:
+        """Put back the original of every merged weight not in ``keep``; whether there was any."""
+        restored = [key for key in self._originals if key not in keep]
+        for key in restored:
             parameters[key].data = self._originals.pop(key)
-            changed = True
-        for key, delta in deltas.items():
-            parameter = parameters[key]
-            # A weight merged before is replaced again from its original, never from the merged one.
-            original = self._originals.setdefault(key, parameter.data)
-            parameter.data = (original.float() + delta.to(original.device)).to(original.dtype)
-            changed = True
-        return changed
+        return bool(restored)
+
+    def _merge(self, parameter: nn.Parameter, key: str, items: list[tuple[_Placed, float]]) -> None:
+        # A weight merged before is merged again from its original, never from the merged one.
+        original = self._originals.setdefault(key, parameter.data)
+        exact = original.float()
+        total = torch.zeros(original.shape, dtype=torch.float32)
+        for item, strength in items:
+            target = item.target
+            base = exact[target.rows[0]:target.rows[1]] if target.rows else exact.t() if target.transposed else exact
+            try:
+                change = layer_delta(item.layer, base.cpu(), strength)
+            except RuntimeError as error:  # factors whose shapes do not multiply
+                raise CheckpointError(f"LoRA layer {item.layer.prefix}{item.layer.name}: malformed factors "
+                                      f"({str(error).splitlines()[0]})") from None
+            if target.rows is not None:
+                total[target.rows[0]:target.rows[1]] += change
+            else:
+                total += change.t() if target.transposed else change
+        parameter.data = (exact + total.to(original.device)).to(original.dtype)
