@@ -191,3 +191,18 @@ def test_ldm_info_names_a_controlnet_and_its_family(tmp_path, capsys):
     assert "family:      sd1" in out and "float16 x" in out
     assert main(["info", "--json", str(tmp_path / "control_v11p_sd15_canny.safetensors")]) == 0
     assert json.loads(capsys.readouterr().out)["family"] == "sd1"
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_full_size_configs_are_read_back_from_shapes_alone(family):
+    from latent_diffusion.checkpoints.controlnet import config_from_shapes, controlnet_family
+    from latent_diffusion.config import SDXL
+    from latent_diffusion.models.controlnet import controlnet_config_for
+
+    spec = {"sd1": SD1, "sd2": SD2, "sdxl": SDXL}[family]
+    config = controlnet_config_for(spec.unet)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in ControlNet(config).state_dict().items()}
+    derived = config_from_shapes(shapes)
+    assert derived == config
+    assert controlnet_family(derived.unet) == family
