@@ -73,6 +73,32 @@ def _number(value: Any, what: str, low: float, high: float) -> float:
     return float(value)
 
 
+# A unit's settings besides its ControlNet and images (what the CLI and the API pass through).
+SETTINGS = ("weight", "guidance_start", "guidance_end", "control_mode", "resize_mode", "module", "processor_res",
+            "threshold_a", "threshold_b", "pixel_perfect")
+
+
+def unit_settings(*, weight: Any = 1.0, guidance_start: Any = 0.0, guidance_end: Any = 1.0,
+                  control_mode: Any = CONTROL_MODES[0], resize_mode: Any = RESIZE_MODES[1], module: Any = "none",
+                  processor_res: Any = None, threshold_a: Any = None, threshold_b: Any = None,
+                  pixel_perfect: Any = False) -> dict[str, Any]:
+    """A unit's settings checked and normalised (ValueError naming the first bad one)."""
+    start = _number(guidance_start, "guidance start", 0.0, 1.0)
+    end = _number(guidance_end, "guidance end", 0.0, 1.0)
+    if start > end:
+        raise ValueError(f"ControlNet guidance start ({start:g}) is after its end ({end:g})")
+    if not isinstance(module, str):
+        raise ValueError(f"ControlNet preprocessor must be a name, got {module!r}")
+    if not isinstance(pixel_perfect, bool):
+        raise ValueError(f"ControlNet pixel perfect must be true or false, got {pixel_perfect!r}")
+    sliders = {name: None if value is None else _number(value, name.replace("_", " "), -math.inf, math.inf)
+               for name, value in (("processor_res", processor_res), ("threshold_a", threshold_a),
+                                   ("threshold_b", threshold_b))}
+    return dict(weight=_number(weight, "weight", 0.0, MAX_WEIGHT), guidance_start=start, guidance_end=end,
+                control_mode=control_mode_of(control_mode), resize_mode=resize_mode_of(resize_mode),
+                module=get_preprocessor(module).name, pixel_perfect=pixel_perfect, **sliders)
+
+
 @dataclass(frozen=True)
 class ControlUnit:
     """One ControlNet, its control image and how it is applied (A1111's "ControlNet unit").
@@ -104,20 +130,9 @@ class ControlUnit:
             value = getattr(self, name)
             if value is not None and not isinstance(value, Image.Image):
                 raise ValueError(f"ControlNet {name} must be an image, got {type(value).__name__}")
-        object.__setattr__(self, "weight", _number(self.weight, "weight", 0.0, MAX_WEIGHT))
-        start = _number(self.guidance_start, "guidance start", 0.0, 1.0)
-        end = _number(self.guidance_end, "guidance end", 0.0, 1.0)
-        if start > end:
-            raise ValueError(f"ControlNet guidance start ({start:g}) is after its end ({end:g})")
-        object.__setattr__(self, "guidance_start", start)
-        object.__setattr__(self, "guidance_end", end)
-        object.__setattr__(self, "control_mode", control_mode_of(self.control_mode))
-        object.__setattr__(self, "resize_mode", resize_mode_of(self.resize_mode))
-        object.__setattr__(self, "module", get_preprocessor(self.module).name)
-        for name in ("processor_res", "threshold_a", "threshold_b"):
-            value = getattr(self, name)
-            if value is not None:
-                _number(value, name.replace("_", " "), -math.inf, math.inf)
+        settings = {name: getattr(self, name) for name in SETTINGS}
+        for name, value in unit_settings(**settings).items():
+            object.__setattr__(self, name, value)
 
     def active(self, step: int, steps: int) -> bool:
         """Whether the unit controls step ``step`` of ``steps``."""
