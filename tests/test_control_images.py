@@ -71,7 +71,8 @@ def test_shuffle_moves_content_smoothly_and_repeats_with_the_seed():
 
 def test_preprocess_resizes_to_the_resolution_and_learned_ones_pass_the_image_with_a_warning():
     image = _square(size=64)
-    edges, warning = preprocess(image, get_preprocessor("canny"), resolution=128)
+    canny_ = get_preprocessor("canny")
+    edges, warning = preprocess(image, canny_, canny_.settings(128, None, None))
     assert edges.shape == (128, 128, 3) and warning is None
     depth, warning = preprocess(image, get_preprocessor("depth_midas"))
     assert depth is image and "needs a learned detector" in warning and "depth map" in warning
@@ -110,3 +111,10 @@ def test_edge_maps_stay_binary_when_resized():
     palette[:, 6:] = (30, 30, 200)
     resized = resize_map(palette, (20, 20))
     assert {tuple(c) for c in resized.reshape(-1, 3)} == {(10, 200, 30), (200, 10, 30), (30, 30, 200)}
+
+
+def test_thin_edges_survive_a_large_reduction():
+    edges = canny(_square(size=512, top=128, bottom=384), 100, 200)
+    small = resize_map(edges, (32, 32))[..., 0] > 0
+    assert small[6:10, 6:26].any() and small[22:26, 6:26].any()  # top and bottom sides are still there
+    assert not small[12:20, 12:20].any()  # and the inside is still empty

@@ -51,8 +51,24 @@ def resize_map(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         method = Image.Resampling.BICUBIC
     resized = np.asarray(Image.fromarray(array).resize(size, method))
     if binary:
-        resized = np.where(resized.mean(axis=2, keepdims=True) > 127, 255, 0).astype(np.uint8).repeat(3, axis=2)
+        # Averaging thins one-pixel edges to faint lines; Otsu's level keeps them where 127 would not.
+        grey = resized.mean(axis=2)
+        resized = np.where(grey > otsu_level(grey), 255, 0).astype(np.uint8)[..., None].repeat(3, axis=2)
     return resized
+
+
+def otsu_level(grey: np.ndarray) -> float:
+    """The level that best splits ``grey``'s values in two classes (Otsu 1979: most variance between them)."""
+    counts, edges = np.histogram(grey, bins=256, range=(0, 256))
+    weights = counts / max(counts.sum(), 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    below = np.cumsum(weights)
+    mean_below = np.cumsum(weights * centres)
+    total = mean_below[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (total * below - mean_below) ** 2 / (below * (1 - below))
+    between = np.nan_to_num(between[:-1], nan=-1.0, posinf=-1.0)
+    return float(edges[int(np.argmax(between)) + 1]) if between.max() > 0 else 127.0
 
 
 def fit_map(array: np.ndarray, width: int, height: int, resize_mode: str) -> np.ndarray:
@@ -109,15 +125,14 @@ def prepare_unit(pipe: Pipeline, unit: ControlUnit, width: int, height: int, see
     """A unit's control map at the output size, ready for sampling (and a warning or None)."""
     image = np.asarray(to_rgb(unit.image, what="ControlNet image"))
     preprocessor = get_preprocessor(unit.module)
-    resolution = (pixel_perfect_resolution(unit.image.size, width, height, unit.resize_mode)
-                  if unit.pixel_perfect else unit.processor_res)
-    settings = preprocessor.settings(resolution, unit.threshold_a, unit.threshold_b)
+    settings = preprocessor.settings(unit.processor_res, unit.threshold_a, unit.threshold_b)
+    if unit.pixel_perfect:  # taken as computed, even below the resolution slider's range (as A1111)
+        settings = (pixel_perfect_resolution(unit.image.size, width, height, unit.resize_mode), *settings[1:])
     warning = None
     if unit.module in INPAINT:
         hint, preview = _inpaint_hint(image, unit.mask, width, height, unit.resize_mode)
     else:
-        detected, warning = preprocess(image, preprocessor, resolution=resolution, threshold_a=unit.threshold_a,
-                                       threshold_b=unit.threshold_b, seed=seed)
+        detected, warning = preprocess(image, preprocessor, settings, seed=seed)
         preview = fit_map(detected, width, height, unit.resize_mode)
         hint = torch.from_numpy(preview.copy()).permute(2, 0, 1)[None].float() / 255
     channels = unit.controlnet.config.hint_channels

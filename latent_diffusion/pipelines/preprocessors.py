@@ -62,7 +62,7 @@ class Preprocessor:
 # ---------------------------------------------------------------------------------------------- helpers
 def _to_tensor(image: np.ndarray) -> torch.Tensor:
     """[H, W, C] uint8 -> [1, C, H, W] float in [0, 255]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    return torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None]
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -241,17 +241,17 @@ def get_preprocessor(name: str) -> Preprocessor:
     return found
 
 
-def preprocess(image: np.ndarray, preprocessor: Preprocessor, *, resolution: float | None = None,
-               threshold_a: float | None = None, threshold_b: float | None = None,
+def preprocess(image: np.ndarray, preprocessor: Preprocessor, settings: tuple[int, float, float] | None = None,
                seed: int = 0) -> tuple[np.ndarray, str | None]:
-    """(control map as uint8 RGB, a warning or None) of an RGB uint8 image."""
+    """(control map as uint8 RGB, a warning or None) of an RGB uint8 image; ``settings``: resolution
+    and thresholds (default: the preprocessor's, see :meth:`Preprocessor.settings`)."""
     if preprocessor.run is None:
         warning = None
         if preprocessor.detector is not None:
             warning = (f"ControlNet preprocessor {preprocessor.name!r} needs a learned detector, which this package "
                        f"does not have: the image was used as the ready map ({preprocessor.detector})")
         return image, warning
-    size, a, b = preprocessor.settings(resolution, threshold_a, threshold_b)
+    size, a, b = settings or preprocessor.settings(None, None, None)
     if preprocessor.resolution is not None:
         image = resize_short_side(image, size)
     return preprocessor.run(image, a, b, np.random.default_rng(seed)), None
