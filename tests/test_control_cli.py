@@ -6,7 +6,6 @@ import dataclasses
 import re
 
 import pytest
-from PIL import Image
 
 from controlnet_tiny import TINY_CONTROLNET, random_controlnet
 from latent_diffusion.checkpoints.controlnet import save_controlnet

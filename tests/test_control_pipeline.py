@@ -270,3 +270,19 @@ def test_bad_units_are_refused_with_clear_errors(sd1, controlnets, tmp_path):  #
         TINY_CONTROLNET, unet=dataclasses.replace(TINY_CONTROLNET.unet, context_dim=1024))), tmp_path / "sd2ish.safetensors")
     with pytest.raises(ValueError, match="'sd2ish' is an SD 2.x ControlNet and does not fit"):
         load_controlnet_for(pipe, other)
+
+
+def test_sdxl_controlnet_takes_the_adm_vector_and_steers_the_image(tmp_path):
+    from latent_diffusion.models.controlnet import controlnet_config_for
+    from latent_diffusion.pipelines.common import Pipeline
+    from pipeline_tiny import TINY_SDXL, write_checkpoint
+
+    pipe = Pipeline.from_checkpoint(write_checkpoint(TINY_SDXL, tmp_path / "xl.safetensors"), progress=False)
+    config = controlnet_config_for(TINY_SDXL.unet, hint_widths=(16, 32, 64))
+    loaded = load_controlnet_for(pipe, save_controlnet(random_controlnet(config, seed=3), tmp_path / "cn.safetensors"))
+    assert loaded.config == config and loaded.model.config.num_classes == "sequential"
+    options = dict(width=32, height=32, steps=3, sampler="euler", seed=1, guidance_scale=5.0)
+    controlled = pipe.txt2img("a star", control=[ControlUnit(loaded, _control_image(8), control_mode="prompt")],
+                              **options)
+    plain = pipe.txt2img("a star", **options)
+    assert np.abs(_as_array(controlled.images) - _as_array(plain.images)).max() > 0.02

@@ -27,7 +27,7 @@ from PIL import Image
 from torch import Tensor
 
 from latent_diffusion.checkpoints.controlnet import LoadedControlNet
-from latent_diffusion.pipelines.preprocessors import get_preprocessor
+from latent_diffusion.pipelines.preprocessors import INPAINT, get_preprocessor
 
 if TYPE_CHECKING:
     from latent_diffusion.diffusion.schedules import NoiseSchedule
@@ -306,7 +306,7 @@ def with_defaults(units: Sequence[ControlUnit], image: Image.Image | None, mask:
             if image is None:
                 raise ValueError(f"ControlNet unit with {unit.controlnet.name!r} has no control image")
             unit = replace(unit, image=image, mask=unit.mask if unit.mask is not None else mask)
-        elif unit.mask is None and mask is not None and unit.module in ("inpaint", "inpaint_only"):
+        elif unit.mask is None and mask is not None and unit.module in INPAINT:
             unit = replace(unit, mask=mask)
         out.append(unit)
     return out

@@ -74,8 +74,8 @@ def img2img(
     strength = check_strength(strength)
     image = prepare_image(image, width, height, max(8, pipe.latent_factor))
     pixels = image_to_tensor(image)
+    check_units(pipe, control or [])
     control = with_defaults(control or [], image, None)
-    check_units(pipe, control)
     if refiner is not None:
         refiner.check_fits(pipe)
     extra = {"Denoising strength": _number(strength), "Clip skip": clip_skip,

@@ -77,8 +77,8 @@ def inpaint(
     strength = check_strength(strength)
     image = prepare_image(image, None, None, max(8, pipe.latent_factor))
     soft_mask = prepare_mask(mask, image.size, blur=mask_blur, padding=mask_padding)
+    check_units(pipe, control or [])
     control = with_defaults(control or [], image, mask)
-    check_units(pipe, control)
     pixels = image_to_tensor(image)
     f = pipe.latent_factor
     latent_size = (image.height // f, image.width // f)

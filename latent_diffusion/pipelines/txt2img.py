@@ -57,8 +57,8 @@ def txt2img(
     ``control``: ControlNet units steering the (first pass's) sampling (pipelines/control.py).
     """
     check_text_model(pipe, "txt2img")
+    check_units(pipe, control or [])
     control = with_defaults(control or [], None, None)
-    check_units(pipe, control)
     settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback, scheduler)
     pipe.latent_shape(1, width, height)  # validates the size before any work
     if refiner is not None:
