@@ -206,3 +206,38 @@ def test_full_size_configs_are_read_back_from_shapes_alone(family):
     derived = config_from_shapes(shapes)
     assert derived == config
     assert controlnet_family(derived.unet) == family
+
+
+def test_diffusers_named_single_file_loads_from_its_shapes(tmp_path):
+    controlnet = random_controlnet(seed=8)
+    twin = diffusers_twin(controlnet)
+    save_safetensors({k: v.contiguous() for k, v in twin.state_dict().items()}, tmp_path / "diffusers_tiny.safetensors")
+    loaded = load_controlnet(tmp_path / "diffusers_tiny.safetensors")
+    assert loaded.layout == "diffusers" and loaded.config == TINY_CONTROLNET
+    for key, value in controlnet.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+
+
+def test_sdxl_controlnet_in_diffusers_names_maps_onto_ours_key_for_key():
+    """diffusers' own SDXL ControlNetModel (controlnet-canny-sdxl-1.0's config), shapes only: every tensor
+    finds its place in our SDXL ControlNet, whose config is read back from the shapes."""
+    from diffusers import ControlNetModel
+
+    from latent_diffusion.checkpoints.controlnet_diffusers import config_from_values, to_original, values_from_shapes
+    from latent_diffusion.config import SDXL
+    from latent_diffusion.models.controlnet import controlnet_config_for
+
+    with torch.device("meta"):
+        theirs = ControlNetModel(
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            block_out_channels=(320, 640, 1280), transformer_layers_per_block=[1, 2, 10],
+            attention_head_dim=[5, 10, 20], cross_attention_dim=2048, use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    state = theirs.state_dict()
+    config = config_from_values(values_from_shapes({k: tuple(v.shape) for k, v in state.items()}), "sdxl")
+    assert config == controlnet_config_for(SDXL.unet)
+    renamed = to_original(config, state, "sdxl")
+    with torch.device("meta"):
+        ours = ControlNet(config).state_dict()
+    assert set(renamed) == set(ours)
+    assert all(tuple(renamed[k].shape) == tuple(v.shape) for k, v in ours.items())

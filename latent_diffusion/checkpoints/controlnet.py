@@ -8,7 +8,8 @@ Three layouts are read:
   ``global_average_pooling`` (the shuffle ControlNet), which no tensor shows.
 - "difference" ControlNets (a ``difference`` key): the encoder copy is stored as its difference to
   the base UNet, so they load only beside a model, whose UNet weights are added.
-- diffusers folders (``config.json`` of a ``ControlNetModel`` and its weights).
+- diffusers folders (``config.json`` of a ``ControlNetModel`` and its weights), and single files in
+  diffusers' names, as SDXL ControlNets are often shared (``controlnet_diffusers.py``).
 
 The sizes come from the tensor shapes (or the folder's config); the head layout, which no shape
 shows, from the family the text width names (SD 1.x: 768, SD 2.x: 1024, SDXL: 2048 with the ADM
@@ -105,7 +106,7 @@ def controlnet_family_words(family: str | None, unet: UNetConfig) -> str:
     return f"ControlNet for {unet.context_dim}-wide text" if unet.context_dim else "ControlNet"
 
 
-def _head_layout(adm: bool, linear: bool) -> UNetConfig:
+def head_layout(adm: bool, linear: bool) -> UNetConfig:
     """The preset UNet whose head layout a ControlNet's encoder has (files cannot state it)."""
     if adm:
         return presets.SDXL.unet
@@ -133,7 +134,7 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> ControlNetConfi
         linear = len(next(v for k, v in shapes.items() if k.endswith(".proj_in.weight"))) == 2
     except StopIteration:
         linear = False
-    base = _head_layout("label_emb.0.0.weight" in shapes, linear)
+    base = head_layout("label_emb.0.0.weight" in shapes, linear)
     try:
         unet = derive_unet_encoder_config(shapes, base, "")
         return ControlNetConfig(unet, **_hint_config(shapes))
@@ -210,35 +211,7 @@ def _add_base(weights: dict[str, torch.Tensor], path: Path,
     return out
 
 
-def _diffusers_folder(root: Path) -> tuple[ControlNetConfig, dict[str, torch.Tensor]]:
-    """Config and original-layout weights of a diffusers ControlNetModel folder."""
-    from latent_diffusion.checkpoints import diffusers_configs as configs
-    from latent_diffusion.checkpoints.convert import _read_json, _weights_file
-    from latent_diffusion.checkpoints.diffusers_names import controlnet_name
-
-    values = _read_json(root / "config.json")
-    if values.get("_class_name") != "ControlNetModel":
-        raise CheckpointError(f"{root}: config.json describes a {values.get('_class_name')!r}, not a ControlNetModel")
-    adm = values.get("addition_embed_type") == "text_time"
-    base = _head_layout(adm, bool(values.get("use_linear_projection")))
-    try:
-        unet = configs.unet_from_config({**values, "out_channels": values["in_channels"]}, base)
-        config = ControlNetConfig(unet, hint_channels=values.get("conditioning_channels", 3),
-                                  hint_widths=tuple(values.get("conditioning_embedding_out_channels", (16, 32, 96, 256))),
-                                  global_average_pooling=bool(values.get("global_pool_conditions", False)))
-    except (KeyError, TypeError, ConfigError) as error:
-        raise CheckpointError(f"{root}/config.json: not a ControlNetModel config we can read ({error})") from None
-    tensors = read_state_dict(_weights_file(root, ("diffusion_pytorch_model",)))
-    names = {controlnet_name(key, unet.num_res_blocks + 1, 2 * len(config.hint_widths)): key
-             for key in _build_on_meta(config).state_dict()}
-    unknown = sorted(set(tensors) - set(names))
-    if unknown:
-        raise CheckpointError(f"{root}: tensors with no place in the ControlNet its config describes: "
-                              f"{unknown[:10]} ({len(unknown)} in all)")
-    return config, {names[name]: tensor for name, tensor in tensors.items()}
-
-
-def _build_on_meta(config: ControlNetConfig) -> ControlNet:
+def build_on_meta(config: ControlNetConfig) -> ControlNet:
     with torch.device("meta"), _SkipInitialisation():
         return ControlNet(config)
 
@@ -258,11 +231,13 @@ def short_hash(path: Path) -> str:
 def read_controlnet(path: str | os.PathLike) -> tuple[ControlNetConfig, dict[str, torch.Tensor], str, dict[str, list[str]]]:
     """(config, original-layout weights, layout, set-aside keys) of a ControlNet file or folder; a
     difference ControlNet's encoder copy is still the difference."""
+    from latent_diffusion.checkpoints.controlnet_diffusers import diffusers_file, diffusers_folder
+
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"ControlNet not found: {path}")
     if path.is_dir():
-        config, weights = _diffusers_folder(path)
+        config, weights = diffusers_folder(path)
         return config, weights, "diffusers", {}
     state = read_state_dict(path)
     layout = controlnet_layout(state)
@@ -270,8 +245,8 @@ def read_controlnet(path: str | os.PathLike) -> tuple[ControlNetConfig, dict[str
         shown = ", ".join(sorted(state)[:3])
         raise CheckpointError(f"{path}: not a ControlNet (no input_hint_block; keys start {shown})")
     if layout == "diffusers":
-        raise CheckpointError(f"{path}: a ControlNet in diffusers' names without its config.json; put it in a "
-                              "folder with the config.json it came with and load the folder")
+        config, weights = diffusers_file(path, state)
+        return config, weights, "diffusers", {}
     weights, set_aside = _original_weights(state, path)
     stated = _config_from_metadata(path)
     config = stated or config_from_shapes({k: tuple(v.shape) for k, v in weights.items()})
@@ -288,7 +263,7 @@ def load_controlnet(path: str | os.PathLike, *, dtype: torch.dtype | None = torc
     config, weights, layout, set_aside = read_controlnet(path)
     if layout == "difference":
         weights = _add_base(weights, path, base_unet)
-    model = _build_on_meta(config)
+    model = build_on_meta(config)
     try:
         check_weights_fit(weights, model.state_dict(), f"ControlNet its shapes describe ({path})")
     except CheckpointError as error:
