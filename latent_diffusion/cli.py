@@ -24,8 +24,24 @@ def _cmd_info(args: argparse.Namespace) -> None:
     from latent_diffusion.pipelines.common import default_checkpoint_path
 
     path = args.checkpoint if args.checkpoint is not None else default_checkpoint_path()
+    if _is_controlnet(path):
+        from latent_diffusion.checkpoints.controlnet import describe_controlnet, format_controlnet_description
+
+        description = describe_controlnet(path)
+        print(json.dumps(description, indent=2, default=str) if args.json else format_controlnet_description(description))
+        return
     description = describe_checkpoint(path, prediction=args.prediction)
     print(json.dumps(description, indent=2, default=str) if args.json else format_description(description))
+
+
+def _is_controlnet(path) -> bool:
+    from latent_diffusion.checkpoints.controlnet import is_controlnet
+    from latent_diffusion.checkpoints.io import CheckpointError
+
+    try:
+        return is_controlnet(path)
+    except CheckpointError:
+        return False  # not a weight file at all: describe_checkpoint says what it is
 
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:

@@ -116,3 +116,24 @@ def openclip_name(key: str, with_projection: bool = False) -> str:
     if leaf in ("attn.in_proj_weight", "attn.in_proj_bias"):
         return f"text_model.encoder.layers.{layer}.self_attn.{{q,k,v}}_proj.{leaf.rsplit('_', 1)[1]}"
     return f"text_model.encoder.layers.{layer}.{_replace_parts(leaf, _OPENCLIP_LAYER_PARTS)}"
+
+
+def controlnet_name(key: str, blocks_per_level: int, hint_convolutions: int) -> str:
+    """A ControlNet's key (without ``control_model.``) -> its diffusers ``ControlNetModel`` name; the
+    encoder copy is named as the UNet's encoder. ``hint_convolutions``: the hint encoder's count."""
+    found = re.match(r"zero_convs\.(\d+)\.0\.(.*)", key)
+    if found:
+        return f"controlnet_down_blocks.{found.group(1)}.{found.group(2)}"
+    if key.startswith("middle_block_out.0."):
+        return "controlnet_mid_block." + key[len("middle_block_out.0."):]
+    found = re.match(r"input_hint_block\.(\d+)\.(.*)", key)
+    if found:
+        # The release numbers the convolutions 0, 2, 4, ... (SiLUs between); diffusers has conv_in,
+        # blocks.0 ... and conv_out.
+        index, leaf = int(found.group(1)) // 2, found.group(2)
+        if index == 0:
+            return f"controlnet_cond_embedding.conv_in.{leaf}"
+        if index == hint_convolutions - 1:
+            return f"controlnet_cond_embedding.conv_out.{leaf}"
+        return f"controlnet_cond_embedding.blocks.{index - 1}.{leaf}"
+    return unet_name(key, blocks_per_level)

@@ -57,9 +57,6 @@ def _depths(per_level: list[int], middle: int | None, base: UNetConfig) -> tuple
 
 def derive_unet_config(shapes: Shapes, base: UNetConfig, prefix: str) -> UNetConfig:
     """The UNet config whose modules have exactly these shapes; head counts and ``legacy`` come from ``base``."""
-    first = shapes[f"{prefix}input_blocks.0.0.weight"]
-    model_channels, in_channels, dims = first[0], first[1], len(first) - 2
-    out_channels = shapes[f"{prefix}out.2.weight"][0]
     output_blocks = _indices(shapes, f"{prefix}output_blocks.")
 
     def upsamples(i: int) -> bool:
@@ -74,7 +71,30 @@ def derive_unet_config(shapes: Shapes, base: UNetConfig, prefix: str) -> UNetCon
     resblock_updown = any(
         f"{prefix}output_blocks.{i}.{j}.in_layers.0.weight" in shapes for i in ups for j in (1, 2)
     )
+    return dataclasses.replace(
+        _derive_encoder(shapes, base, prefix, levels, blocks_per_level),
+        out_channels=shapes[f"{prefix}out.2.weight"][0], resblock_updown=resblock_updown,
+    )
 
+
+def derive_unet_encoder_config(shapes: Shapes, base: UNetConfig, prefix: str) -> UNetConfig:
+    """The config of a UNet whose input and middle blocks have these shapes (a ControlNet's copy of
+    them: no output blocks). Output channels are taken to be the input's."""
+    input_blocks = _indices(shapes, f"{prefix}input_blocks.")
+    # Each level but the last ends in a downsampling convolution (released ControlNets have no
+    # ResBlock downsampling, which the keys could not tell from an ordinary ResBlock).
+    levels = 1 + sum(f"{prefix}input_blocks.{i}.0.op.weight" in shapes for i in input_blocks)
+    if len(input_blocks) % levels:
+        raise KeyError(f"{len(input_blocks)} input blocks do not split into {levels} levels")
+    config = _derive_encoder(shapes, base, prefix, levels, len(input_blocks) // levels)
+    return dataclasses.replace(config, out_channels=config.in_channels, resblock_updown=False)
+
+
+def _derive_encoder(shapes: Shapes, base: UNetConfig, prefix: str, levels: int, blocks_per_level: int) -> UNetConfig:
+    """Every size the input and middle blocks show, for ``levels`` levels of ``blocks_per_level``
+    blocks (the ResBlocks and the level's downsampling or upsampling block)."""
+    first = shapes[f"{prefix}input_blocks.0.0.weight"]
+    model_channels, in_channels, dims = first[0], first[1], len(first) - 2
     channel_mult, attention_resolutions, depths, disabled_flags, seen = [], [], [], [], []
     spatial_transformer = False
     for level in range(levels):
@@ -110,7 +130,7 @@ def derive_unet_config(shapes: Shapes, base: UNetConfig, prefix: str) -> UNetCon
     adm = shapes.get(f"{prefix}label_emb.0.0.weight")
     return dataclasses.replace(
         base,
-        in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
+        in_channels=in_channels, model_channels=model_channels,
         channel_mult=tuple(channel_mult), num_res_blocks=blocks_per_level - 1,
         attention_resolutions=tuple(attention_resolutions),
         use_spatial_transformer=spatial_transformer,
@@ -122,7 +142,6 @@ def derive_unet_config(shapes: Shapes, base: UNetConfig, prefix: str) -> UNetCon
         disable_self_attentions=disable_self_attentions,
         disable_middle_self_attn=disable_middle,
         use_scale_shift_norm=emb_out == 2 * model_channels * channel_mult[0],
-        resblock_updown=resblock_updown,
         dims=dims,
     )
 

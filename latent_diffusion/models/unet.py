@@ -6,6 +6,8 @@ The module tree, and so every state-dict key, is the reference's: ``time_embed``
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
@@ -101,6 +103,29 @@ def _validate(config: UNetConfig) -> None:
     elif config.num_classes is not None and (not isinstance(config.num_classes, int) or config.num_classes < 1):
         raise ConfigError(f"UNetConfig: num_classes must be a positive int, 'sequential' or None, "
                           f"got {config.num_classes!r}")
+
+
+def _add_control(h: torch.Tensor, skips: list[torch.Tensor],
+                 control: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The middle block's output and the skip connections with a ControlNet's residuals added."""
+    if len(control) != len(skips) + 1:
+        raise ValueError(f"control must hold {len(skips) + 1} residuals (one per input block, then the middle "
+                         f"block's), got {len(control)}")
+    targets = [*skips, h]
+    wrong = [i for i, (c, t) in enumerate(zip(control, targets)) if not _broadcasts_to(c.shape, t.shape)]
+    if wrong:
+        i = wrong[0]
+        raise ValueError(f"control residual {i} is shaped {list(control[i].shape)}, the UNet's feature there "
+                         f"{list(targets[i].shape)}: the ControlNet does not fit this UNet")
+    added = [t + c.to(t.dtype) for t, c in zip(targets, control)]
+    return added[-1], added[:-1]
+
+
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
 
 
 class UNetModel(nn.Module):
@@ -205,12 +230,14 @@ class UNetModel(nn.Module):
         timesteps: torch.Tensor | float,
         context: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
+        control: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Predict from noisy latents ``x`` [B, C, H, W] at ``timesteps`` [B] (float or int).
 
         ``context`` [B, L, context_dim] feeds cross-attention; ``y`` holds class ids [B] (or the
         x4 upscaler's noise level) when the config has ``num_classes``, the ADM vector
-        [B, adm_in_channels] when it is "sequential" (SDXL).
+        [B, adm_in_channels] when it is "sequential" (SDXL). ``control`` holds a ControlNet's
+        residuals: one per input block, added to its skip connection, then the middle block's.
         """
         timesteps = self._check_inputs(x, timesteps, context, y)
         dtype = self.time_embed[0].weight.dtype
@@ -225,6 +252,8 @@ class UNetModel(nn.Module):
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        if control is not None:
+            h, skips = _add_control(h, skips, control)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h).to(x.dtype)

@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Callable
 
+from latent_diffusion.pipelines.control_cli import add_control_options, check_control_args, control_units
 from latent_diffusion.pipelines.outputs import Writer, check_output_folder
 
 DEFAULT_SAMPLER = "euler_a"
@@ -372,14 +373,17 @@ def cmd_txt2img(args: argparse.Namespace) -> None:
     if args.width is not None or args.height is not None:
         check_size(args.width or 64, args.height or 64)
     hires_upscaler = _check_hires(args)
+    controls = check_control_args(args)
     read_prompts(args)
     pipe = _pipeline(args)
     hires = _load_hires(args, hires_upscaler)
+    control = control_units(controls, pipe)
     args.width, args.height = args.width or native_image_size(pipe), args.height or native_image_size(pipe)
     check_size(args.width, args.height)
     _run_prompts(args, lambda prompt, **kw: pipe.txt2img(
         prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
-        clip_skip=args.clip_skip, hires=hires, **_sdxl_kwargs(args, pipe), **_sampling_kwargs(args, pipe), **kw))
+        clip_skip=args.clip_skip, hires=hires, control=control, **_sdxl_kwargs(args, pipe),
+        **_sampling_kwargs(args, pipe), **kw))
 
 
 def cmd_img2img(args: argparse.Namespace) -> None:
@@ -393,11 +397,14 @@ def cmd_img2img(args: argparse.Namespace) -> None:
         check_size(args.width or image.width, args.height or image.height)
     else:
         check_size(*image.size)
+    controls = check_control_args(args)
     read_prompts(args)
     pipe = _pipeline(args)
+    control = control_units(controls, pipe)
     _run_prompts(args, lambda prompt, **kw: pipe.img2img(
         prompt, image, negative_prompt=args.negative_prompt, strength=args.strength, width=args.width,
-        height=args.height, clip_skip=args.clip_skip, **_sdxl_kwargs(args, pipe), **_sampling_kwargs(args, pipe), **kw))
+        height=args.height, clip_skip=args.clip_skip, control=control, **_sdxl_kwargs(args, pipe),
+        **_sampling_kwargs(args, pipe), **kw))
 
 
 def cmd_inpaint(args: argparse.Namespace) -> None:
@@ -410,12 +417,14 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     mask = _load_image_arg(args.mask, "mask")
     check_size(*image.size)
     prepare_mask(mask, image.size, blur=args.mask_blur, padding=args.mask_padding)
+    controls = check_control_args(args)
     read_prompts(args)
     pipe = _pipeline(args)
+    control = control_units(controls, pipe)
     _run_prompts(args, lambda prompt, **kw: pipe.inpaint(
         prompt, image, mask, negative_prompt=args.negative_prompt, mask_blur=args.mask_blur,
         mask_padding=args.mask_padding, keep_unmasked=args.keep_unmasked, strength=args.strength,
-        clip_skip=args.clip_skip, **_sampling_kwargs(args, pipe), **kw))
+        clip_skip=args.clip_skip, control=control, **_sampling_kwargs(args, pipe), **kw))
 
 
 def cmd_upscale(args: argparse.Namespace) -> None:
@@ -536,6 +545,7 @@ def add_task_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
                         "CFG, hires fix")
     add_sampling_options(p, guidance=7.5)
     add_hires_options(p)
+    add_control_options(p)
     add_model_options(p)
     add_sdxl_options(p)
     add_output_options(p, "txt2img")
@@ -547,6 +557,7 @@ def add_task_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--width", "-W", type=int, default=None, help="resize the image to this width; default: its own")
     p.add_argument("--height", "-H", type=int, default=None, help="resize the image to this height; default: its own")
     add_sampling_options(p, guidance=7.5)
+    add_control_options(p)
     add_model_options(p)
     add_sdxl_options(p)
     add_output_options(p, "img2img")
@@ -561,6 +572,7 @@ def add_task_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
                    help="paste the original pixels back outside the (blurred) mask, so they stay exact")
     p.add_argument("--strength", type=float, default=1.0, help="denoising strength in (0, 1]")
     add_sampling_options(p, guidance=7.5)
+    add_control_options(p)
     add_model_options(p)
     add_output_options(p, "inpaint")
 

@@ -17,7 +17,7 @@ import secrets
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from PIL import Image
@@ -31,7 +31,7 @@ from latent_diffusion.diffusion.registry import SamplerSpec, resolve_sampler, si
 from latent_diffusion.diffusion.samplers import Step
 from latent_diffusion.diffusion.sampling import BatchNoise, make_generators, sample
 from latent_diffusion.diffusion.schedulers import AUTOMATIC, SchedulerSpec
-from latent_diffusion.diffusion.schedules import NoiseSchedule
+from latent_diffusion.diffusion.schedules import NoiseSchedule, img2img_sigmas
 from latent_diffusion.models.autoencoder import AutoencoderKL
 from latent_diffusion.models.vae_tiling import decode_tiled, encode_tiled
 from latent_diffusion.pipelines.images import check_size, tensor_to_images
@@ -40,6 +40,9 @@ from latent_diffusion.pipelines.png_info import format_parameters, model_hash
 from latent_diffusion.pipelines.prompt_addons import PromptAddons
 from latent_diffusion.pipelines.refiner import HandOff, RefinerRun
 from latent_diffusion.pipelines.text_conditioning import MicroConditioning, TextConditioner
+
+if TYPE_CHECKING:
+    from latent_diffusion.pipelines.control import ControlSet
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # File names the built-in model may ship under, first found wins.
@@ -92,12 +95,15 @@ class GenerationResult:
     parameters: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # The ControlNet units' control maps as they went in (one per unit, from the first batch).
+    control_maps: list[Image.Image] = field(default_factory=list)
 
     def extend(self, other: GenerationResult) -> None:
         self.images += other.images
         self.parameters += other.parameters
         self.seeds += other.seeds
         self.warnings += [w for w in other.warnings if w not in self.warnings]
+        self.control_maps = self.control_maps or other.control_maps
 
 
 @dataclass(frozen=True)
@@ -389,21 +395,27 @@ class Pipeline:
         description: str = "sampling",
         refine: RefinerRun | None = None,
         tiled_decode: bool | None = None,
+        control: ControlSet | None = None,
     ) -> Tensor:
         """Run the sampler under classifier-free guidance (skipped when ``uncond`` is None or scale 1);
-        ``refine`` hands the last part of the schedule to a refiner model. Refused first when sampling,
-        and decoding the result (``tiled_decode``: in bands; default the pipeline's), cannot fit in memory."""
+        ``refine`` hands the last part of the schedule to a refiner model; ``control`` adds ControlNets'
+        residuals to this model's UNet (pipelines/control.py). Refused first when sampling, and decoding
+        the result (``tiled_decode``: in bands; default the pipeline's), cannot fit in memory."""
         batch, _channels, latent_height, latent_width = shape if init_latent is None else init_latent.shape
-        check_sampling(self, batch, latent_width, latent_height,
-                       guided=uncond is not None and settings.guidance_scale != 1.0, tiled_decode=tiled_decode)
-        denoiser = self.guided_denoiser(uncond, settings.guidance_scale)
+        guided = uncond is not None and settings.guidance_scale != 1.0
+        check_sampling(self, batch, latent_width, latent_height, guided=guided, tiled_decode=tiled_decode)
+        sigmas = sigmas_for(settings.sampler, self.schedule, settings.steps, scheduler=settings.scheduler,
+                            model_kind=self.family.align_your_steps_table)
+        network = self.unet_forward
+        if control is not None:
+            run = sigmas if init_latent is None else img2img_sigmas(sigmas, strength)
+            network = control.layer(network, self.schedule, run, guided)
+        denoiser = self.guided_denoiser(uncond, settings.guidance_scale, network=network)
         if refine is not None:
             refiner = refine.refiner
             refiner.check_fits(self)
             denoiser = HandOff(denoiser, refiner.pipe.guided_denoiser(refine.uncond, settings.guidance_scale),
                                refine.cond, self.schedule, refiner.switch_at)
-        sigmas = sigmas_for(settings.sampler, self.schedule, settings.steps, scheduler=settings.scheduler,
-                            model_kind=self.family.align_your_steps_table)
         total = len(sigmas) - 1 if init_latent is None else max(int((len(sigmas) - 1) * strength), 0)
 
         def on_step(step: Step) -> None:
@@ -423,9 +435,11 @@ class Pipeline:
             )
         return latents
 
-    def guided_denoiser(self, uncond: Conditioning | None, guidance_scale: float):
-        """The model as a denoiser ``D(x, sigma, cond)``, under classifier-free guidance when it applies."""
-        denoiser = Denoiser(self.unet_forward, self.schedule, self.spec.prediction)
+    def guided_denoiser(self, uncond: Conditioning | None, guidance_scale: float,
+                        network: Callable[..., Tensor] | None = None):
+        """The model as a denoiser ``D(x, sigma, cond)``, under classifier-free guidance when it applies;
+        ``network``: a layer over :attr:`unet_forward` to call instead of it."""
+        denoiser = Denoiser(network or self.unet_forward, self.schedule, self.spec.prediction)
         if uncond is not None and guidance_scale != 1.0:
             denoiser = ClassifierFreeGuidance(denoiser, uncond, guidance_scale)
         return denoiser

@@ -1,11 +1,15 @@
 """Image to image (SDEdit, Meng et al. 2022): noise the image's latent to ``strength``, denoise under the prompt."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from PIL import Image
 
 from latent_diffusion.diffusion.sampling import BatchNoise
 from latent_diffusion.pipelines.common import GenerationResult, Pipeline, SamplingSettings, StepCallback
+from latent_diffusion.pipelines.control import ControlUnit, check_units, with_defaults
+from latent_diffusion.pipelines.control_images import control_for_batch
 from latent_diffusion.pipelines.refiner import Refiner, prepare_refiner
 from latent_diffusion.pipelines.text_conditioning import MicroConditioning
 from latent_diffusion.pipelines.images import check_size, image_to_tensor, to_rgb
@@ -58,16 +62,20 @@ def img2img(
     step_callback: StepCallback | None = None,
     micro_conditioning: MicroConditioning | None = None,
     refiner: Refiner | None = None,
+    control: Sequence[ControlUnit] | None = None,
 ) -> GenerationResult:
     """Redraw ``image`` towards ``prompt``; ``strength`` 1 ignores the image, small values keep it.
 
-    ``refiner`` takes the latents over for the last part of the schedule (as in txt2img).
+    ``refiner`` takes the latents over for the last part of the schedule (as in txt2img); ``control``:
+    ControlNet units (a unit without an image is controlled by ``image``, as in A1111).
     """
     check_text_model(pipe, "img2img")
     settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback, scheduler)
     strength = check_strength(strength)
     image = prepare_image(image, width, height, max(8, pipe.latent_factor))
     pixels = image_to_tensor(image)
+    check_units(pipe, control or [])
+    control = with_defaults(control or [], image, None)
     if refiner is not None:
         refiner.check_fits(pipe)
     extra = {"Denoising strength": _number(strength), "Clip skip": clip_skip,
@@ -81,13 +89,15 @@ def img2img(
         init_latent = pipe.encode_images(pixels.expand(batch, -1, -1, -1), generators)
         refine = prepare_refiner(refiner, prompt, negative_prompt, batch, width=image.width,
                                  height=image.height, micro=micro_conditioning)
-        latents = pipe.sample_latents(settings, BatchNoise(generators), cond, uncond, init_latent=init_latent,
-                                      strength=strength, refine=refine)
         result = GenerationResult()
+        controls = control_for_batch(pipe, control, image.width, image.height, first_seed, result)
+        latents = pipe.sample_latents(settings, BatchNoise(generators), cond, uncond, init_latent=init_latent,
+                                      strength=strength, refine=refine, control=controls)
         result.images = (refiner.pipe if refiner else pipe).to_images(latents, result.warnings)
         result.seeds = [first_seed + i for i in range(batch)]
         result.parameters = [pipe.parameters_text(prompt, negative_prompt, settings, s, image.width, image.height,
-                                                  extra) for s in result.seeds]
+                                                  {**extra, **(controls.parameters() if controls else {})})
+                             for s in result.seeds]
         return result
 
     return pipe.run_batches(seed, batch_size, batch_count, run_batch)

@@ -9,6 +9,7 @@ mask, so the kept region is pixel-exact, as A1111 does with its inpainting overl
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,8 @@ from PIL import Image, ImageFilter
 from latent_diffusion.diffusion.denoiser import Conditioning
 from latent_diffusion.diffusion.sampling import BatchNoise
 from latent_diffusion.pipelines.common import GenerationResult, Pipeline, SamplingSettings, StepCallback
+from latent_diffusion.pipelines.control import ControlUnit, check_units, with_defaults
+from latent_diffusion.pipelines.control_images import control_for_batch
 from latent_diffusion.pipelines.text_conditioning import MicroConditioning
 from latent_diffusion.pipelines.images import image_to_tensor, mask_to_tensor, tensor_to_images
 from latent_diffusion.pipelines.img2img import check_strength, prepare_image
@@ -60,8 +63,10 @@ def inpaint(
     clip_skip: int | None = None,
     step_callback: StepCallback | None = None,
     micro_conditioning: MicroConditioning | None = None,
+    control: Sequence[ControlUnit] | None = None,
 ) -> GenerationResult:
-    """Repaint the masked part of ``image`` (mask and image must have the same size)."""
+    """Repaint the masked part of ``image`` (mask and image must have the same size); ``control``:
+    ControlNet units (without an image: ``image`` and ``mask``, as in A1111)."""
     if not pipe.takes_text:
         raise ValueError(f"inpaint needs a text-conditioned model; this is a {pipe.spec.family!r} model")
     dedicated = pipe.concat_channels == pipe.spec.latent_channels + 1
@@ -72,6 +77,8 @@ def inpaint(
     strength = check_strength(strength)
     image = prepare_image(image, None, None, max(8, pipe.latent_factor))
     soft_mask = prepare_mask(mask, image.size, blur=mask_blur, padding=mask_padding)
+    check_units(pipe, control or [])
+    control = with_defaults(control or [], image, mask)
     pixels = image_to_tensor(image)
     f = pipe.latent_factor
     latent_size = (image.height // f, image.width // f)
@@ -84,6 +91,8 @@ def inpaint(
         cond, uncond = pipe.text_conditioning(prompt, negative_prompt, batch, clip_skip, width=image.width, height=image.height,
                                                micro=micro_conditioning)
         shape = (batch, pipe.spec.latent_channels, *latent_size)
+        result = GenerationResult()
+        controls = control_for_batch(pipe, control, image.width, image.height, first_seed, result)
         if dedicated:
             # The model was trained on a binary mask and the image with the hole set to 0 (grey).
             hard = (soft_mask >= 0.5).to(pixels.dtype)
@@ -92,21 +101,21 @@ def inpaint(
             cond = dataclasses.replace(cond, concat=concat)
             init = pipe.encode_images(pixels.expand(batch, -1, -1, -1), generators) if strength < 1 else None
             latents = pipe.sample_latents(settings, BatchNoise(generators), cond, uncond, shape=shape,
-                                          init_latent=init, strength=strength)
+                                          init_latent=init, strength=strength, control=controls)
         else:
             init = pipe.encode_images(pixels.expand(batch, -1, -1, -1), generators)
             # A1111 rounds the downsampled mask: a latent pixel is either kept or repainted.
             keep = 1 - F.interpolate(soft_mask, size=latent_size, mode="area").round()
             latents = pipe.sample_latents(settings, BatchNoise(generators), cond, uncond, init_latent=init,
-                                          strength=strength, keep_mask=keep.to(init))
-        result = GenerationResult()
+                                          strength=strength, keep_mask=keep.to(init), control=controls)
         decoded = pipe.decode(latents, result.warnings)
         if keep_unmasked:
             decoded = pixels * (1 - soft_mask) + decoded.clamp(-1, 1) * soft_mask
         result.images = tensor_to_images(decoded)
         result.seeds = [first_seed + i for i in range(batch)]
         result.parameters = [pipe.parameters_text(prompt, negative_prompt, settings, s, image.width, image.height,
-                                                  extra) for s in result.seeds]
+                                                  {**extra, **(controls.parameters() if controls else {})})
+                             for s in result.seeds]
         return result
 
     return pipe.run_batches(seed, batch_size, batch_count, run_batch)

@@ -1,13 +1,20 @@
 """Text to image: sample a latent from noise under the prompt, decode it."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from latent_diffusion.diffusion.sampling import BatchNoise
 from latent_diffusion.pipelines.common import GenerationResult, Pipeline, SamplingSettings, StepCallback
+from latent_diffusion.pipelines.control import ControlUnit, check_units, with_defaults
+from latent_diffusion.pipelines.control_images import control_for_batch
 from latent_diffusion.pipelines.hires import FirstPass, HiresFix, plan_hires, second_pass
 from latent_diffusion.pipelines.refiner import Refiner, prepare_refiner
 from latent_diffusion.pipelines.text_conditioning import MicroConditioning
+
+
+HIRES_WITHOUT_CONTROL = "the hires fix's second pass ran without ControlNet (it steers the first pass)"
 
 
 def check_text_model(pipe: Pipeline, task: str) -> None:
@@ -41,13 +48,17 @@ def txt2img(
     micro_conditioning: MicroConditioning | None = None,
     refiner: Refiner | None = None,
     hires: HiresFix | None = None,
+    control: Sequence[ControlUnit] | None = None,
 ) -> GenerationResult:
     """Generate ``batch_size * batch_count`` images of ``prompt``; image k has seed ``seed + k``.
 
     ``refiner`` (e.g. SDXL's) takes the latents over for the last part of the schedule. ``hires``
     enlarges the images and redraws them at the larger size (A1111's hires fix, pipelines/hires.py).
+    ``control``: ControlNet units steering the (first pass's) sampling (pipelines/control.py).
     """
     check_text_model(pipe, "txt2img")
+    check_units(pipe, control or [])
+    control = with_defaults(control or [], None, None)
     settings = SamplingSettings.make(sampler, steps, guidance_scale, step_callback, scheduler)
     pipe.latent_shape(1, width, height)  # validates the size before any work
     if refiner is not None:
@@ -63,16 +74,20 @@ def txt2img(
                                                micro=micro_conditioning)
         refine = prepare_refiner(refiner, prompt, negative_prompt, batch, width=width, height=height,
                                  micro=micro_conditioning)
-        latents = pipe.sample_latents(settings, BatchNoise(generators), cond, uncond,
-                                      shape=pipe.latent_shape(batch, width, height), refine=refine)
         result = GenerationResult()
+        controls = control_for_batch(pipe, control, width, height, first_seed, result)
+        latents = pipe.sample_latents(settings, BatchNoise(generators), cond, uncond,
+                                      shape=pipe.latent_shape(batch, width, height), refine=refine, control=controls)
+        if controls is not None and plan is not None and HIRES_WITHOUT_CONTROL not in result.warnings:
+            result.warnings.append(HIRES_WITHOUT_CONTROL)
         if plan is None:
             result.images = (refiner.pipe if refiner else pipe).to_images(latents, result.warnings)
         else:
             first = FirstPass(latents, first_seed, clip_skip, micro_conditioning, refiner)
             result.images = second_pass(pipe, plan, first, result.warnings)
         result.seeds = [first_seed + i for i in range(batch)]
-        result.parameters = [pipe.parameters_text(prompt, negative_prompt, settings, s, width, height, extra)
+        result.parameters = [pipe.parameters_text(prompt, negative_prompt, settings, s, width, height,
+                                                  {**extra, **(controls.parameters() if controls else {})})
                              for s in result.seeds]
         return result
 

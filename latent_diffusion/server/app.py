@@ -20,6 +20,7 @@ from latent_diffusion.pipelines.common import Pipeline
 from latent_diffusion.pipelines.refiner import DEFAULT_SWITCH_AT, Refiner
 from latent_diffusion.server import generate as gen
 from latent_diffusion.server.addons import add_addon_routes
+from latent_diffusion.server.controlnet import ControlNetLibrary, add_controlnet_routes
 from latent_diffusion.server.errors import ClientGone, add_error_handlers
 from latent_diffusion.server.gate import GateMiddleware, allowed_host_names
 from latent_diffusion.server.jobs import JobQueue
@@ -58,6 +59,7 @@ class ServerConfig:
     allowed_hosts: list[str] = field(default_factory=list)  # further Host names to answer to (--allow-host)
     lora_dir: Path | None = None  # None: the default folders (addons/library.py)
     embeddings_dir: Path | None = None
+    controlnet_dir: Path | None = None  # the ControlNets clients may use (--controlnet-dir)
 
 
 class ServerState:
@@ -72,6 +74,7 @@ class ServerState:
                                              upscalers=config.upscalers)
         self.models.load_startup()
         self.queue = JobQueue(config.max_queue)
+        self.controlnets = ControlNetLibrary(config.controlnet_dir)
         self.preview_every = config.preview_every
 
     def _load(self, path: Path) -> Pipeline:
@@ -147,6 +150,6 @@ def create_app(config: ServerConfig | None = None, *, models: ModelManager | Non
                        allowed_hosts=allowed_host_names(config.host, config.allowed_hosts))
     add_error_handlers(app)
     for add_routes in (add_page_routes, add_model_routes, add_generation_routes, add_extras_routes,
-                       add_progress_routes, add_addon_routes):
+                       add_progress_routes, add_addon_routes, add_controlnet_routes):
         add_routes(app, state)
     return app

@@ -228,12 +228,12 @@ def hires_fix(options: dict[str, Any] | None, models: ModelManager) -> HiresFix 
 
 
 def run_txt2img(job: Job, pipe: Pipeline, request: GenerationRequest, preview_every: int,
-                hires: HiresFix | None = None, refiner=None):
-    """The txt2img job, with the hires fix when ``hires`` is given and a refiner (a
-    :class:`~latent_diffusion.pipelines.refiner.Refiner`) when ``refiner`` is."""
+                hires: HiresFix | None = None, refiner=None, control=None):
+    """The txt2img job, with the hires fix when ``hires`` is given, a refiner (a
+    :class:`~latent_diffusion.pipelines.refiner.Refiner`) when ``refiner`` is, and ControlNet units."""
     return run_batches(job, pipe, request, preview_every, lambda **run: pipe.txt2img(
-        request.prompt, width=request.width, height=request.height, hires=hires, refiner=refiner, **run,
-        **common_options(request)))
+        request.prompt, width=request.width, height=request.height, hires=hires, refiner=refiner, control=control,
+        **run, **common_options(request)))
 
 
 def prepare_img2img(request: Img2ImgRequest, limits: ServerLimits) -> tuple[Image.Image, Image.Image | None]:
@@ -255,9 +255,9 @@ def prepare_img2img(request: Img2ImgRequest, limits: ServerLimits) -> tuple[Imag
 
 
 def run_img2img(job: Job, pipe: Pipeline, request: Img2ImgRequest, image: Image.Image, mask: Image.Image | None,
-                preview_every: int, refiner=None):
+                preview_every: int, refiner=None, control=None):
     """The img2img job, or inpainting when a mask was sent (original pixels kept outside it, as A1111)."""
-    options = common_options(request)
+    options = {**common_options(request), "control": control}
     if mask is None:
         return run_batches(job, pipe, request, preview_every, lambda **run: pipe.img2img(
             request.prompt, image, strength=request.denoising_strength, refiner=refiner, **run, **options))

@@ -17,6 +17,7 @@ from latent_diffusion.diffusion.registry import SAMPLERS
 from latent_diffusion.diffusion.schedulers import SCHEDULERS
 from latent_diffusion.pipelines.hires import LATENT_UPSCALE_MODES
 from latent_diffusion.server import generate as gen
+from latent_diffusion.server.controlnet import control_units, detected_maps, requested_units
 from latent_diffusion.server.docs import docs_page
 from latent_diffusion.server.jobs import Job
 from latent_diffusion.server.schemas import (
@@ -89,11 +90,12 @@ def add_model_routes(app: FastAPI, state: ServerState) -> None:
 def add_generation_routes(app: FastAPI, state: ServerState) -> None:
     """txt2img and img2img (inpainting when a mask is sent)."""
 
-    def respond(request, outcome, pipe) -> ImageResponse:
+    def respond(request, outcome, pipe, units=()) -> ImageResponse:
         result, seed, interrupted = outcome
         images = [gen.encode_png(image, text) for image, text in zip(result.images, result.parameters)]
+        images += detected_maps(units, result)
         return ImageResponse(images=images if request.send_images else [],
-                             parameters=request.model_dump(exclude={"init_images", "mask"}),
+                             parameters=request.model_dump(exclude={"init_images", "mask", "alwayson_scripts"}),
                              info=gen.info_json(request, result, seed, pipe, interrupted))
 
     @app.post("/sdapi/v1/txt2img", response_model=ImageResponse)
@@ -101,15 +103,17 @@ def add_generation_routes(app: FastAPI, state: ServerState) -> None:
         gen.check_generation(request, state.limits)
         hires = gen.check_hires(request, state.limits, list(state.models.upscaler_paths))
         state.refiner_entry(request)  # an unknown refiner is a 400 before the job queues
+        units = requested_units(request, state.controlnets, state.limits, has_init_image=False)
         preview_every = state.preview_every
 
         def work(job: Job):
             pipe = state.pipeline_for(request.override_settings)
             return gen.run_txt2img(job, pipe, request, preview_every, gen.hires_fix(hires, state.models),
-                                   refiner=state.refiner_for(request)), pipe
+                                   refiner=state.refiner_for(request),
+                                   control=control_units(units, state.controlnets, pipe)), pipe
 
         outcome, pipe = await state.run("txt2img", work, http)
-        return respond(request, outcome, pipe)
+        return respond(request, outcome, pipe, units)
 
     @app.post("/sdapi/v1/img2img", response_model=ImageResponse)
     async def img2img(request: Img2ImgRequest, http: Request):
@@ -117,15 +121,16 @@ def add_generation_routes(app: FastAPI, state: ServerState) -> None:
         image, mask = gen.prepare_img2img(request, state.limits)
         if state.refiner_entry(request) is not None and mask is not None:
             raise gen.BadRequest("refiner_checkpoint: a refiner finishes txt2img and img2img images, not inpainting")
+        units = requested_units(request, state.controlnets, state.limits, has_init_image=True)
         preview_every = state.preview_every
 
         def work(job: Job):
             pipe = state.pipeline_for(request.override_settings)
-            return gen.run_img2img(job, pipe, request, image, mask, preview_every,
-                                   refiner=state.refiner_for(request)), pipe
+            return gen.run_img2img(job, pipe, request, image, mask, preview_every, refiner=state.refiner_for(request),
+                                   control=control_units(units, state.controlnets, pipe)), pipe
 
         outcome, pipe = await state.run("img2img", work, http)
-        return respond(request, outcome, pipe)
+        return respond(request, outcome, pipe, units)
 
 
 def add_extras_routes(app: FastAPI, state: ServerState) -> None:

@@ -50,6 +50,9 @@ class GenerationRequest(_Lenient):
         None, max_length=300, description="a model from /sdapi/v1/sd-models that finishes the image (SDXL's refiner)")
     refiner_switch_at: Optional[float] = Field(
         None, gt=0.0, lt=1.0, description="where the refiner takes over, as a fraction of the noise schedule (0.8)")
+    alwayson_scripts: Optional[dict[str, Any]] = Field(
+        None, description='extensions\' arguments; {"controlnet": {"args": [unit, ...]}} as A1111\'s ControlNet '
+                          "extension takes them (others are ignored)")
 
 
 class Txt2ImgRequest(GenerationRequest):

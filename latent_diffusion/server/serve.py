@@ -19,6 +19,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                         help="folder whose .safetensors/.ckpt files clients may switch to (by name)")
     parser.add_argument("--upscaler", action="append", default=None, metavar="CHECKPOINT",
                         help="super-resolution model for the upscale tab (repeatable); default: the built-in one")
+    parser.add_argument("--controlnet-dir", default=None,
+                        help="folder of ControlNet files (.safetensors/.pth, diffusers folders) clients may use")
     parser.add_argument("--device", default="cpu", help="torch device to run the models on, e.g. cuda")
     parser.add_argument("--half", action="store_true", help="float16 weights (for GPUs; slow on CPUs)")
     parser.add_argument("--lean", action="store_true", help="float16 weights computed in float32 block by block")
@@ -82,6 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         host=host, allowed_hosts=list(args.allow_host),
         lora_dir=Path(args.lora_dir) if args.lora_dir else None,
         embeddings_dir=Path(args.embeddings_dir) if args.embeddings_dir else None,
+        controlnet_dir=Path(args.controlnet_dir) if args.controlnet_dir else None,
     )
     if host not in ("127.0.0.1", "localhost", "::1") and not config.api_auth:
         print("ldm serve: warning: listening beyond this machine without --api-auth; anyone who can reach "

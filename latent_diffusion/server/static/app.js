@@ -149,14 +149,17 @@ function hiresRequest() {
 
 async function run() {
   if (currentTab !== "txt2img" && !initImage) throw new Error("choose an input image first");
-  if (currentTab === "txt2img") return api("/txt2img", { ...generationRequest(), ...hiresRequest(), ...refinerRequest() });
+  if (currentTab === "txt2img") {
+    return api("/txt2img", { ...generationRequest(), ...hiresRequest(), ...refinerRequest(), ...controlnetRequest(false) });
+  }
   const init = canvasBase64($("init_canvas"));
   if (currentTab === "upscale") {
     const result = await api("/extra-single-image", {
       image: init, upscaler_1: $("upscaler_1").value, upscaling_resize: numberField("upscaling_resize")});
     return { images: [result.image], info: JSON.stringify({ infotexts: [result.html_info] }) };
   }
-  const body = { ...generationRequest(), init_images: [init], denoising_strength: numberField("denoising_strength") };
+  const body = { ...generationRequest(), ...controlnetRequest(true), init_images: [init],
+                 denoising_strength: numberField("denoising_strength") };
   if (currentTab === "inpaint") Object.assign(body, { mask: maskBase64(), mask_blur: numberField("mask_blur") });
   else Object.assign(body, refinerRequest());
   return api("/img2img", body);
@@ -320,6 +323,7 @@ function main() {
     if (file) readDroppedFile(file);
   });
   setupMaskDrawing();
+  setupControlnet(showError);
   selectTab("txt2img");
   loadLists().catch((error) => showError("could not reach the server: " + error.message));
 }
