@@ -286,3 +286,33 @@ def test_sdxl_controlnet_takes_the_adm_vector_and_steers_the_image(tmp_path):
                               **options)
     plain = pipe.txt2img("a star", **options)
     assert np.abs(_as_array(controlled.images) - _as_array(plain.images)).max() > 0.02
+
+
+def test_a_lora_under_control_is_the_lora_merged_by_hand(tmp_path, controlnets):
+    import re
+
+    from latent_diffusion.addons.lora_file import read_lora_file
+    from latent_diffusion.addons.lora_merge import LoraUse, MergedLoras
+    from latent_diffusion.checkpoints.io import save_safetensors
+    from latent_diffusion.pipelines.common import Pipeline
+    from lora_tiny import kohya_lora, layers
+    from pipeline_tiny import TINY_SD1, write_checkpoint
+
+    path = write_checkpoint(TINY_SD1, tmp_path / "tiny.safetensors")
+    (tmp_path / "loras").mkdir()
+    pipe = Pipeline.from_checkpoint(path, progress=False, lora_dir=tmp_path / "loras")
+    attention = re.compile(r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
+    lora = tmp_path / "loras" / "style.safetensors"
+    save_safetensors(kohya_lora(layers(pipe.model.unet, attention), "lora_unet_", seed=4, scale=0.5), lora)
+    saved = save_controlnet(controlnets[0].model, tmp_path / "cn.safetensors")
+    unit = ControlUnit(load_controlnet_for(pipe, saved), _control_image(5), weight=0.9)
+    options = dict(width=32, height=32, steps=3, sampler="euler", guidance_scale=5.0, seed=2, control=[unit])
+
+    tagged = _as_array(pipe.txt2img("a red circle <lora:style:1>", **options).images)
+    plain = _as_array(pipe.txt2img("a red circle", **options).images)
+    merged = MergedLoras(pipe.model, pipe.family, pipe.spec)
+    merged.apply([LoraUse(read_lora_file(lora), unet=1.0, text=1.0)])
+    pipe.weights_changed()
+    by_hand = _as_array(pipe.txt2img("a red circle", **options).images)
+    assert np.abs(tagged - plain).max() > 0.02  # the LoRA changes the controlled image
+    np.testing.assert_array_equal(tagged, by_hand)
