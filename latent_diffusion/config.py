@@ -166,6 +166,9 @@ class BERTTextConfig:
     heads: int = 8
     dim_head: int = 64
     ff_mult: int = 4
+    # The words (tokenizer pre-tokens) of the captions it was trained on, sorted; None: not recorded.
+    # Models trained here state it, so prompts can be checked for words the model never saw.
+    vocabulary: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

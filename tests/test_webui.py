@@ -225,3 +225,15 @@ def test_live_progress_preview_and_interrupt(page):
     page.wait_for_function("document.getElementById('error').textContent === 'interrupted'")
     page.wait_for_function("!document.getElementById('generate').disabled")
     assert page.locator("#progress-box").is_hidden() and page.locator("#gallery .result").count() == 0
+
+
+def test_run_warnings_are_shown_and_cleared(page):
+    fill_small(page, steps=1)
+    page.fill("#prompt", "")
+    page.click("#generate")
+    page.locator("#warnings").wait_for(state="visible")
+    assert page.locator("#warnings").inner_text().startswith("warning: the prompt is empty: the images are unconditional")
+    page.fill("#prompt", "a red circle")
+    page.click("#generate")
+    page.locator("#warnings").wait_for(state="hidden")
+    page.wait_for_function("document.querySelectorAll('#gallery .result').length >= 2")

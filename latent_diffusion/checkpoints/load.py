@@ -265,10 +265,25 @@ def described_spec(state_dict: Mapping[str, Any], *, path: Path | None, family: 
     from latent_diffusion.checkpoints.yaml_config import spec_from_yaml
 
     if config_yaml is not None:
-        return spec_from_yaml(config_yaml, family=family or _detected_family_or_none(state_dict))
+        spec = spec_from_yaml(config_yaml, family=family or _detected_family_or_none(state_dict))
+        return _with_recorded_vocabulary(spec, path)
     if family is None and path is not None:
         return _spec_from_metadata(path)
     return None
+
+
+def _with_recorded_vocabulary(spec: ModelSpec, path: Path | None) -> ModelSpec:
+    """``spec`` with the words its text encoder was trained on, which a CompVis YAML cannot state but
+    the header of a file of ours does."""
+    from latent_diffusion.config import BERTTextConfig
+
+    if path is None or not isinstance(spec.conditioner, BERTTextConfig):
+        return spec
+    header = _spec_from_metadata(path)
+    if header is None or not isinstance(header.conditioner, BERTTextConfig) or header.conditioner.vocabulary is None:
+        return spec
+    return dataclasses.replace(spec, conditioner=dataclasses.replace(spec.conditioner,
+                                                                     vocabulary=header.conditioner.vocabulary))
 
 
 def _detected_family_or_none(state_dict: Mapping[str, torch.Tensor]) -> str | None:

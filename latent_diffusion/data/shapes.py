@@ -323,6 +323,20 @@ def captions_for(scene: Scene) -> list[str]:
     return list(dict.fromkeys(caption_for(scene, phrasing) for phrasing in PHRASINGS))
 
 
+def grammar_captions() -> list[str]:
+    """Captions that between them use every word and symbol the grammar's captions can hold: every
+    one-object scene in every phrasing, and one two-object scene per relation and background."""
+    scenes = [Scene.single(shape, colour, size, position, background)
+              for shape in SHAPES for colour in COLOURS for size in SIZES for position in POSITIONS
+              for background in BACKGROUNDS]
+    for relation in RELATIONS:
+        for background in BACKGROUNDS:
+            for size in SIZES:
+                obj = ShapeObject(SHAPES[0], COLOURS[0], size, "center")
+                scenes.append(Scene.pair(obj, relation, obj, background))
+    return list(dict.fromkeys(caption for scene in scenes for caption in captions_for(scene)))
+
+
 class CaptionError(ValueError):
     """A caption outside the shapes grammar."""
 

@@ -21,8 +21,9 @@ def clip_tokenizer(config: CLIPTextConfig) -> CLIPTokenizer:
                          normalization="transformers" if config.layout == "openai" else "openclip")
 
 
-def cross_attention_text(encoder: torch.nn.Module, tokenizer, dtype: torch.dtype, *, clip: bool) -> CrossAttentionText:
+def cross_attention_text(encoder: torch.nn.Module, tokenizer, dtype: torch.dtype, *, clip: bool,
+                         known_words: frozenset[str] | None = None) -> CrossAttentionText:
     """A single text encoder whose output is the context, with A1111's prompt syntax."""
     from latent_diffusion.pipelines.text_conditioning import CrossAttentionText, PromptEncoder
 
-    return CrossAttentionText(PromptEncoder(encoder, tokenizer, clip=clip), dtype)
+    return CrossAttentionText(PromptEncoder(encoder, tokenizer, clip=clip), dtype, known_words)

@@ -189,6 +189,10 @@ class CLIPTokenizer:
                 ids.extend(self.token_to_id[piece] for piece in self._bpe_cached(symbols))
         return ids
 
+    def words(self, text: str) -> list[str]:
+        """The words (and runs of symbols) ``text`` splits into before BPE, normalised as :meth:`encode` does."""
+        return self._word_pattern.findall(self._normalize(text))
+
     def pad(self, ids: Sequence[int]) -> list[int]:
         """Frame already-encoded ids: start token, ids cut to fit, end token, padding."""
         body = list(ids)[: self.context_length - 2]

@@ -192,6 +192,8 @@ class Pipeline:
         self._text: TextConditioner | None = None
         # LoRAs and embeddings that prompts name (default folders: addons/library.py).
         self.addons = PromptAddons(self, lora_dir, embeddings_dir)
+        # What the text encoder could not read of the prompts (unknown words, cut tokens); taken by the task.
+        self.prompt_warnings: list[str] = []
 
     def _unet_stack(self, *, compile_unet: bool, bf16: bool) -> Callable[..., Tensor]:
         """What the sampler calls: the UNet, wrapped by each run mode in turn. A layer takes the callable
@@ -323,6 +325,8 @@ class Pipeline:
         The LoRAs the prompts' ``<lora:...>`` tags name are merged first (and only those).
         """
         prompt, negative_prompt = self.addons.apply(prompt, negative_prompt)
+        found = self.text.prompt_warnings(prompt, negative_prompt)
+        self.prompt_warnings += [w for w in found if w not in self.prompt_warnings]
         return self.text.encode_pair(prompt, negative_prompt, batch_size, clip_skip=clip_skip, width=width,
                                      height=height, micro=micro or MicroConditioning())
 
@@ -460,7 +464,8 @@ class Pipeline:
         for index in batches:
             first = seed + index * batch_size
             result.extend(run_batch(first, make_generators(first, batch_size)))
-            result.warnings += [w for w in self.addons.take_warnings() if w not in result.warnings]
+            taken, self.prompt_warnings = [*self.addons.take_warnings(), *self.prompt_warnings], []
+            result.warnings += [w for w in taken if w not in result.warnings]
         return result
 
     # ------------------------------------------------------------------ parameters text

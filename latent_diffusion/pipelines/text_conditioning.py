@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from latent_diffusion.diffusion.denoiser import Conditioning
-from latent_diffusion.pipelines.prompts import chunk_prompt, encode_weighted_prompts
+from latent_diffusion.pipelines.prompts import chunk_prompt, encode_weighted_prompts, parse_emphasis
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,8 @@ class TextConditioner(Protocol):
     def encode_pair(self, prompt: str, negative_prompt: str, batch_size: int, *, clip_skip: int | None,
                     width: int, height: int, micro: MicroConditioning) -> tuple[Conditioning, Conditioning]: ...
 
+    def prompt_warnings(self, prompt: str, negative_prompt: str) -> list[str]: ...
+
 
 class PromptEncoder:
     """One text encoder with its tokenizer, reading A1111's prompt syntax in 77-token chunks."""
@@ -110,11 +112,27 @@ class PromptEncoder:
             return encode_weighted_prompts(list(prompts), self._chunker, encode_tokens)
 
 
-class CrossAttentionText:
-    """SD 1.x/2.x and the CompVis text models: the prompt is the cross-attention context, nothing else."""
+def unknown_words_warning(tokenizer, known_words: frozenset[str] | None, name: str, text: str) -> str | None:
+    """A warning naming the words of ``text`` outside ``known_words`` (None: every word is known or
+    the model's vocabulary is not recorded)."""
+    if known_words is None:
+        return None
+    unknown = list(dict.fromkeys(word for word in tokenizer.words(text) if word not in known_words))
+    if not unknown:
+        return None
+    return (f"the {name} has {len(unknown)} word(s) this model never saw in training: "
+            f"{', '.join(map(repr, unknown))}; the image may not follow them")
 
-    def __init__(self, encoder: PromptEncoder, dtype: torch.dtype) -> None:
-        self.prompts, self.dtype = encoder, dtype
+
+class CrossAttentionText:
+    """SD 1.x/2.x and the CompVis text models: the prompt is the cross-attention context, nothing else.
+
+    ``known_words``: the words of the training captions of a model trained here (None: not recorded,
+    as for every released model, whose tokenizer knows every word).
+    """
+
+    def __init__(self, encoder: PromptEncoder, dtype: torch.dtype, known_words: frozenset[str] | None = None) -> None:
+        self.prompts, self.dtype, self.known_words = encoder, dtype, known_words
 
     @property
     def prompt_encoders(self) -> list[PromptEncoder]:
@@ -122,6 +140,16 @@ class CrossAttentionText:
 
     def encode(self, prompts: Sequence[str], clip_skip: int | None = None) -> Tensor:
         return self.prompts.encode(prompts, clip_skip)[0].to(self.dtype)
+
+    def prompt_warnings(self, prompt: str, negative_prompt: str) -> list[str]:
+        """What the encoder cannot read of the prompts: words outside a recorded vocabulary (long
+        prompts go in 77-token chunks, so nothing is cut)."""
+        found = []
+        for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
+            # The emphasis syntax is not text the encoder reads.
+            plain = " ".join(run.text for run in parse_emphasis(text) if not run.is_break)
+            found.append(unknown_words_warning(self.prompts.tokenizer, self.known_words, name, plain))
+        return [warning for warning in found if warning]
 
     def encode_pair(self, prompt: str, negative_prompt: str, batch_size: int, *, clip_skip: int | None,
                     width: int, height: int, micro: MicroConditioning) -> tuple[Conditioning, Conditioning]:
@@ -133,10 +161,34 @@ class CrossAttentionText:
 
 class ShortWindowText(CrossAttentionText):
     """Encoders of ours trained with fewer than 77 positions (the built-in model): the training
-    tokenisation -- one window, no emphasis syntax, no chunks."""
+    tokenisation -- one window, no emphasis syntax, no chunks.
 
-    def __init__(self, encoder: torch.nn.Module, tokenizer, dtype: torch.dtype) -> None:
+    ``known_words``: the words of its training captions (None: unknown). What such a model cannot
+    read -- words it never saw, tokens past its window -- is reported by :meth:`prompt_warnings`.
+    """
+
+    def __init__(self, encoder: torch.nn.Module, tokenizer, dtype: torch.dtype,
+                 known_words: frozenset[str] | None = None) -> None:
         self.encoder, self.tokenizer, self.dtype = encoder, tokenizer, dtype
+        self.known_words = known_words
+
+    def prompt_warnings(self, prompt: str, negative_prompt: str) -> list[str]:
+        warnings = []
+        for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
+            unknown = unknown_words_warning(self.tokenizer, self.known_words, name, text)
+            warnings += [w for w in (unknown, self._cut(name, text)) if w]
+        return warnings
+
+    def _cut(self, name: str, text: str) -> str | None:
+        room = self.tokenizer.context_length - 2  # the start and end tokens take two positions
+        counts = [len(self.tokenizer.encode(word)) for word in self.tokenizer.words(text)]
+        if sum(counts) <= room:
+            return None
+        ends = torch.tensor(counts).cumsum(0).tolist()
+        first_cut = next(i for i, end in enumerate(ends) if end > room)
+        dropped = " ".join(self.tokenizer.words(text)[first_cut:])
+        return (f"the {name} is {sum(counts)} tokens long but this model's text encoder reads {room}; "
+                f"the last {sum(counts) - room} token(s) were dropped ({dropped!r})")
 
     @property
     def prompt_encoders(self) -> list[PromptEncoder]:
@@ -161,6 +213,9 @@ class SDXLText:
     @property
     def prompt_encoders(self) -> list[PromptEncoder]:
         return self.encoders
+
+    def prompt_warnings(self, prompt: str, negative_prompt: str) -> list[str]:
+        return []  # CLIP tokenizers know every word; long prompts go in 77-token chunks
 
     def encode(self, prompts: Sequence[str], clip_skip: int | None = None) -> tuple[Tensor, Tensor]:
         """(context ``[B, 77 * chunks, sum of widths]``, pooled ``[B, width]`` of the pooled encoder)."""

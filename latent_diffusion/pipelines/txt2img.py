@@ -15,6 +15,7 @@ from latent_diffusion.pipelines.text_conditioning import MicroConditioning
 
 
 HIRES_WITHOUT_CONTROL = "the hires fix's second pass ran without ControlNet (it steers the first pass)"
+EMPTY_PROMPT = "the prompt is empty: the images are unconditional (whatever the model draws without a description)"
 
 
 def check_text_model(pipe: Pipeline, task: str) -> None:
@@ -27,6 +28,13 @@ def check_text_model(pipe: Pipeline, task: str) -> None:
                          f"({pipe.concat_channels} extra channels); use inpaint or upscale")
     if not pipe.takes_text:
         raise ValueError(f"{task} needs a text-conditioned model; this is a {pipe.spec.family!r} model (try `ldm sample`)")
+
+
+def is_empty_prompt(prompt: str) -> bool:
+    """Whether nothing of ``prompt`` reaches the text encoder (blank, or only LoRA tags)."""
+    from latent_diffusion.addons.prompt_tags import without_lora_tags
+
+    return not without_lora_tags(prompt).strip()
 
 
 def txt2img(
@@ -74,7 +82,7 @@ def txt2img(
                                                micro=micro_conditioning)
         refine = prepare_refiner(refiner, prompt, negative_prompt, batch, width=width, height=height,
                                  micro=micro_conditioning)
-        result = GenerationResult()
+        result = GenerationResult(warnings=[EMPTY_PROMPT] if is_empty_prompt(prompt) else [])
         controls = control_for_batch(pipe, control, width, height, first_seed, result)
         latents = pipe.sample_latents(settings, BatchNoise(generators), cond, uncond,
                                       shape=pipe.latent_shape(batch, width, height), refine=refine, control=controls)

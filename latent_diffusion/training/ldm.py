@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from latent_diffusion.config import ConfigError
+from latent_diffusion.config import BERTTextConfig, ConfigError
 from latent_diffusion.diffusion.schedules import alphas_cumprod_for
 from latent_diffusion.training import checkpointing, resume
 from latent_diffusion.training.config import ExperimentConfig, to_plain, validate_experiment
@@ -99,6 +99,7 @@ class LDMTrainer:
         dataset, collate = _dataset(config)
         torch.manual_seed(self.run.seed)
         self._build_model()
+        self._record_vocabulary(dataset)
         self.optimizer = adamw(self._param_groups(), self.optim)
         self.ema = EMA(self.network, self.optim.ema_decay) if self.optim.ema_decay > 0 else None
         self.alphas_cumprod = alphas_cumprod_for(self.spec.schedule).to(device=self.device, dtype=torch.float32)
@@ -132,6 +133,19 @@ class LDMTrainer:
             enable_gradient_checkpointing([*model.unet.input_blocks, model.unet.middle_block, *model.unet.output_blocks])
         self.tokenizer = make_tokenizer(self.spec)
         self.trainable = [p for p in self.network.parameters() if p.requires_grad]
+
+    def _record_vocabulary(self, dataset) -> None:
+        """State in the spec (so in the exported file) the words of the captions a from-scratch text
+        encoder trains on: inference then names the words of a prompt the model never saw."""
+        text = self.spec.conditioner
+        if self.settings.init_checkpoint or not isinstance(text, BERTTextConfig):
+            return
+        from latent_diffusion.families.custom import caption_words
+
+        captions = dataset.captions if isinstance(dataset, LatentCacheDataset) else [r.caption for r in dataset.records]
+        words = tuple(sorted(caption_words(captions)))
+        self.spec = dataclasses.replace(self.spec, conditioner=dataclasses.replace(text, vocabulary=words))
+        self.model.spec = self.spec
 
     def _param_groups(self) -> list:
         """The trained parameters, split in two groups when the condition encoder has its own rate."""

@@ -264,5 +264,13 @@ def _yaml_describes(compvis: dict, spec: ModelSpec) -> bool:
         read = spec_from_yaml(compvis, family=spec.family)
     except (ValueError, TypeError, KeyError):
         return False
-    fields = ("unet", "autoencoder", "conditioner", "conditioning", "prediction", "schedule")
-    return all(getattr(read, name) == getattr(spec, name) for name in fields)
+    fields = ("unet", "autoencoder", "conditioning", "prediction", "schedule")
+    return all(getattr(read, name) == getattr(spec, name) for name in fields) and read.conditioner == _unworded(spec.conditioner)
+
+
+def _unworded(conditioner):
+    """The conditioner without its training vocabulary, which a YAML cannot state (loading reads it
+    from the file's header)."""
+    if isinstance(conditioner, BERTTextConfig):
+        return dataclasses.replace(conditioner, vocabulary=None)
+    return conditioner

@@ -30,6 +30,11 @@ function showError(message) {
   $("error").hidden = !message;
 }
 
+function showWarnings(warnings) {
+  $("warnings").textContent = (warnings || []).map((warning) => "warning: " + warning).join("\n");
+  $("warnings").hidden = !(warnings && warnings.length);
+}
+
 // ------------------------------------------------------------------------------------------- tabs
 function selectTab(name) {
   currentTab = name;
@@ -184,6 +189,7 @@ async function generate(event) {
   event.preventDefault();
   if (busy) return;
   showError("");
+  showWarnings([]);
   busy = true;
   $("generate").disabled = true;
   $("interrupt").disabled = false;
@@ -195,6 +201,7 @@ async function generate(event) {
     const result = await run();
     const info = JSON.parse(result.info || "{}");
     if (info.interrupted) showError("interrupted");
+    showWarnings(info.warnings);
     addResults(result.images, info.infotexts || []);
   } catch (error) {
     showError(error.message);
