@@ -38,6 +38,9 @@ from latent_diffusion.evaluation.shapes_classifier import (
 )
 
 GROUPS = ("single_seen", "two_seen", "held_out")
+# Who reads the generated images: the learned classifier, the geometric measurements
+# (evaluation/shapes_geometry.py), or both side by side with how often they agree.
+JUDGES = ("classifier", "geometric", "both")
 OBJECT_ATTRIBUTES = ("shape", "colour", "size", "position")
 IMAGE_ATTRIBUTES = ("background", "count", "scene")
 
@@ -156,14 +159,42 @@ def score_images(
     return score_readings(read_scenes(classifier, batch), prompts)
 
 
+def read_geometrically(images: torch.Tensor) -> list[SceneReading]:
+    """The geometric judge's reading of each image of a (B, 3, H, W) batch in [-1, 1]."""
+    from latent_diffusion.data.shapes import tensor_to_image
+    from latent_diffusion.evaluation.shapes_geometry import read_scene_geometrically
+
+    return [read_scene_geometrically(tensor_to_image(image)) for image in images]
+
+
+def judge_agreement(first: Sequence[SceneReading], second: Sequence[SceneReading],
+                    prompts: Sequence[EvalPrompt]) -> dict[str, float]:
+    """Per attribute, the share of verdicts (right or wrong, per object or per image) on which two
+    judges' readings agree; 'all' pools every attribute's verdicts."""
+    agree: dict[str, list[bool]] = {name: [] for name in OBJECT_ATTRIBUTES + IMAGE_ATTRIBUTES}
+    for one, other, prompt in zip(first, second, prompts):
+        hits, other_hits = score_reading(one, prompt.scene), score_reading(other, prompt.scene)
+        for name in agree:
+            agree[name] += [a == b for a, b in zip(hits[name], other_hits[name])]
+    pooled = [value for values in agree.values() for value in values]
+    return {**{name: float(np.mean(values)) for name, values in agree.items()}, "all": float(np.mean(pooled))}
+
+
 @dataclass(frozen=True)
 class ShapesEvaluation:
-    """Accuracy per group and attribute, and the Fréchet distance of classifier features to renders."""
+    """Accuracy per group and attribute, and the Fréchet distance of classifier features to renders.
+
+    ``accuracy`` is the classifier's reading, or the geometric judge's when it judged alone; with
+    both judges, ``geometric_accuracy`` holds the second and ``agreement`` how often they agree.
+    """
 
     accuracy: dict[str, dict[str, float]]
     frechet_distance: float
     image_count: int
     reference_count: int
+    judge: str = "classifier"
+    geometric_accuracy: dict[str, dict[str, float]] | None = None
+    agreement: dict[str, float] | None = None
 
 
 def render_reference(prompts: Sequence[EvalPrompt], per_prompt: int = 4, resolution: int = 64, seed: int = 0) -> torch.Tensor:
@@ -184,6 +215,7 @@ def evaluate_generator(
     images_per_prompt: int = 1,
     reference_per_prompt: int = 4,
     seed: int = 0,
+    judge: str = "classifier",
 ) -> ShapesEvaluation:
     """Generate `images_per_prompt` images per prompt with `generate_fn(caption)` and score the lot.
 
@@ -192,6 +224,8 @@ def evaluate_generator(
     The Fréchet distance of small sets is biased upwards by covariance estimation, so compare
     models only at equal prompt and image counts.
     """
+    if judge not in JUDGES:
+        raise ValueError(f"judge must be one of {', '.join(JUDGES)}, got {judge!r}")
     if images_per_prompt < 1 or reference_per_prompt < 1:
         raise ValueError("images_per_prompt and reference_per_prompt must be at least 1")
     base_prompts = list(prompts) if prompts is not None else fixed_prompt_set()
@@ -200,10 +234,15 @@ def evaluate_generator(
     prompts = [prompt for prompt in base_prompts for _ in range(images_per_prompt)]
     classifier = classifier if classifier is not None else load_shapes_classifier()
     images = _stack_same_size([as_image_tensor(generate_fn(prompt.caption)) for prompt in prompts])
-    accuracy = score_readings(read_scenes(classifier, images), prompts)
+    learned = read_scenes(classifier, images) if judge != "geometric" else None
+    measured = read_geometrically(images) if judge != "classifier" else None
     reference = render_reference(base_prompts, reference_per_prompt * images_per_prompt, seed=seed)
     distance = frechet_distance(extract_features(classifier, images), extract_features(classifier, reference))
-    return ShapesEvaluation(accuracy, distance, len(images), len(reference))
+    if judge == "both":
+        return ShapesEvaluation(score_readings(learned, prompts), distance, len(images), len(reference), judge,
+                                score_readings(measured, prompts), judge_agreement(learned, measured, prompts))
+    accuracy = score_readings(learned if learned is not None else measured, prompts)
+    return ShapesEvaluation(accuracy, distance, len(images), len(reference), judge)
 
 
 def rendering_generator(seed: int = 0, resolution: int = 64) -> Callable[[str], torch.Tensor]:
@@ -217,14 +256,27 @@ def rendering_generator(seed: int = 0, resolution: int = 64) -> Callable[[str], 
     return generate
 
 
-def format_report(evaluation: ShapesEvaluation) -> str:
-    """A plain-text table of the evaluation."""
+def _accuracy_table(accuracy: dict[str, dict[str, float]]) -> list[str]:
     columns = OBJECT_ATTRIBUTES + IMAGE_ATTRIBUTES
     lines = [f"{'group':<12}" + "".join(f"{name:>11}" for name in columns)]
     for group in GROUPS:
-        if group in evaluation.accuracy:
-            row = evaluation.accuracy[group]
+        if group in accuracy:
+            row = accuracy[group]
             lines.append(f"{group:<12}" + "".join(f"{row[name]:>11.3f}" for name in columns))
+    return lines
+
+
+def format_report(evaluation: ShapesEvaluation) -> str:
+    """A plain-text table of the evaluation (one per judge, and their agreement)."""
+    lines = _accuracy_table(evaluation.accuracy)
+    if evaluation.judge != "classifier":
+        lines.insert(0, f"judged by: {'the classifier' if evaluation.judge == 'both' else 'geometry'}")
+    if evaluation.geometric_accuracy is not None:
+        lines += ["judged by: geometry", *_accuracy_table(evaluation.geometric_accuracy)]
+    if evaluation.agreement is not None:
+        agreement = evaluation.agreement
+        lines.append(f"judges agree on {agreement['all']:.3f} of verdicts ("
+                     + ", ".join(f"{name} {agreement[name]:.3f}" for name in OBJECT_ATTRIBUTES + IMAGE_ATTRIBUTES) + ")")
     lines.append(
         f"Fréchet distance (classifier features, {evaluation.image_count} generated vs "
         f"{evaluation.reference_count} rendered): {evaluation.frechet_distance:.4f}"

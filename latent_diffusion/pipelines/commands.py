@@ -481,12 +481,17 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
             return pipe.txt2img(caption, width=args.size, height=args.size, steps=args.steps, sampler=args.sampler,
                                 scheduler=args.scheduler, guidance_scale=_guidance(args, pipe), seed=next(counter)).images[0]
 
-    evaluation = evaluate_generator(generate, prompts=prompts, images_per_prompt=args.images_per_prompt, seed=args.seed)
+    evaluation = evaluate_generator(generate, prompts=prompts, images_per_prompt=args.images_per_prompt, seed=args.seed,
+                                    judge=args.judge)
     if args.json:
         import json
 
+        judged = {"judge": evaluation.judge}
+        if evaluation.judge == "both":
+            judged.update(geometric_accuracy=evaluation.geometric_accuracy, agreement=evaluation.agreement)
         print(json.dumps({"accuracy": evaluation.accuracy, "frechet_distance": evaluation.frechet_distance,
-                          "images": evaluation.image_count, "references": evaluation.reference_count}, indent=2))
+                          "images": evaluation.image_count, "references": evaluation.reference_count, **judged},
+                         indent=2))
     else:
         print(format_report(evaluation))
 
@@ -595,6 +600,9 @@ def add_task_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--prompts-per-group", type=int, default=None,
                    help="prompts per group (one object, two objects, held-out pairs); default: the full fixed set")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
+    p.add_argument("--judge", choices=("classifier", "geometric", "both"), default="classifier",
+                   help="who reads the images: the learned classifier, geometric measurements (nothing learned), "
+                        "or both, with how often they agree")
     add_sampling_options(p, guidance=7.5)
     p.set_defaults(seed=0, batch_size=1, batch_count=1)
     add_model_options(p)
