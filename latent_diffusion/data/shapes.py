@@ -36,6 +36,16 @@ RELATION_POSITIONS = {
     "below": ("bottom", "top"),
 }
 
+# Three-object scenes (opt-in, see sample_scene) stand in a row or a column through the centre.
+# Three objects fit only when small and spread further out than POSITION_CENTERS places them.
+THREE_OBJECT_LAYOUTS = {
+    "in a row": ("left", "center", "right"),
+    "in a column": ("top", "center", "bottom"),
+}
+THREE_OBJECT_SIZE = "small"
+THREE_OBJECT_CENTERS = {"left": (1 / 6, 0.5), "right": (5 / 6, 0.5), "top": (0.5, 1 / 6), "bottom": (0.5, 5 / 6),
+                        "center": (0.5, 0.5)}
+
 # Canvas geometry in units of the image side, independent of resolution.
 POSITION_CENTERS = {
     "left": (0.25, 0.5),
@@ -93,7 +103,8 @@ class ShapeObject:
 
 @dataclass(frozen=True)
 class Scene:
-    """A scene spec: one object, or two objects whose positions follow from their relation."""
+    """A scene spec: one object, two objects whose positions follow from their relation, or three
+    in a row or column (``relation`` is then the layout, a key of THREE_OBJECT_LAYOUTS)."""
 
     objects: tuple[ShapeObject, ...]
     background: str = DEFAULT_BACKGROUND
@@ -115,8 +126,16 @@ class Scene:
                 raise ValueError(
                     f"relation {self.relation!r} puts the objects at {expected}, but they are at {actual}"
                 )
+        elif len(self.objects) == 3:
+            _check_word(self.relation, tuple(THREE_OBJECT_LAYOUTS), "three-object layout")
+            actual = tuple(obj.position for obj in self.objects)
+            if actual != THREE_OBJECT_LAYOUTS[self.relation]:
+                raise ValueError(f"layout {self.relation!r} puts the objects at {THREE_OBJECT_LAYOUTS[self.relation]}, "
+                                 f"but they are at {actual}")
+            if any(obj.size != THREE_OBJECT_SIZE for obj in self.objects):
+                raise ValueError(f"three objects fit the canvas only when {THREE_OBJECT_SIZE}")
         else:
-            raise ValueError(f"a scene has one or two objects, got {len(self.objects)}")
+            raise ValueError(f"a scene has one or two objects (or three in a row or column), got {len(self.objects)}")
 
     @classmethod
     def single(cls, shape: str, colour: str, size: str, position: str, background: str = DEFAULT_BACKGROUND) -> Scene:
@@ -241,10 +260,11 @@ def render_scene(
     rng = np.random.default_rng(seed)
     canvas = np.empty((resolution, resolution, 3), dtype=np.float64)
     canvas[:] = np.asarray(BACKGROUND_RGB[scene.background], dtype=np.float64) / 255.0
+    centers = THREE_OBJECT_CENTERS if len(scene.objects) == 3 else POSITION_CENTERS
     for obj in scene.objects:
         offset = rng.uniform(-1.0, 1.0, size=2) * jitter.position
         scale = 1.0 + rng.uniform(-1.0, 1.0) * jitter.scale
-        base_x, base_y = POSITION_CENTERS[obj.position]
+        base_x, base_y = centers[obj.position]
         _paint_object(canvas, obj, (base_x + offset[0], base_y + offset[1]), SIZE_RADII[obj.size] * scale)
     return np.round(canvas * 255.0).astype(np.uint8)
 
@@ -292,6 +312,8 @@ def caption_for(scene: Scene, phrasing: str = "natural") -> str:
     "a red circle left of a blue square".
     """
     _check_word(phrasing, PHRASINGS, "phrasing")
+    if len(scene.objects) > 2:
+        raise ValueError("the grammar captions one- and two-object scenes; shapes_speech.describe captions three")
     short = phrasing == "short"
 
     def noun(obj: ShapeObject) -> str:
@@ -436,16 +458,27 @@ def allowed_pairs(split: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def sample_scene(rng: np.random.Generator, split: str = "train", two_object_probability: float = 0.5) -> Scene:
-    """Draw a random scene whose colour-shape pairs all come from `split`."""
-    if not 0.0 <= two_object_probability <= 1.0:
-        raise ValueError(f"two_object_probability must be in [0, 1], got {two_object_probability}")
+def sample_scene(rng: np.random.Generator, split: str = "train", two_object_probability: float = 0.5,
+                 three_object_probability: float = 0.0) -> Scene:
+    """Draw a random scene whose colour-shape pairs all come from `split`.
+
+    ``three_object_probability`` (opt-in) is the share of three-object scenes; the rest split as
+    ``two_object_probability`` says. At 0 the draws are exactly those of the one- and two-object world.
+    """
+    for name, value in (("two_object_probability", two_object_probability),
+                        ("three_object_probability", three_object_probability)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
     pairs = allowed_pairs(split)
 
-    def draw(position: str) -> ShapeObject:
+    def draw(position: str, size: str | None = None) -> ShapeObject:
         colour, shape = pairs[rng.integers(len(pairs))]
-        return ShapeObject(shape, colour, SIZES[rng.integers(len(SIZES))], position)
+        return ShapeObject(shape, colour, size or SIZES[rng.integers(len(SIZES))], position)
 
+    if three_object_probability > 0 and rng.random() < three_object_probability:
+        layout = list(THREE_OBJECT_LAYOUTS)[rng.integers(len(THREE_OBJECT_LAYOUTS))]
+        objects = tuple(draw(position, THREE_OBJECT_SIZE) for position in THREE_OBJECT_LAYOUTS[layout])
+        return Scene(objects, BACKGROUNDS[rng.integers(len(BACKGROUNDS))], layout)
     background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     if rng.random() < two_object_probability:
         relation = RELATIONS[rng.integers(len(RELATIONS))]
@@ -475,7 +508,11 @@ class ShapesDataset(torch.utils.data.Dataset):
         two_object_probability: float = 0.5,
         jitter: RenderJitter = RenderJitter(),
         phrasings: Sequence[str] = PHRASINGS,
+        three_object_probability: float = 0.0,
+        spoken_share: float = 0.0,
     ) -> None:
+        """``three_object_probability`` and ``spoken_share`` (the share of captions written as people
+        write them, shapes_speech.describe) are opt-in: at 0 every item is what it always was."""
         if length < 1:
             raise ValueError(f"length must be positive, got {length}")
         _check_word(split, SPLITS, "split")
@@ -490,6 +527,12 @@ class ShapesDataset(torch.utils.data.Dataset):
         self.two_object_probability = two_object_probability
         self.jitter = jitter
         self.phrasings = tuple(phrasings)
+        if not 0.0 <= spoken_share <= 1.0:
+            raise ValueError(f"spoken_share must be in [0, 1], got {spoken_share}")
+        if three_object_probability > 0 and spoken_share == 0:
+            raise ValueError("three-object scenes have no caption in the grammar; give spoken_share > 0 too")
+        self.three_object_probability = three_object_probability
+        self.spoken_share = spoken_share
 
     def __len__(self) -> int:
         return self.length
@@ -499,8 +542,14 @@ class ShapesDataset(torch.utils.data.Dataset):
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for a dataset of {self.length}")
         rng = np.random.default_rng([self.seed, index])
-        scene = sample_scene(rng, self.split, self.two_object_probability)
-        caption = caption_for(scene, self.phrasings[rng.integers(len(self.phrasings))])
+        scene = sample_scene(rng, self.split, self.two_object_probability, self.three_object_probability)
+        # Without the opt-in options no extra number is drawn, so items stay as they were.
+        if self.spoken_share > 0 and (len(scene.objects) == 3 or rng.random() < self.spoken_share):
+            from latent_diffusion.data.shapes_speech import describe
+
+            caption = describe(scene, rng)
+        else:
+            caption = caption_for(scene, self.phrasings[rng.integers(len(self.phrasings))])
         return scene, caption, int(rng.integers(2**63 - 1))
 
     def __getitem__(self, index: int) -> ShapesSample:

@@ -28,6 +28,7 @@ from latent_diffusion.data.shapes import (
     parse_caption,
     render_scene,
 )
+from latent_diffusion.data.shapes_speech import Description
 from latent_diffusion.evaluation.frechet import frechet_distance
 from latent_diffusion.evaluation.shapes_classifier import (
     SceneReading,
@@ -37,7 +38,7 @@ from latent_diffusion.evaluation.shapes_classifier import (
     read_scenes,
 )
 
-GROUPS = ("single_seen", "two_seen", "held_out")
+GROUPS = ("single_seen", "two_seen", "held_out", "spoken")
 # Who reads the generated images: the learned classifier, the geometric measurements
 # (evaluation/shapes_geometry.py), or both side by side with how often they agree.
 JUDGES = ("classifier", "geometric", "both")
@@ -47,11 +48,16 @@ IMAGE_ATTRIBUTES = ("background", "count", "scene")
 
 @dataclass(frozen=True)
 class EvalPrompt:
-    """One prompt of the fixed set: its caption, the scene it asks for, and its group."""
+    """One prompt of the fixed set: its caption, the scene it asks for, and its group.
+
+    ``description``: for captions as people write them (data/shapes_speech.py), what the caption
+    states; images are then scored on that alone (``scene`` is one scene that fits it).
+    """
 
     caption: str
     scene: Scene
     group: str
+    description: Description | None = None
 
 
 def fixed_prompt_set(single_seen: int = 40, two_seen: int = 40, held_out: int = 24, seed: int = 2024) -> list[EvalPrompt]:
@@ -79,6 +85,21 @@ def fixed_prompt_set(single_seen: int = 40, two_seen: int = 40, held_out: int = 
     held_out_pairs = allowed_pairs("held_out")
     for index in range(held_out):
         prompts.append(_prompt(one_object(held_out_pairs, index), "held_out"))
+    return prompts
+
+
+def spoken_prompt_set(count: int = 40, seed: int = 2025) -> list[EvalPrompt]:
+    """Captions as people write them (counts, lists, three objects, other relation words, left-out
+    places and sizes) of random scenes with seen colour-shape pairs: the 'spoken' group."""
+    from latent_diffusion.data.shapes import sample_scene
+    from latent_diffusion.data.shapes_speech import describe, read_description
+
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for _ in range(count):
+        scene = sample_scene(rng, "train", two_object_probability=0.5, three_object_probability=0.3)
+        caption = describe(scene, rng)
+        prompts.append(EvalPrompt(caption, scene, "spoken", read_description(caption)))
     return prompts
 
 
@@ -113,6 +134,14 @@ def score_reading(reading: SceneReading, scene: Scene) -> dict[str, list[bool]]:
     return hits
 
 
+def _score(reading: SceneReading, prompt: EvalPrompt) -> dict[str, list[bool]]:
+    if prompt.description is None:
+        return score_reading(reading, prompt.scene)
+    from latent_diffusion.data.shapes_speech import score_description
+
+    return score_description(reading.objects, reading.background, prompt.description)
+
+
 def score_readings(readings: Sequence[SceneReading], prompts: Sequence[EvalPrompt]) -> dict[str, dict[str, float]]:
     """Accuracy per group and attribute (object attributes averaged over objects, the rest over images)."""
     if len(readings) != len(prompts):
@@ -120,10 +149,11 @@ def score_readings(readings: Sequence[SceneReading], prompts: Sequence[EvalPromp
     hits: dict[str, dict[str, list[bool]]] = {}
     for reading, prompt in zip(readings, prompts):
         group_hits = hits.setdefault(prompt.group, {name: [] for name in OBJECT_ATTRIBUTES + IMAGE_ATTRIBUTES})
-        for name, values in score_reading(reading, prompt.scene).items():
+        for name, values in _score(reading, prompt).items():
             group_hits[name].extend(values)
+    # An attribute no caption of a group states (the spoken group's sizes, say) has no score: NaN.
     return {
-        group: {name: float(np.mean(values)) for name, values in group_hits.items()}
+        group: {name: float(np.mean(values)) if values else float("nan") for name, values in group_hits.items()}
         for group, group_hits in hits.items()
     }
 
@@ -173,11 +203,12 @@ def judge_agreement(first: Sequence[SceneReading], second: Sequence[SceneReading
     judges' readings agree; 'all' pools every attribute's verdicts."""
     agree: dict[str, list[bool]] = {name: [] for name in OBJECT_ATTRIBUTES + IMAGE_ATTRIBUTES}
     for one, other, prompt in zip(first, second, prompts):
-        hits, other_hits = score_reading(one, prompt.scene), score_reading(other, prompt.scene)
+        hits, other_hits = _score(one, prompt), _score(other, prompt)
         for name in agree:
             agree[name] += [a == b for a, b in zip(hits[name], other_hits[name])]
     pooled = [value for values in agree.values() for value in values]
-    return {**{name: float(np.mean(values)) for name, values in agree.items()}, "all": float(np.mean(pooled))}
+    return {**{name: float(np.mean(values)) if values else float("nan") for name, values in agree.items()},
+            "all": float(np.mean(pooled))}
 
 
 @dataclass(frozen=True)
@@ -246,11 +277,13 @@ def evaluate_generator(
 
 
 def rendering_generator(seed: int = 0, resolution: int = 64) -> Callable[[str], torch.Tensor]:
-    """A perfect 'generator' that parses the caption and renders it: the ceiling any model is measured against."""
+    """A perfect 'generator' that reads the caption and renders it: the ceiling any model is measured against."""
+    from latent_diffusion.data.shapes_speech import read_description, scene_for
+
     rng = np.random.default_rng(seed)
 
     def generate(caption: str) -> torch.Tensor:
-        scene = parse_caption(caption)
+        scene = scene_for(read_description(caption))
         return image_to_tensor(render_scene(scene, resolution, seed=int(rng.integers(2**63 - 1)), jitter=RenderJitter()))
 
     return generate

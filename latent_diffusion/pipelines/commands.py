@@ -461,7 +461,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 def cmd_eval_shapes(args: argparse.Namespace) -> None:
     from latent_diffusion.evaluation.shapes_eval import (
-        evaluate_generator, fixed_prompt_set, format_report, rendering_generator,
+        evaluate_generator, fixed_prompt_set, format_report, rendering_generator, spoken_prompt_set,
     )
     from latent_diffusion.pipelines.images import check_size
 
@@ -470,7 +470,10 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
     counts = args.prompts_per_group
     if counts is not None and counts < 1:
         raise ValueError(f"--prompts-per-group must be >= 1, got {counts}")
-    prompts = fixed_prompt_set(counts, counts, counts) if counts else None
+    if args.spoken_prompts < 0:
+        raise ValueError(f"--spoken-prompts must be >= 0, got {args.spoken_prompts}")
+    prompts = fixed_prompt_set(counts, counts, counts) if counts else fixed_prompt_set()
+    prompts += spoken_prompt_set(args.spoken_prompts) if args.spoken_prompts else []
     if args.renderer:
         generate = rendering_generator(seed=args.seed, resolution=args.size)
     else:
@@ -599,6 +602,9 @@ def add_task_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--images-per-prompt", type=int, default=1, help="images generated per evaluation prompt")
     p.add_argument("--prompts-per-group", type=int, default=None,
                    help="prompts per group (one object, two objects, held-out pairs); default: the full fixed set")
+    p.add_argument("--spoken-prompts", type=int, default=0, metavar="N",
+                   help="also N captions as people write them (counts, lists, three objects, other relation "
+                        "words), scored on what they state: the 'spoken' group")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
     p.add_argument("--judge", choices=("classifier", "geometric", "both"), default="classifier",
                    help="who reads the images: the learned classifier, geometric measurements (nothing learned), "
