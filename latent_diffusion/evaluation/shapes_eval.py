@@ -38,7 +38,8 @@ from latent_diffusion.evaluation.shapes_classifier import (
     read_scenes,
 )
 
-GROUPS = ("single_seen", "two_seen", "held_out", "spoken")
+GROUPS = ("single_seen", "two_seen", "held_out")  # the fixed prompt set's
+SPOKEN_GROUP = "spoken"  # captions as people write them (spoken_prompt_set), on request
 # Who reads the generated images: the learned classifier, the geometric measurements
 # (evaluation/shapes_geometry.py), or both side by side with how often they agree.
 JUDGES = ("classifier", "geometric", "both")
@@ -99,7 +100,7 @@ def spoken_prompt_set(count: int = 40, seed: int = 2025) -> list[EvalPrompt]:
     for _ in range(count):
         scene = sample_scene(rng, "train", two_object_probability=0.5, three_object_probability=0.3)
         caption = describe(scene, rng)
-        prompts.append(EvalPrompt(caption, scene, "spoken", read_description(caption)))
+        prompts.append(EvalPrompt(caption, scene, SPOKEN_GROUP, read_description(caption)))
     return prompts
 
 
@@ -292,7 +293,7 @@ def rendering_generator(seed: int = 0, resolution: int = 64) -> Callable[[str], 
 def _accuracy_table(accuracy: dict[str, dict[str, float]]) -> list[str]:
     columns = OBJECT_ATTRIBUTES + IMAGE_ATTRIBUTES
     lines = [f"{'group':<12}" + "".join(f"{name:>11}" for name in columns)]
-    for group in GROUPS:
+    for group in (*GROUPS, SPOKEN_GROUP):
         if group in accuracy:
             row = accuracy[group]
             lines.append(f"{group:<12}" + "".join(f"{row[name]:>11.3f}" for name in columns))
