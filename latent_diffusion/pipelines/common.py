@@ -457,6 +457,7 @@ class Pipeline:
         if seed + batch_size * batch_count - 1 > MAX_SEED:
             raise ValueError(f"seed {seed} leaves no room for {batch_size * batch_count} images (seeds end at {MAX_SEED})")
         result = GenerationResult()
+        self.prompt_warnings = []  # none left over from a run that failed
         from tqdm.auto import tqdm
 
         batches = tqdm(range(batch_count), desc="batches", unit="batch",

@@ -6,6 +6,7 @@ except the short-window encoders that models of ours trained with fewer than 77 
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -181,12 +182,12 @@ class ShortWindowText(CrossAttentionText):
 
     def _cut(self, name: str, text: str) -> str | None:
         room = self.tokenizer.context_length - 2  # the start and end tokens take two positions
-        counts = [len(self.tokenizer.encode(word)) for word in self.tokenizer.words(text)]
+        words = self.tokenizer.words(text)
+        counts = [len(self.tokenizer.encode(word)) for word in words]
         if sum(counts) <= room:
             return None
-        ends = torch.tensor(counts).cumsum(0).tolist()
-        first_cut = next(i for i, end in enumerate(ends) if end > room)
-        dropped = " ".join(self.tokenizer.words(text)[first_cut:])
+        first_cut = next(i for i, end in enumerate(itertools.accumulate(counts)) if end > room)
+        dropped = " ".join(words[first_cut:])
         return (f"the {name} is {sum(counts)} tokens long but this model's text encoder reads {room}; "
                 f"the last {sum(counts) - room} token(s) were dropped ({dropped!r})")
 
