@@ -39,6 +39,8 @@ def test_training_captions_of_every_phrasing_raise_no_warning(builtin):
 
 @pytest.mark.parametrize("prompt,unknown", [
     ("a photo of a cat", ["photo", "cat"]),
+    ("three blue squares", ["three", "squares"]),
+    ("A Red Circle next to a Blue Square!", ["next", "to", "!"]),
     ("Un cercle rouge à gauche", ["un", "cercle", "rouge", "à", "gauche"]),
     ("a red circle, very detailed", ["very", "detailed"]),
     ("a grey circle in the centre", ["grey", "centre"]),  # the parser's synonyms, never in a training caption
