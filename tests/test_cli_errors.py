@@ -318,7 +318,7 @@ def run_into_a_closed_pipe(*args: str, cwd: Path, errors_too: bool = False) -> s
 def test_every_printing_command_ends_quietly_when_its_reader_leaves(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     runs = {"info": ["info"], "info --json": ["info", "--json"], "samplers": ["samplers"],
-            "txt2img": ["txt2img", "x", "--steps", 1, "-W", 32, "-H", 32, "--seed", 2, "--batch-count", 2, "-o", "out"]}
+            "txt2img": ["txt2img", "a red circle", "--steps", 1, "-W", 32, "-H", 32, "--seed", 2, "--batch-count", 2, "-o", "out"]}
     for name, args in runs.items():
         result = run_into_a_closed_pipe(*args, cwd=tmp_path)
         assert result.returncode == 0 and result.stderr == "", (name, result.stderr)
