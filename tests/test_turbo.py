@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from latent_diffusion import cli
 from latent_diffusion.checkpoints.io import save_safetensors
@@ -78,6 +79,17 @@ def test_the_same_weights_without_turbo_metadata_run_guided_and_long(sd2_files, 
 ], ids=["all-given", "combined-name-keeps-its-scheduler", "other-sampler"])
 def test_options_given_by_hand_win_over_the_turbo_defaults(sd2_files, tmp_path, options, expected):
     assert expected in _txt2img(sd2_files / "distilled.safetensors", tmp_path / "out", *options)
+
+
+def test_turbo_img2img_defaults_to_enough_steps_for_one_to_run(sd2_files, tmp_path, unet_rows):
+    image = tmp_path / "init.png"
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(image)
+    outdir = tmp_path / "img2img"
+    assert cli.main(["img2img", "--checkpoint", str(sd2_files / "distilled.safetensors"), "--init-image", str(image),
+                     "--outdir", str(outdir), *SMALL]) == 0  # strength 0.75: of 1 step, none would run
+    (png,) = outdir.glob("*.png")
+    assert "Steps: 2, Sampler: Euler a, Schedule type: Trailing, CFG scale: 1," in read_png_parameters(png)
+    assert unet_rows == [1]
 
 
 def test_sdxl_turbo_is_known_by_its_release_file_name_and_defaults_to_512_px(tmp_path):

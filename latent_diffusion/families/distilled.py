@@ -24,7 +24,6 @@ class SamplingDefaults:
     The sampler stays the commands' default, Euler a, which is the one these models were shown with.
     """
 
-    what: str  # in words, for messages
     scheduler: str
     steps: int
     guidance_scale: float  # 1: no guidance, one network evaluation per step
@@ -32,8 +31,7 @@ class SamplingDefaults:
 
 
 # Trained on 4 timesteps ending at T-1 ("trailing"), without guidance, at 512 px (SDXL-Turbo too).
-TURBO = SamplingDefaults("adversarially distilled (SD-Turbo, SDXL-Turbo): 1-4 steps without guidance",
-                         scheduler="trailing", steps=1, guidance_scale=1.0, image_size=512)
+TURBO = SamplingDefaults(scheduler="trailing", steps=1, guidance_scale=1.0, image_size=512)
 
 
 def sampling_defaults_for(source: Path | None) -> SamplingDefaults | None:

@@ -13,6 +13,8 @@ from latent_diffusion.pipelines.control_cli import add_control_options, check_co
 from latent_diffusion.pipelines.outputs import Writer, check_output_folder
 
 DEFAULT_SAMPLER = "euler_a"
+# img2img on a distilled model at a low strength: at most this many steps to reach one that runs.
+MAX_DISTILLED_STEPS = 50
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -227,7 +229,8 @@ def _sampling_kwargs(args: argparse.Namespace, pipe=None) -> dict[str, Any]:
 
 def _distilled_defaults(args: argparse.Namespace, pipe=None) -> dict[str, Any]:
     """Steps and scheduler of a few-step distilled model (families/distilled.py) where none were asked
-    for (a sampler name that carries its scheduler, "DPM++ 2M Karras", keeps that one)."""
+    for (a sampler name that carries its scheduler, "DPM++ 2M Karras", keeps that one). img2img runs
+    the last ``int(steps * strength)`` steps, so its steps are raised until that is at least one."""
     from latent_diffusion.diffusion.registry import resolve_sampler
 
     defaults = None if pipe is None else pipe.sampling_defaults
@@ -235,7 +238,11 @@ def _distilled_defaults(args: argparse.Namespace, pipe=None) -> dict[str, Any]:
         return {}
     chosen = {}
     if args.steps is None:
-        chosen["steps"] = defaults.steps
+        strength = getattr(args, "strength", 1.0)
+        steps = defaults.steps
+        while 0 < strength and int(steps * strength) < 1 and steps < MAX_DISTILLED_STEPS:
+            steps += 1
+        chosen["steps"] = steps
     if args.scheduler is None and resolve_sampler(args.sampler)[1].is_automatic:
         chosen["scheduler"] = defaults.scheduler
     return chosen
