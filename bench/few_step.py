@@ -113,7 +113,8 @@ def main(argv=None) -> int:
     prompts = args.prompt or (BUILTIN_PROMPTS if builtin else SD_PROMPTS)
     seeds = range(1, args.images + 1)
     size = args.size or native_image_size(pipe)
-    guidance = args.cfg_scale or (BUILTIN_GUIDANCE if builtin else pipe.family.default_guidance)
+    guidance = args.cfg_scale if args.cfg_scale is not None else (
+        BUILTIN_GUIDANCE if builtin else pipe.family.default_guidance)
     pipe.txt2img(prompts[0], sampler="euler", steps=1, width=size, height=size, seed=0)  # warm-up, untimed
 
     measured = [(row, *results) for row, results in run_rows(pipe, prompts, seeds, size, guidance).items()]

@@ -65,7 +65,8 @@ CONSISTENCY_SAMPLERS = {"lcm", "tcd"}
 
 @pytest.mark.parametrize("name", sorted(set(SAMPLERS) - CONSISTENCY_SAMPLERS))
 def test_samples_reach_data_mean_and_std(name):
-    """Every registered sampler but the consistency ones, run as the CLI runs it (default spacing, SD's noise levels)."""
+    """Every registered sampler but the consistency ones, run as the CLI runs it (default spacing, SD's
+    noise levels)."""
     spec = SAMPLERS[name]
     torch.manual_seed(0)
     sigmas = sigmas_for(spec, SD_SCHEDULE, 100)

@@ -73,7 +73,8 @@ def test_the_same_weights_without_turbo_metadata_run_guided_and_long(sd2_files, 
 
 
 @pytest.mark.parametrize("options, expected", [
-    (["--steps", "2", "--cfg-scale", "3", "--scheduler", "karras"], "Steps: 2, Sampler: Euler a, Schedule type: Karras, CFG scale: 3,"),
+    (["--steps", "2", "--cfg-scale", "3", "--scheduler", "karras"],
+     "Steps: 2, Sampler: Euler a, Schedule type: Karras, CFG scale: 3,"),
     (["--sampler", "DPM++ 2M Karras"], "Steps: 1, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 1,"),
     (["--sampler", "lcm", "--steps", "4"], "Steps: 4, Sampler: LCM, Schedule type: Trailing, CFG scale: 1,"),
 ], ids=["all-given", "combined-name-keeps-its-scheduler", "other-sampler"])
@@ -100,7 +101,8 @@ def test_sdxl_turbo_is_known_by_its_release_file_name_and_defaults_to_512_px(tmp
                                      progress=False)
     assert turbo.family.name == "sdxl" and turbo.sampling_defaults is TURBO
     assert native_image_size(turbo) == 512
-    base = Pipeline.from_checkpoint(write_checkpoint(TINY_SDXL, tmp_path / "sd_xl_base_1.0.safetensors"), progress=False)
+    base = Pipeline.from_checkpoint(write_checkpoint(TINY_SDXL, tmp_path / "sd_xl_base_1.0.safetensors"),
+                                    progress=False)
     assert base.sampling_defaults is None and native_image_size(base) == 1024
 
 

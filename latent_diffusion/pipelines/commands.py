@@ -118,7 +118,8 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, guidance: float, bu
     group.add_argument("--scheduler", default=None,
                        help="sigma schedule (A1111's schedule type: karras, exponential, align_your_steps, ...); "
                             "default: the sampler's own (Automatic); see `ldm samplers`")
-    group.add_argument("--steps", type=int, default=None, help="sampling steps; default: the sampler's (20, or 50 for ddim/plms; 1 for a Turbo model)")
+    group.add_argument("--steps", type=int, default=None,
+                       help="sampling steps; default: the sampler's (20, or 50 for ddim/plms; 1 for a Turbo model)")
     group.add_argument("--cfg-scale", "--guidance-scale", dest="guidance_scale", type=float, default=None,
                        help=f"classifier-free guidance scale (1 = no guidance); default: {guidance:g}, "
                             f"or {builtin_guidance:g} with the built-in model")
@@ -222,8 +223,8 @@ def _guidance(args: argparse.Namespace, pipe=None) -> float:
 
 
 def _sampling_kwargs(args: argparse.Namespace, pipe=None) -> dict[str, Any]:
-    chosen = dict(sampler=args.sampler, scheduler=args.scheduler, steps=args.steps, guidance_scale=_guidance(args, pipe),
-                  batch_size=args.batch_size, batch_count=args.batch_count)
+    chosen = dict(sampler=args.sampler, scheduler=args.scheduler, steps=args.steps,
+                  guidance_scale=_guidance(args, pipe), batch_size=args.batch_size, batch_count=args.batch_count)
     return {**chosen, **_distilled_defaults(args, pipe)}
 
 
