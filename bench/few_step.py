@@ -133,7 +133,7 @@ def render(measured, args, size: int, guidance: float, count: int) -> str:
     model = (f"`{args.checkpoint.name}`" if args.checkpoint else
              "the built-in model" if args.model == "builtin" else "full-size SD 1.5, random weights")
     lines = [f"## Few-step samplers against 20 DPM++ 2M steps: {model}, {size}x{size}, {args.device}", "",
-             f"{count} images per row (same prompts and seeds); CFG {guidance:g} unless the row says; "
+             f"{count} image{'s' if count != 1 else ''} per row (same prompts and seeds); CFG {guidance:g} unless the row says; "
              "PSNR against the reference image, mean (min-max); seconds: median per image; "
              f"torch threads {args.threads or 'default'}, load average at the end {os.getloadavg()[0]:.1f}.", "",
              "| sampler | UNet steps | s per image | PSNR vs reference, dB |", "|---|---|---|---|"]
