@@ -180,3 +180,20 @@ def test_a_kind_the_model_lacks_is_named(sd1, tmp_path):
         "data.size=32", "lora.text_targets=[to_out, to_q]"])
     with pytest.raises(ConfigError, match="lora.text_targets: 'to_q' matches no layer of this model's text encoder"):
         LoraTrainer(config, setup_distributed("cpu"))
+
+
+def test_eval_shapes_applies_a_lora_to_every_prompt(sd1, trained, tmp_path):
+    import json
+    import shutil
+
+    from test_cli import ldm
+
+    (tmp_path / "loras").mkdir()
+    shutil.copy(trained[1], tmp_path / "loras" / "mine.safetensors")
+    common = ["eval-shapes", "-c", sd1[0], "--prompts-per-group", 1, "--steps", 2, "--size", 64, "--json", "-q",
+              "--lora-dir", tmp_path / "loras"]
+    plain, with_lora = ldm(*common), ldm(*common, "--lora", "mine:1")
+    assert plain.returncode == 0 and with_lora.returncode == 0, plain.stderr + with_lora.stderr
+    assert json.loads(plain.stdout)["frechet_distance"] != json.loads(with_lora.stdout)["frechet_distance"]
+    missing = ldm(*common, "--lora", "absent:1")
+    assert missing.returncode == 2 and "absent" in missing.stderr and "Traceback" not in missing.stderr, missing.stderr
