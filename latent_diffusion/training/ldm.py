@@ -92,6 +92,8 @@ class _NoisedBatch:
 class LDMTrainer:
     """One stage-2 run: the model, optimiser, EMA and data position, advanced one optimiser step at a time."""
 
+    final_name = "model.safetensors"  # the file ``finish`` writes into ``run.out_dir``
+
     def __init__(self, config: ExperimentConfig, context: DistributedContext) -> None:
         self.config, self.context = config, context
         self.run, self.optim, self.settings = config.run, config.optim, config.ldm
@@ -116,9 +118,6 @@ class LDMTrainer:
         if rng is not None:
             # Last: opening the data loader draws from the global generator, which dropout then uses.
             checkpointing.restore_rng_states(rng)
-
-    # The file ``finish`` writes into ``run.out_dir``.
-    final_name = "model.safetensors"
 
     def _build_model(self) -> None:
         """The LatentDiffusion model with its first stage (and a pre-trained condition encoder) frozen."""

@@ -43,11 +43,10 @@ class LoraAdapter(nn.Module):
 class LoraNetwork(nn.Module):
     """The adapters of one model, by kohya layer name, each hooked onto the layer it changes."""
 
-    def __init__(self, adapters: dict[str, tuple[str, nn.Linear, LoraAdapter]]) -> None:
+    def __init__(self, adapters: dict[str, tuple[nn.Linear, LoraAdapter]]) -> None:
         super().__init__()
-        self.layers = nn.ModuleDict({name: adapter for name, (_key, _layer, adapter) in adapters.items()})
-        self.weight_keys = {name: key for name, (key, _layer, _adapter) in adapters.items()}
-        for _key, layer, adapter in adapters.values():
+        self.layers = nn.ModuleDict({name: adapter for name, (_layer, adapter) in adapters.items()})
+        for layer, adapter in adapters.values():
             layer.register_forward_hook(lambda _module, args, output, adapter=adapter: output + adapter(args[0]))
 
 
@@ -101,5 +100,5 @@ def attach_lora(model: nn.Module, settings) -> LoraNetwork:
         names = kohya_layer_names(model, family, model.spec, sorted(layers))
     except CheckpointError as error:
         raise ConfigError(f"lora: {error}") from None
-    return LoraNetwork({names[key]: (key, layers[key], LoraAdapter(layers[key], settings.rank, settings.alpha))
+    return LoraNetwork({names[key]: (layers[key], LoraAdapter(layers[key], settings.rank, settings.alpha))
                         for key in sorted(layers)})
