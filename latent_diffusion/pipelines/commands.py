@@ -279,7 +279,8 @@ def _check_prompt_addons(args: argparse.Namespace) -> None:
     EmbeddingLibrary(args.embeddings_dir)
     loras = LoraLibrary(args.lora_dir)
     texts = read_prompts(args) if hasattr(args, "prompt") else []
-    texts += [getattr(args, name, None) or "" for name in ("negative_prompt", "hires_prompt", "hires_negative_prompt")]
+    texts += [getattr(args, name, None) or "" for name in ("negative_prompt", "hires_prompt", "hires_negative_prompt",
+                                                           "lora_tags")]
     for tag in PromptAddons.tags(*texts):
         loras.path_of(tag.name)
 
@@ -495,6 +496,7 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
     )
     from latent_diffusion.pipelines.images import check_size
 
+    args.lora_tags = "".join(f" <lora:{tag}>" for tag in args.lora)  # read by _check_common
     _check_common(args)
     check_size(args.size, args.size)
     counts = args.prompts_per_group
@@ -508,8 +510,8 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
         counter = iter(range(args.seed, args.seed + 10**9))
 
         def generate(caption: str):
-            return pipe.txt2img(caption, width=args.size, height=args.size, steps=args.steps, sampler=args.sampler,
-                                scheduler=args.scheduler, guidance_scale=_guidance(args, pipe), seed=next(counter)).images[0]
+            return pipe.txt2img(caption + args.lora_tags, width=args.size, height=args.size, steps=args.steps,
+                                sampler=args.sampler, scheduler=args.scheduler, guidance_scale=_guidance(args, pipe), seed=next(counter)).images[0]
 
     evaluation = evaluate_generator(generate, prompts=prompts, images_per_prompt=args.images_per_prompt, seed=args.seed)
     if args.json:
@@ -625,6 +627,8 @@ def add_task_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--prompts-per-group", type=int, default=None,
                    help="prompts per group (one object, two objects, held-out pairs); default: the full fixed set")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]",
+                   help="a LoRA of --lora-dir applied to every prompt, as <lora:NAME:WEIGHT> would (repeatable)")
     add_sampling_options(p, guidance=7.5)
     p.set_defaults(seed=0, batch_size=1, batch_count=1)
     add_model_options(p)
