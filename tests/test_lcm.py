@@ -38,12 +38,12 @@ def _diffusers_trajectory(monkeypatch, noises, steps=None, timesteps=None):
     return reference.timesteps, states
 
 
-def _our_trajectory(noises, sigmas, schedule):
+def _our_trajectory(noises, sigmas, schedule, sampler="LCM", **options):
     queue = [n.double() for n in noises]
     seen = []
-    result = sample(get_sampler("LCM"), Denoiser(network, schedule, "eps"), sigmas,
+    result = sample(get_sampler(sampler), Denoiser(network, schedule, "eps"), sigmas,
                     lambda like: queue.pop(0).to(like.dtype), shape=SHAPE, dtype=torch.float64, schedule=schedule,
-                    callback=seen.append)
+                    callback=seen.append, **options)
     # Each step's result in diffusers' (variance-preserving) frame: the next step's input, then the output.
     return [step.x / (1 + step.sigma**2) ** 0.5 for step in seen[1:]] + [result]
 
@@ -69,10 +69,39 @@ def test_lcm_trajectory_equals_diffusers_lcm_scheduler(monkeypatch, steps):
         assert_close_to_reference(mine.float(), reference_state, rel=1e-5 if isinstance(steps, int) else 1e-6)
 
 
-def test_lcm_is_listed_and_defaults_to_four_steps_on_its_own_schedule(capsys):
+@pytest.mark.parametrize("steps, gamma", [(1, 0.3), (4, 0.3), (8, 0.3), (4, 0.0), (4, 1.0)],
+                         ids=["1", "4", "8", "4-gamma-0", "4-gamma-1"])
+def test_tcd_trajectory_equals_diffusers_tcd_scheduler(monkeypatch, steps, gamma):
+    from diffusers import TCDScheduler
+    from diffusers.schedulers import scheduling_tcd
+
+    generator = torch.Generator().manual_seed(steps)
+    noises = [torch.randn(SHAPE, generator=generator) for _ in range(steps + 1)]
+    reference = TCDScheduler(beta_schedule="scaled_linear", beta_start=SD1.schedule.linear_start,
+                             beta_end=SD1.schedule.linear_end, num_train_timesteps=1000, clip_sample=False)
+    reference.set_timesteps(steps)
+    queue = list(noises[1:])
+    monkeypatch.setattr(scheduling_tcd, "randn_tensor", lambda shape, **kw: queue.pop(0))
+    sample_vp, theirs = noises[0], []
+    for t in reference.timesteps:
+        sample_vp = reference.step(network(sample_vp, t), t, sample_vp, eta=gamma, return_dict=False)[0]
+        theirs.append(sample_vp)
+    schedule = NoiseSchedule.from_config(SD1.schedule)
+    sigmas = sigmas_for(get_sampler("TCD"), schedule, steps)
+    assert torch.equal(schedule.timestep_at(sigmas[:-1]).round().long(), reference.timesteps)
+    options = {} if gamma == 0.3 else {"gamma": gamma}  # 0.3: the sampler's default, as diffusers'
+    ours = _our_trajectory(noises, sigmas, schedule, "TCD", **options)
+    assert len(ours) == len(theirs) == steps
+    for mine, reference_state in zip(ours, theirs):
+        assert_close_to_reference(mine.float(), reference_state, rel=1e-5)
+
+
+def test_lcm_and_tcd_are_listed_and_default_to_four_steps_on_their_own_schedule(capsys):
     assert cli.main(["samplers"]) == 0
-    row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("lcm "))
-    assert row == ["lcm", "LCM", "4", "stochastic", "lcm"]
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert rows["lcm"] == ["lcm", "LCM", "4", "stochastic", "lcm"]
+    assert rows["tcd"] == ["tcd", "TCD", "4", "stochastic", "lcm,", "ending", "at", "sigma_min"]
+    assert rows["trailing"] == ["trailing", "Trailing"]
     with pytest.raises(ValueError, match="LCM schedule has 50 timesteps"):
         sigmas_for(get_sampler("lcm"), NoiseSchedule.from_config(SD1.schedule), 60)
 

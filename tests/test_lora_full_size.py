@@ -1,5 +1,6 @@
-"""A kohya LoRA (attention layers and 3x3 "LoCon" convolutions) on a full-size SD 1.5 UNet and CLIP
-text encoder with random weights: our merge against diffusers' ``load_lora_into_unet`` + ``fuse_lora``.
+"""A LoRA (attention layers and 3x3 "LoCon" convolutions) on a full-size SD 1.5 UNet and CLIP
+text encoder with random weights, in kohya's layout and in diffusers' PEFT one: our merge against
+diffusers' ``load_lora_into_unet`` + ``fuse_lora``.
 
 The diffusers networks are built on the meta device and given our very tensors (renamed views), so
 the two sides share one copy of the weights; ours is computed first, as diffusers fuses in place.
@@ -23,7 +24,7 @@ from latent_diffusion.families import get_family
 from latent_diffusion.models.ldm import DiffusionModelSlot
 from latent_diffusion.models.text_encoders import CLIPTextEncoder
 from latent_diffusion.models.unet import UNetModel
-from lora_tiny import TEXT_LAYERS, kohya_lora, layers
+from lora_tiny import TEXT_LAYERS, kohya_lora, layers, peft_lora
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -75,7 +76,8 @@ def _merge_ours(model: _Model, path, unet: float, text: float) -> None:
     assert changed and not warnings
 
 
-def test_full_size_sd15_unet_lora_and_locon_match_diffusers(tmp_path):
+@pytest.mark.parametrize("layout", ["kohya", "peft"])
+def test_full_size_sd15_unet_lora_and_locon_match_diffusers(tmp_path, layout):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     with torch.device("meta"):
@@ -83,7 +85,9 @@ def test_full_size_sd15_unet_lora_and_locon_match_diffusers(tmp_path):
     ours = _Model(unet=_random(unet, 0).eval())
     twin = _diffusers_twin(ours, "unet", lambda: UNet2DConditionModel(**configs.unet_config(SD1)))
     path = tmp_path / "full.safetensors"
-    save_safetensors(kohya_lora(layers(twin, ATTENTION_AND_LOCON), "lora_unet_", rank=8, scale=0.05), path)
+    adapted = layers(twin, ATTENTION_AND_LOCON)
+    save_safetensors(kohya_lora(adapted, "lora_unet_", rank=8, scale=0.05) if layout == "kohya"
+                     else peft_lora(adapted, "unet.", rank=8, scale=0.05), path)
 
     generator = torch.Generator().manual_seed(1)
     x, context = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 77, 768, generator=generator)
@@ -122,9 +126,8 @@ def test_full_size_sd15_text_encoder_lora_matches_diffusers(tmp_path):
     state, alphas = StableDiffusionPipeline.lora_state_dict(str(path))
     StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, text_encoder=twin, prefix="text_encoder",
                                                         lora_scale=0.7)
-    for module in twin.modules():
+    for module in twin.modules():  # the scale was set as the layers were loaded
         if isinstance(module, BaseTunerLayer):
-            module.scale_layer(0.7)
             module.merge()
     with torch.no_grad():
         theirs = twin(tokens).last_hidden_state

@@ -57,9 +57,16 @@ MIXTURE = GaussianMixture(
 SD_SCHEDULE = NoiseSchedule.from_config(ScheduleConfig("scaled_linear", 1000, 0.00085, 0.012))
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
+# Consistency samplers re-noise a distilled model's estimate of the clean image; with the exact posterior
+# mean in its place they do not sample the data (LCM's spread comes out 0.14 short here, at its
+# largest step count, 50). Tests/test_lcm.py checks them against diffusers' schedulers instead.
+CONSISTENCY_SAMPLERS = {"lcm", "tcd"}
+
+
+@pytest.mark.parametrize("name", sorted(set(SAMPLERS) - CONSISTENCY_SAMPLERS))
 def test_samples_reach_data_mean_and_std(name):
-    """Every registered sampler, run as the CLI runs it (default spacing, SD's noise levels)."""
+    """Every registered sampler but the consistency ones, run as the CLI runs it (default spacing, SD's
+    noise levels)."""
     spec = SAMPLERS[name]
     torch.manual_seed(0)
     sigmas = sigmas_for(spec, SD_SCHEDULE, 100)

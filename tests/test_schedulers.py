@@ -190,7 +190,7 @@ def test_names_labels_and_aliases():
     assert scheduler_names()[0] == "automatic" and get_scheduler(None) is get_scheduler("") is AUTOMATIC
     labels = {spec.label for spec in SCHEDULERS.values()}
     assert {"Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform", "Simple", "Normal",
-            "DDIM", "Beta", "Align Your Steps", "KL Optimal"} == labels
+            "DDIM", "Beta", "Align Your Steps", "KL Optimal", "Trailing"} == labels
     assert get_scheduler("karras") is get_scheduler("Karras") is get_scheduler(" KARRAS ") is SCHEDULERS["karras"]
     assert get_scheduler("SGMUniform") is SCHEDULERS["sgm_uniform"]
     with pytest.raises(ValueError, match="unknown scheduler 'wobbly'.*karras \\(Karras\\).*beta \\(Beta\\)"):

@@ -151,6 +151,17 @@ def test_scheduler_field_is_used_and_written_to_the_parameters(client):
     assert info["parameters"]["Schedule type"] == "Karras"
 
 
+def test_few_step_samplers_answer_to_their_a1111_names(client):
+    assert {"LCM", "TCD"} <= {item["name"] for item in client.get("/sdapi/v1/samplers").json()}
+    assert "trailing" in {item["name"] for item in client.get("/sdapi/v1/schedulers").json()}
+    request = dict(prompt="a square", seed=22, width=32, height=32, cfg_scale=1)
+    lcm = json.loads(txt2img(client, sampler_name="LCM", steps=4, **request)["info"])
+    assert lcm["sampler_name"] == "LCM" and "Steps: 4, Sampler: LCM, CFG scale: 1," in lcm["infotexts"][0]
+    # A Turbo model as A1111 users run one: Euler a, one step, no guidance, on the trailing timestep.
+    turbo = json.loads(txt2img(client, sampler_name="Euler a", scheduler="Trailing", steps=1, **request)["info"])
+    assert "Steps: 1, Sampler: Euler a, Schedule type: Trailing, CFG scale: 1," in turbo["infotexts"][0]
+
+
 def test_eight_concurrent_clients_get_their_own_results(client, base_url):
     requests = [{"prompt": f"shape number {i}", "seed": 100 + i, **SMALL} for i in range(8)]
     expected = [pixels(txt2img(client, **r)["images"][0]) for r in requests]

@@ -81,3 +81,25 @@ def lora_targets(model: nn.Module, family: Family, spec) -> dict[str, dict[str, 
             _add_diffusers_name(table, key, name, shapes[key][0] // 3)
         tables[component] = table
     return tables
+
+
+def kohya_layer_names(model: nn.Module, family: Family, spec, keys: list[str]) -> dict[str, str]:
+    """kohya's name (``lora_unet_...``, ``lora_te_...``) of the layer each of ``keys`` belongs to, for
+    writing a LoRA file: the diffusers module name where the layout has one (what kohya's trainer
+    writes for SD 1.x/2.x), else ours; every name is checked to read back as its weight."""
+    prefixes = {part.name: part.prefix for part in family.components(spec)}
+    tables = lora_targets(model, family, spec)
+    names: dict[str, str] = {}
+    for component, file_prefixes in family.lora_prefixes(spec).items():
+        prefix = prefixes[component]
+        own = [key for key in keys if key.startswith(prefix)]
+        diffusers = _diffusers_spellings(spec, own)
+        for key in own:
+            name = diffusers.get(key, key[len(prefix):]).removesuffix(".weight").replace(".", "_")
+            if tables[component].get(name) != Target(key):
+                raise CheckpointError(f"{key}: no LoRA layer name of this {family.name!r} model reads back as it")
+            names[key] = file_prefixes[0] + name
+    unplaced = sorted(set(keys) - set(names))
+    if unplaced:
+        raise CheckpointError(f"{unplaced[0]}: not a weight of a network that LoRA files adapt")
+    return names

@@ -66,6 +66,10 @@ _SPECS = (
     # Latent consistency models (LCM checkpoints, or any model with an LCM-LoRA): a few steps at
     # guidance 1-2, on the timesteps they were distilled on.
     SamplerSpec("lcm", "LCM", "sample_lcm", spacing="lcm", default_steps=4, stochastic=True),
+    # Trajectory consistency distillation (TCD checkpoints and LoRAs): LCM's timesteps, a partial
+    # re-noising each step (gamma, diffusers' eta), ending at the smallest trained level.
+    SamplerSpec("tcd", "TCD", "sample_tcd", spacing="lcm", final="sigma_min", default_steps=4,
+                options={"gamma": 0.3}, stochastic=True),
 )
 
 SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in _SPECS}

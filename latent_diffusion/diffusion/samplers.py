@@ -131,6 +131,41 @@ def sample_lcm(
     return x
 
 
+def sample_tcd(
+    denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *,
+    cond: Conditioning | None = None, gamma: float = 0.3, noise: NoiseSource | None = None,
+    callback: Callback | None = None, schedule=None,
+) -> Tensor:
+    """Trajectory consistency sampling (Zheng et al. 2024): each step goes deterministically (DDIM) to the
+    level of timestep ``floor((1 - gamma) * t_next)``, at or below the next one, then adds fresh noise back
+    up to the next level; the last step adds none. ``gamma`` 0 is DDIM; 1 re-noises the clean estimate,
+    as LCM does without its boundary condition. Needs the model's ``schedule`` for the timesteps."""
+    if schedule is None:
+        raise ValueError("the TCD sampler needs the model's noise schedule (its timesteps)")
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"TCD's gamma must lie in [0, 1], got {gamma}")
+    noise = noise or torch.randn_like
+    steps = _steps(sigmas)
+    for i, sigma, sigma_next in steps:
+        denoised = _denoise(denoiser, x, sigma, cond)
+        _report(callback, i, sigma, sigma_next, x, denoised)
+        sigma_between = _tcd_level(schedule, sigma_next, gamma)
+        x = denoised + (x - denoised) / sigma * sigma_between
+        if gamma > 0 and i < len(steps) - 1:
+            x = x + noise(x) * (sigma_next**2 - sigma_between**2) ** 0.5
+    return x
+
+
+def _tcd_level(schedule, sigma_next: float, gamma: float) -> float:
+    """The level TCD steps to before re-noising: that of the trained timestep ``floor((1 - gamma) * t_next)``."""
+    if gamma == 0 or sigma_next == 0:
+        return sigma_next
+    timestep = float(schedule.timestep_at(sigma_next))
+    if abs(timestep - round(timestep)) < 1e-6:  # a trained level, whose timestep came back as 498.99999...
+        timestep = round(timestep)
+    return float(schedule.sigmas[math.floor((1 - gamma) * timestep)])
+
+
 def sample_ddpm(
     denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *,
     cond: Conditioning | None = None, noise: NoiseSource | None = None, callback: Callback | None = None,

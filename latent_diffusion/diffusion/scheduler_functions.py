@@ -85,6 +85,16 @@ def sgm_uniform(schedule: NoiseSchedule, num_steps: int) -> Tensor:
     return _then_zero(schedule.sigma_at(_timesteps_between_ends(schedule, num_steps + 1)[:-1]))
 
 
+def trailing(schedule: NoiseSchedule, num_steps: int) -> Tensor:
+    """Every (T/n)-th trained timestep counted down from the last, T-1 (diffusers' "trailing" spacing).
+
+    Adversarially distilled models (SD-Turbo, SDXL-Turbo) were trained at these levels: one step
+    starts at T-1, four at T-1, 3T/4-1, T/2-1 and T/4-1.
+    """
+    _check_steps(num_steps)
+    return make_sigmas(schedule, num_steps, "trailing")
+
+
 def simple(schedule: NoiseSchedule, num_steps: int) -> Tensor:
     """Every (T/n)-th trained level counted down from the top, truncating the fractional index."""
     _check_steps(num_steps)

@@ -53,6 +53,8 @@ _SPECS = (
     SchedulerSpec("exponential", "Exponential", "exponential"),
     SchedulerSpec("polyexponential", "Polyexponential", "polyexponential", default_rho=1.0),
     SchedulerSpec("sgm_uniform", "SGM Uniform", "sgm_uniform", need_inner_model=True, aliases=("SGMUniform",)),
+    # Not one of A1111's: the timesteps distilled few-step models (SD-Turbo, SDXL-Turbo) were trained on.
+    SchedulerSpec("trailing", "Trailing", "trailing", need_inner_model=True),
     SchedulerSpec("kl_optimal", "KL Optimal", "kl_optimal"),
     SchedulerSpec("align_your_steps", "Align Your Steps", "align_your_steps", aliases=("AYS",),
                   takes_model_kind=True),

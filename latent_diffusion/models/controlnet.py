@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from latent_diffusion.config import ConfigError, UNetConfig
-from latent_diffusion.models.unet import TimestepEmbedSequential, UNetModel, _res_blocks_per_level, _validate
+from latent_diffusion.models.unet import TimestepEmbedSequential, UNetModel, _validate
 from latent_diffusion.nn.layers import conv_nd, timestep_embedding, zero_init
 
 # The released hint encoders: 16 channels at full size, then three halvings to 32, 96 and 256 (/8).
@@ -73,6 +73,8 @@ class ControlNet(nn.Module):
     _downsample = UNetModel._downsample
     _attention = UNetModel._attention
     _check_inputs = UNetModel._check_inputs
+    _build_embeddings = UNetModel._build_embeddings
+    _encoder_blocks = UNetModel._encoder_blocks
 
     def __init__(self, config: ControlNetConfig):
         super().__init__()
@@ -82,13 +84,7 @@ class ControlNet(nn.Module):
         self.control_config = config
         self.cross_attention = unet.use_spatial_transformer and unet.context_dim is not None
         base = unet.model_channels
-        self.time_embed_dim = time_dim = 4 * base
-        self.time_embed = nn.Sequential(nn.Linear(base, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
-        if unet.num_classes == "sequential":
-            self.label_emb = nn.Sequential(nn.Sequential(
-                nn.Linear(unet.adm_in_channels, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim)))
-        elif unet.num_classes is not None:
-            self.label_emb = nn.Embedding(unet.num_classes, time_dim)
+        self._build_embeddings()
         self.input_hint_block = _hint_encoder(config, unet.dims, base)
         self._build_encoder()
         channels = base * unet.channel_mult[-1]
@@ -100,26 +96,11 @@ class ControlNet(nn.Module):
         return nn.Sequential(zero_init(conv_nd(self.config.dims, channels, channels, 1)))
 
     def _build_encoder(self) -> None:
-        """The UNet's input blocks (same order, same rule for attention), each with its zero convolution."""
-        unet = self.config
-        base = unet.model_channels
-        self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(conv_nd(unet.dims, unet.in_channels, base, 3, padding=1))])
-        self.zero_convs = nn.ModuleList([self._zero_conv(base)])
-        channels, downsampling = base, 1
-        res_blocks = _res_blocks_per_level(unet)
-        for level, mult in enumerate(unet.channel_mult):
-            for _ in range(res_blocks[level]):
-                layers = [self._res_block(channels, base * mult)]
-                channels = base * mult
-                if downsampling in unet.attention_resolutions:
-                    layers.append(self._attention(channels, level))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                self.zero_convs.append(self._zero_conv(channels))
-            if level != len(unet.channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(self._downsample(channels)))
-                self.zero_convs.append(self._zero_conv(channels))
-                downsampling *= 2
+        """The UNet's input blocks, each with its zero convolution."""
+        self.input_blocks, self.zero_convs = nn.ModuleList(), nn.ModuleList()
+        for block, channels in self._encoder_blocks():
+            self.input_blocks.append(block)
+            self.zero_convs.append(self._zero_conv(channels))
 
     def forward(
         self,

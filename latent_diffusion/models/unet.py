@@ -6,7 +6,7 @@ The module tree, and so every state-dict key, is the reference's: ``time_embed``
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -137,34 +137,14 @@ class UNetModel(nn.Module):
         self.config = config
         self.cross_attention = config.use_spatial_transformer and config.context_dim is not None
         base = config.model_channels
-        self.time_embed_dim = time_dim = 4 * base
-        self.time_embed = nn.Sequential(nn.Linear(base, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
-        if config.num_classes == "sequential":
-            # SDXL's ADM input: a vector (pooled text + size features) through a two-layer MLP.
-            self.label_emb = nn.Sequential(nn.Sequential(
-                nn.Linear(config.adm_in_channels, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim)))
-        elif config.num_classes is not None:
-            self.label_emb = nn.Embedding(config.num_classes, time_dim)
-
+        self._build_embeddings()
         res_blocks = _res_blocks_per_level(config)
-        last_level = len(config.channel_mult) - 1
-        self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(conv_nd(config.dims, config.in_channels, base, 3, padding=1))]
-        )
-        skip_channels = [base]
-        channels, downsampling = base, 1
-        for level, mult in enumerate(config.channel_mult):
-            for _ in range(res_blocks[level]):
-                layers = [self._res_block(channels, base * mult)]
-                channels = base * mult
-                if downsampling in config.attention_resolutions:
-                    layers.append(self._attention(channels, level))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_channels.append(channels)
-            if level != last_level:
-                self.input_blocks.append(TimestepEmbedSequential(self._downsample(channels)))
-                skip_channels.append(channels)
-                downsampling *= 2
+        self.input_blocks = nn.ModuleList()
+        skip_channels = []
+        for block, channels in self._encoder_blocks():
+            self.input_blocks.append(block)
+            skip_channels.append(channels)
+        downsampling = 2 ** (len(config.channel_mult) - 1)
 
         self.middle_block = TimestepEmbedSequential(
             self._res_block(channels, channels),
@@ -189,6 +169,38 @@ class UNetModel(nn.Module):
             nn.SiLU(),
             zero_init(conv_nd(config.dims, base, config.out_channels, 3, padding=1)),
         )
+
+    def _build_embeddings(self) -> None:
+        """The timestep MLP and, for class- or ADM-conditioned models, the label embedding."""
+        config = self.config
+        base = config.model_channels
+        self.time_embed_dim = time_dim = 4 * base
+        self.time_embed = nn.Sequential(nn.Linear(base, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
+        if config.num_classes == "sequential":
+            # SDXL's ADM input: a vector (pooled text + size features) through a two-layer MLP.
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(config.adm_in_channels, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim)))
+        elif config.num_classes is not None:
+            self.label_emb = nn.Embedding(config.num_classes, time_dim)
+
+    def _encoder_blocks(self) -> Iterator[tuple[TimestepEmbedSequential, int]]:
+        """The input blocks in order, each with its output width, built one at a time as they are taken
+        (a ControlNet builds its zero convolution after each, in the order its files number them)."""
+        config = self.config
+        base = config.model_channels
+        yield TimestepEmbedSequential(conv_nd(config.dims, config.in_channels, base, 3, padding=1)), base
+        res_blocks = _res_blocks_per_level(config)
+        channels, downsampling = base, 1
+        for level, mult in enumerate(config.channel_mult):
+            for _ in range(res_blocks[level]):
+                layers = [self._res_block(channels, base * mult)]
+                channels = base * mult
+                if downsampling in config.attention_resolutions:
+                    layers.append(self._attention(channels, level))
+                yield TimestepEmbedSequential(*layers), channels
+            if level != len(config.channel_mult) - 1:
+                yield TimestepEmbedSequential(self._downsample(channels)), channels
+                downsampling *= 2
 
     def _res_block(self, channels: int, out_channels: int, **resample) -> ResBlock:
         c = self.config

@@ -13,6 +13,8 @@ from latent_diffusion.pipelines.control_cli import add_control_options, check_co
 from latent_diffusion.pipelines.outputs import Writer, check_output_folder
 
 DEFAULT_SAMPLER = "euler_a"
+# img2img on a distilled model at a low strength: at most this many steps to reach one that runs.
+MAX_DISTILLED_STEPS = 50
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -116,7 +118,8 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, guidance: float, bu
     group.add_argument("--scheduler", default=None,
                        help="sigma schedule (A1111's schedule type: karras, exponential, align_your_steps, ...); "
                             "default: the sampler's own (Automatic); see `ldm samplers`")
-    group.add_argument("--steps", type=int, default=None, help="sampling steps; default: the sampler's (20, or 50 for ddim/plms)")
+    group.add_argument("--steps", type=int, default=None,
+                       help="sampling steps; default: the sampler's (20, or 50 for ddim/plms; 1 for a Turbo model)")
     group.add_argument("--cfg-scale", "--guidance-scale", dest="guidance_scale", type=float, default=None,
                        help=f"classifier-free guidance scale (1 = no guidance); default: {guidance:g}, "
                             f"or {builtin_guidance:g} with the built-in model")
@@ -206,10 +209,12 @@ def _pipeline(args: argparse.Namespace):
 
 
 def _guidance(args: argparse.Namespace, pipe=None) -> float:
-    """The CFG scale asked for; else the built-in models' (measured best), a released family's own
-    (SD 7.5, SDXL 5), or the command's default for models trained here."""
+    """The CFG scale asked for; else a few-step distilled model's (1: none), the built-in models' (measured
+    best), a released family's own (SD 7.5, SDXL 5), or the command's default for models trained here."""
     if args.guidance_scale is not None:
         return args.guidance_scale
+    if pipe is not None and pipe.sampling_defaults is not None:
+        return pipe.sampling_defaults.guidance_scale
     if getattr(args, "checkpoint", None) is None:
         return args.builtin_guidance
     if pipe is not None and pipe.family.preset is not None:
@@ -218,8 +223,30 @@ def _guidance(args: argparse.Namespace, pipe=None) -> float:
 
 
 def _sampling_kwargs(args: argparse.Namespace, pipe=None) -> dict[str, Any]:
-    return dict(sampler=args.sampler, scheduler=args.scheduler, steps=args.steps, guidance_scale=_guidance(args, pipe),
-                batch_size=args.batch_size, batch_count=args.batch_count)
+    chosen = dict(sampler=args.sampler, scheduler=args.scheduler, steps=args.steps,
+                  guidance_scale=_guidance(args, pipe), batch_size=args.batch_size, batch_count=args.batch_count)
+    return {**chosen, **_distilled_defaults(args, pipe)}
+
+
+def _distilled_defaults(args: argparse.Namespace, pipe=None) -> dict[str, Any]:
+    """Steps and scheduler of a few-step distilled model (families/distilled.py) where none were asked
+    for (a sampler name that carries its scheduler, "DPM++ 2M Karras", keeps that one). img2img runs
+    the last ``int(steps * strength)`` steps, so its steps are raised until that is at least one."""
+    from latent_diffusion.diffusion.registry import resolve_sampler
+
+    defaults = None if pipe is None else pipe.sampling_defaults
+    if defaults is None:
+        return {}
+    chosen = {}
+    if args.steps is None:
+        strength = getattr(args, "strength", 1.0)
+        steps = defaults.steps
+        while 0 < strength and int(steps * strength) < 1 and steps < MAX_DISTILLED_STEPS:
+            steps += 1
+        chosen["steps"] = steps
+    if args.scheduler is None and resolve_sampler(args.sampler)[1].is_automatic:
+        chosen["scheduler"] = defaults.scheduler
+    return chosen
 
 
 def _check_common(args: argparse.Namespace) -> None:
@@ -252,7 +279,8 @@ def _check_prompt_addons(args: argparse.Namespace) -> None:
     EmbeddingLibrary(args.embeddings_dir)
     loras = LoraLibrary(args.lora_dir)
     texts = read_prompts(args) if hasattr(args, "prompt") else []
-    texts += [getattr(args, name, None) or "" for name in ("negative_prompt", "hires_prompt", "hires_negative_prompt")]
+    texts += [getattr(args, name, None) or "" for name in ("negative_prompt", "hires_prompt", "hires_negative_prompt",
+                                                           "lora_tags")]
     for tag in PromptAddons.tags(*texts):
         loras.path_of(tag.name)
 
@@ -357,7 +385,10 @@ def _load_hires(args: argparse.Namespace, source: str | Path | None):
 
 
 def native_image_size(pipe) -> int:
-    """Default image side: the family's (512 for SD 1.x, 1024 for SDXL; a model of ours: its training size)."""
+    """Default image side: the family's (512 for SD 1.x, 1024 for SDXL; a model of ours: its training size),
+    or a distilled model's own (SDXL-Turbo: 512)."""
+    if pipe.sampling_defaults is not None:
+        return pipe.sampling_defaults.image_size
     return pipe.family.native_image_size(pipe.spec)
 
 
@@ -465,6 +496,7 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
     )
     from latent_diffusion.pipelines.images import check_size
 
+    args.lora_tags = "".join(f" <lora:{tag}>" for tag in args.lora)  # read by _check_common
     _check_common(args)
     check_size(args.size, args.size)
     counts = args.prompts_per_group
@@ -481,8 +513,8 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
         counter = iter(range(args.seed, args.seed + 10**9))
 
         def generate(caption: str):
-            return pipe.txt2img(caption, width=args.size, height=args.size, steps=args.steps, sampler=args.sampler,
-                                scheduler=args.scheduler, guidance_scale=_guidance(args, pipe), seed=next(counter)).images[0]
+            return pipe.txt2img(caption + args.lora_tags, width=args.size, height=args.size, steps=args.steps,
+                                sampler=args.sampler, scheduler=args.scheduler, guidance_scale=_guidance(args, pipe), seed=next(counter)).images[0]
 
     evaluation = evaluate_generator(generate, prompts=prompts, images_per_prompt=args.images_per_prompt, seed=args.seed,
                                     judge=args.judge)
@@ -609,6 +641,8 @@ def add_task_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--judge", choices=("classifier", "geometric", "both"), default="classifier",
                    help="who reads the images: the learned classifier, geometric measurements (nothing learned), "
                         "or both, with how often they agree")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]",
+                   help="a LoRA of --lora-dir applied to every prompt, as <lora:NAME:WEIGHT> would (repeatable)")
     add_sampling_options(p, guidance=7.5)
     p.set_defaults(seed=0, batch_size=1, batch_count=1)
     add_model_options(p)

@@ -32,6 +32,7 @@ from latent_diffusion.diffusion.samplers import Step
 from latent_diffusion.diffusion.sampling import BatchNoise, make_generators, sample
 from latent_diffusion.diffusion.schedulers import AUTOMATIC, SchedulerSpec
 from latent_diffusion.diffusion.schedules import NoiseSchedule, img2img_sigmas
+from latent_diffusion.families.distilled import sampling_defaults_for
 from latent_diffusion.models.autoencoder import AutoencoderKL
 from latent_diffusion.models.vae_tiling import decode_tiled, encode_tiled
 from latent_diffusion.pipelines.images import check_size, tensor_to_images
@@ -178,6 +179,8 @@ class Pipeline:
         self.model = loaded.model
         self.spec = loaded.spec
         self.family = loaded.family
+        # A few-step distilled model (SD-Turbo, ...) says so in its file; commands fill unset options from it.
+        self.sampling_defaults = sampling_defaults_for(loaded.source)
         self.schedule = NoiseSchedule.from_config(self.spec.schedule)
         self.name = name or (loaded.source.stem if loaded.source else self.spec.family)
         self.hash = hash_

@@ -134,13 +134,26 @@ class LDMSettings:
 
 
 @dataclass(frozen=True)
+class LoraSettings:
+    """``stage: lora``: low-rank factors trained beside the frozen weights of ``ldm.init_checkpoint``."""
+
+    rank: int = 16
+    alpha: float = 8.0  # the change is scaled by alpha / rank (kohya's network_alpha)
+    # Layers of the UNet to adapt, by kind (training/lora.py: UNET_TARGETS); text_targets adapts the
+    # text encoder's too (empty: it stays as it is).
+    targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out")
+    text_targets: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """One training run: which stage, the model, the data, the optimiser and the run's cadence."""
 
-    stage: Literal["autoencoder", "ldm"] = "autoencoder"
+    stage: Literal["autoencoder", "ldm", "lora"] = "autoencoder"
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
     ldm: LDMSettings = field(default_factory=LDMSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -300,7 +313,11 @@ def validate_experiment(config: ExperimentConfig) -> None:
         raise ConfigError("data.root: set the folder of training images")
     if config.data.size < 8:
         raise ConfigError(f"data.size must be >= 8, got {config.data.size}")
-    if config.stage == "ldm":
+    if config.stage == "lora":
+        from latent_diffusion.training.lora import validate_lora_settings
+
+        validate_lora_settings(config)
+    if config.stage in ("ldm", "lora"):
         ldm = config.ldm
         if not ldm.first_stage and not ldm.init_checkpoint:
             raise ConfigError("ldm.first_stage: set the trained autoencoder (stage-1 output) or ldm.init_checkpoint")

@@ -39,12 +39,13 @@ from latent_diffusion.training.objective import min_snr_weight, network_input_an
 log = logging.getLogger(__name__)
 
 
-def train_ldm(config: ExperimentConfig) -> Path:
-    """Run stage 2 to ``run.max_steps`` (resuming when a checkpoint exists); returns the single-file checkpoint."""
+def train_ldm(config: ExperimentConfig, trainer_class: type | None = None) -> Path:
+    """Run stage 2 (or another ``trainer_class`` on its machinery) to ``run.max_steps``, resuming when a
+    checkpoint exists; returns the file the run writes (the single-file checkpoint)."""
     validate_experiment(config)
     context = setup_distributed(config.run.device)
     try:
-        trainer = LDMTrainer(config, context)
+        trainer = (trainer_class or LDMTrainer)(config, context)
         for step in range(trainer.start_step, config.run.max_steps):
             trainer.train_step(step)
         return trainer.finish()
@@ -91,6 +92,8 @@ class _NoisedBatch:
 class LDMTrainer:
     """One stage-2 run: the model, optimiser, EMA and data position, advanced one optimiser step at a time."""
 
+    final_name = "model.safetensors"  # the file ``finish`` writes into ``run.out_dir``
+
     def __init__(self, config: ExperimentConfig, context: DistributedContext) -> None:
         self.config, self.context = config, context
         self.run, self.optim, self.settings = config.run, config.optim, config.ldm
@@ -119,16 +122,13 @@ class LDMTrainer:
 
     def _build_model(self) -> None:
         """The LatentDiffusion model with its first stage (and a pre-trained condition encoder) frozen."""
-        model, encoder_trains = build_training_model(self.config)
+        model, encoder_trains = self._training_model()
         model.to(self.device)
         self.model, self.spec, self.encoder_trains = model, model.spec, encoder_trains
         self.first_stage = model.first_stage_model.eval().requires_grad_(False)
         if model.cond_stage_model is not None and not encoder_trains:
             model.cond_stage_model.eval().requires_grad_(False)
-        if encoder_trains and hasattr(model.cond_stage_model, "transformer"):
-            # The BERTEmbedder's language-model head is never used for conditioning; DDP wants every trained weight used.
-            model.cond_stage_model.transformer.to_logits.requires_grad_(False)
-        self.network = ConditionedUNet(model.unet, model.cond_stage_model if encoder_trains else None)
+        self.network = self._network(model, encoder_trains)
         if self.optim.gradient_checkpointing:
             enable_gradient_checkpointing([*model.unet.input_blocks, model.unet.middle_block, *model.unet.output_blocks])
         self.tokenizer = make_tokenizer(self.spec)
@@ -147,6 +147,22 @@ class LDMTrainer:
         self.spec = dataclasses.replace(self.spec, conditioner=dataclasses.replace(text, vocabulary=words))
         self.model.spec = self.spec
 
+    def _training_model(self):
+        """(the LatentDiffusion model, whether its condition encoder trains)."""
+        model, encoder_trains = build_training_model(self.config)
+        if encoder_trains and hasattr(model.cond_stage_model, "transformer"):
+            # The BERTEmbedder's language-model head is never used for conditioning; DDP wants every trained weight used.
+            model.cond_stage_model.transformer.to_logits.requires_grad_(False)
+        return model, encoder_trains
+
+    def _network(self, model, encoder_trains: bool) -> torch.nn.Module:
+        """The module that is trained: the one the optimiser, EMA and DDP see."""
+        return ConditionedUNet(model.unet, model.cond_stage_model if encoder_trains else None)
+
+    def _saved_network(self) -> torch.nn.Module:
+        """The part of the network that checkpoints hold (all of it: every weight trains)."""
+        return self.network
+
     def _param_groups(self) -> list:
         """The trained parameters, split in two groups when the condition encoder has its own rate."""
         scale = self.settings.conditioner.lr_scale
@@ -159,11 +175,12 @@ class LDMTrainer:
     def _resume(self) -> tuple[int, dict | None]:
         """Restore the newest checkpoint of ``run.out_dir`` (when resuming): the step to continue from and
         the RNG states, which the caller restores once nothing else draws from them before the first step."""
-        found = resume.open_checkpoint(self.config, {"network": self.network}, ("model.safetensors",), self.context.is_main)
+        found = resume.open_checkpoint(self.config, {"network": self._saved_network()}, (self.final_name,),
+                                       self.context.is_main)
         if found is None:
             return 0, None
         state, path = found
-        self.network.load_state_dict(state["network"])
+        self._saved_network().load_state_dict(state["network"])
         resume.load_optimizer_state(self.optimizer, state["optimizer"], "optimizer", path)
         self.ema = resume.restore_ema(self.ema, state["ema"], self.network)
         self.scale_factor = float(state["scale_factor"])
@@ -272,7 +289,7 @@ class LDMTrainer:
                           self.out_dir / "samples" / f"step-{done:08d}.png", run)
         if self.context.is_main and (done % run.checkpoint_every == 0 or done == run.max_steps):
             checkpointing.save_training_state(self.out_dir, done, {
-                "network": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "network": self._saved_network().state_dict(), "optimizer": self.optimizer.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None, "scale_factor": self.scale_factor,
                 "config": to_plain(self.config),
             }, run.keep_last)
@@ -281,14 +298,18 @@ class LDMTrainer:
         """Close the logs and write the single-file checkpoint (EMA weights beside the trained ones)."""
         self.progress.close()
         self.logger.close()
-        final = self.out_dir / "model.safetensors"
+        final = self.out_dir / self.final_name
         if self.context.is_main:
-            ema = self.ema
-            self.model.spec = dataclasses.replace(self.spec, scale_factor=self.scale_factor)
-            export_single_file(self.model, ema.shadow if ema is not None else None,
-                               (ema.decay, ema.num_updates) if ema is not None else (0.0, 0), final,
-                               carry_from=self.settings.init_checkpoint)
+            self._export(final)
         return final
+
+    def _export(self, final: Path) -> None:
+        """Write the run's result to ``final``."""
+        ema = self.ema
+        self.model.spec = dataclasses.replace(self.spec, scale_factor=self.scale_factor)
+        export_single_file(self.model, ema.shadow if ema is not None else None,
+                           (ema.decay, ema.num_updates) if ema is not None else (0.0, 0), final,
+                           carry_from=self.settings.init_checkpoint)
 
 
 def _save_samples(model, network, ema, spec, scale_factor, batch, settings, path: Path, run) -> None:

@@ -32,7 +32,7 @@ _BOOKKEEPING = (
 # Settings that say which networks are built (named first when a checkpoint does not fit).
 _MODEL_SETTINGS = (
     "stage", "autoencoder.", "ldm.task", "ldm.unet.", "ldm.conditioner.", "ldm.first_stage", "ldm.init_checkpoint",
-    "ldm.init_config", "loss.disc_layers", "loss.disc_channels",
+    "ldm.init_config", "lora.", "loss.disc_layers", "loss.disc_channels",
 )
 _KEPT_FROM_CHECKPOINT = {"ldm.scale_factor": "the checkpoint's latent scale is kept: its network learned latents of that scale"}
 
