@@ -471,6 +471,9 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
     if counts is not None and counts < 1:
         raise ValueError(f"--prompts-per-group must be >= 1, got {counts}")
     prompts = fixed_prompt_set(counts, counts, counts) if counts else None
+    if args.control is not None:
+        _eval_shapes_control(args)
+        return
     if args.renderer:
         generate = rendering_generator(seed=args.seed, resolution=args.size)
     else:
@@ -489,6 +492,37 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
                           "images": evaluation.image_count, "references": evaluation.reference_count}, indent=2))
     else:
         print(format_report(evaluation))
+
+
+def _eval_shapes_control(args: argparse.Namespace) -> None:
+    """``eval-shapes --control FILE``: maps put the object at P, prompts at Q; scored with and without the ControlNet."""
+    from latent_diffusion.evaluation.shapes_classifier import load_shapes_classifier
+    from latent_diffusion.evaluation.shapes_control import control_cases, evaluate_control, format_control_report
+    from latent_diffusion.pipelines.control import ControlUnit, load_controlnet_for
+
+    if args.renderer:
+        raise ValueError("--renderer and --control exclude each other: the renderer has no ControlNet to score")
+    if not Path(args.control).exists():
+        raise FileNotFoundError(f"--control {args.control}: ControlNet not found")
+    cases = control_cases(args.control_cases, seed=2024 + args.seed)
+    pipe = _pipeline(args)
+    controlnet = load_controlnet_for(pipe, args.control)
+    classifier = load_shapes_classifier()
+    results = {}
+    for label, with_control in (("with ControlNet", True), ("without (baseline)", False)):
+        def generate(caption, control_map, index):
+            control = [ControlUnit(controlnet, control_map)] if with_control else None
+            return pipe.txt2img(caption, width=args.size, height=args.size, steps=args.steps, sampler=args.sampler,
+                                scheduler=args.scheduler, guidance_scale=_guidance(args, pipe), seed=args.seed + index,
+                                control=control).images[0]
+
+        results[label] = evaluate_control(generate, cases, classifier, size=args.size, seed=args.seed)
+    if args.json:
+        import json
+
+        print(json.dumps({"cases": len(cases), "results": results}, indent=2))
+    else:
+        print(format_control_report(results, len(cases)))
 
 
 def apply_png_parameters(args: argparse.Namespace) -> None:
@@ -595,6 +629,10 @@ def add_task_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--prompts-per-group", type=int, default=None,
                    help="prompts per group (one object, two objects, held-out pairs); default: the full fixed set")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
+    p.add_argument("--control", default=None, metavar="FILE",
+                   help="score a canny ControlNet instead: maps put the object at one position, prompts at another; "
+                        "reports where it lands with and without the ControlNet")
+    p.add_argument("--control-cases", type=int, default=60, help="number of cases with --control")
     add_sampling_options(p, guidance=7.5)
     p.set_defaults(seed=0, batch_size=1, batch_count=1)
     add_model_options(p)
