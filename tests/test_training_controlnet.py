@@ -172,3 +172,16 @@ def test_resuming_with_another_hint_encoder_names_the_setting(data, tmp_path):
     train_controlnet(config_for(data, tmp_path / "run", "run.max_steps=2"))
     with pytest.raises(ConfigError, match=r"controlnet.hint_widths: None in the checkpoint, \[8, 16, 32\] now"):
         train_controlnet(config_for(data, tmp_path / "run", "run.max_steps=4", "controlnet.hint_widths=[8, 16, 32]"))
+
+
+def test_a_stage2_checkpoint_from_before_the_controlnet_section_resumes_without_a_warning_about_it(data, tmp_path):
+    from latent_diffusion.training.config import to_plain
+    from latent_diffusion.training.resume import changed_settings
+
+    config = load_experiment(TINY / "ldm-txt2img.yaml", [f"ldm.first_stage={data / 'ae.safetensors'}"])
+    saved = {k: v for k, v in to_plain(config).items() if k != "controlnet"}
+    assert changed_settings(saved, config) == {}
+    controlnet_run = config_for(data, tmp_path / "run")
+    saved = to_plain(controlnet_run)
+    assert changed_settings(saved, config_for(data, tmp_path / "run", "controlnet.threshold_b=150")) == {
+        "controlnet.threshold_b": (None, 150.0)}
