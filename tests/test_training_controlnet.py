@@ -185,3 +185,16 @@ def test_a_stage2_checkpoint_from_before_the_controlnet_section_resumes_without_
     saved = to_plain(controlnet_run)
     assert changed_settings(saved, config_for(data, tmp_path / "run", "controlnet.threshold_b=150")) == {
         "controlnet.threshold_b": (None, 150.0)}
+
+
+def test_gradient_checkpointing_trains_the_same_controlnet(data, tmp_path):
+    results = []
+    for checkpointing in (False, True):
+        trainer = trainer_for(config_for(data, tmp_path / f"run-{checkpointing}", "run.max_steps=2", "optim.ema_decay=0",
+                                         f"optim.gradient_checkpointing={str(checkpointing).lower()}"))
+        for step in range(2):
+            trainer.train_step(step)
+        results.append(trainer.network.state_dict())
+    plain, checkpointed = results
+    assert not torch.equal(plain["zero_convs.0.0.weight"], torch.zeros_like(plain["zero_convs.0.0.weight"]))
+    assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)

@@ -130,9 +130,10 @@ class ControlNetTrainer(LDMTrainer):
         self.first_stage = model.first_stage_model
         self.network = controlnet_from_unet(model.unet, self.spec, self.config.controlnet).to(self.device)
         if self.optim.gradient_checkpointing:
+            # The UNet's encoder sees nothing that needs a gradient; its decoder carries the residuals' gradients.
             unet, control = model.unet, self.network
-            enable_gradient_checkpointing([*unet.input_blocks, unet.middle_block, *unet.output_blocks,
-                                           *control.input_blocks, control.middle_block])
+            enable_gradient_checkpointing([unet.middle_block, *unet.output_blocks, *control.input_blocks,
+                                           control.middle_block])
         self.tokenizer = make_tokenizer(self.spec)
         self.trainable = [p for p in self.network.parameters() if p.requires_grad]
         log.info("ControlNet of %.2f M parameters beside the frozen %s", sum(p.numel() for p in self.trainable) / 1e6, path)
