@@ -14,7 +14,7 @@ from latent_diffusion.config import ConfigError
 from latent_diffusion.training.config import load_experiment
 from latent_diffusion.training.controlnet import ControlNetTrainer, controlnet_from_unet, train_controlnet
 from latent_diffusion.training.distributed import setup_distributed
-from test_training import TINY, images_and_autoencoder
+from test_training import REPO, TINY, images_and_autoencoder
 from test_training_resume import Interrupted, stop_after_checkpoint, steps_saved
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: a second thread only waits
@@ -36,12 +36,15 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
+def config_overrides(data: Path, out: Path) -> list[str]:
+    return ["stage=controlnet", f"controlnet.base_model={data / 'base.safetensors'}", f"data.root={data / 'images'}",
+            "data.size=16", "data.crop=center", "data.flip=false", f"run.out_dir={out}", "run.batch_size=4",
+            "run.checkpoint_every=2", "run.keep_last=10", "run.progress=false", "run.log_every=1",
+            "optim.lr=1e-3", "optim.warmup_steps=0", "optim.precision=fp32", "ldm.conditioner.drop_prob=0.5"]
+
+
 def config_for(data: Path, out: Path, *extra: str):
-    return load_experiment(None, [
-        "stage=controlnet", f"controlnet.base_model={data / 'base.safetensors'}", f"data.root={data / 'images'}",
-        "data.size=16", "data.crop=center", "data.flip=false", f"run.out_dir={out}", "run.batch_size=4",
-        "run.checkpoint_every=2", "run.keep_last=10", "run.progress=false", "run.log_every=1",
-        "optim.lr=1e-3", "optim.warmup_steps=0", "optim.precision=fp32", "ldm.conditioner.drop_prob=0.5", *extra])
+    return load_experiment(None, [*config_overrides(data, out), *extra])
 
 
 def trainer_for(config) -> ControlNetTrainer:
@@ -198,3 +201,20 @@ def test_gradient_checkpointing_trains_the_same_controlnet(data, tmp_path):
     plain, checkpointed = results
     assert not torch.equal(plain["zero_convs.0.0.weight"], torch.zeros_like(plain["zero_convs.0.0.weight"]))
     assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
+
+
+def test_ldm_train_writes_a_controlnet_that_ldm_txt2img_uses(data, tmp_path, capsys):
+    from PIL import Image
+
+    from latent_diffusion import cli
+
+    out = tmp_path / "run"
+    overrides = [a for a in config_overrides(data, out) if not a.startswith("stage=")]
+    code = cli.main(["train", str(REPO / "configs" / "shapes" / "controlnet-canny.yaml"), *overrides,
+                     "run.max_steps=2", "data.num_workers=0"])
+    assert code == 0 and capsys.readouterr().out.strip().endswith(str(out / "controlnet.safetensors"))
+    Image.new("RGB", (16, 16), "black").save(tmp_path / "map.png")
+    code = cli.main(["txt2img", "a red square", "--checkpoint", str(data / "base.safetensors"), "-W", "16", "-H", "16",
+                     "--steps", "2", "--control", f"{out / 'controlnet.safetensors'}:{tmp_path / 'map.png'}",
+                     "--outdir", str(tmp_path / "images"), "--quiet"])
+    assert code == 0 and len(list((tmp_path / "images").glob("*.png"))) == 1
