@@ -64,6 +64,8 @@ def test_an_image_without_objects_scores_nothing():
     (["--control", "/no/such/controlnet.safetensors"], "ControlNet not found"),
     (["--control", "{file}", "--renderer"], "--renderer and --control exclude each other"),
     (["--control", "{file}", "--control-cases", "0"], "must be >= 1, got 0"),
+    (["--control", "{file}", "--control-weight", "3"], "ControlNet weight must be in [0, 2], got 3"),
+    (["--control", "{file}", "--control-mode", "loud"], "unknown ControlNet control mode 'loud'"),
 ])
 def test_bad_control_options_are_one_clear_line(args, message, tmp_path, capsys):
     file = tmp_path / "cn.safetensors"
