@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from latent_diffusion.data.shapes import (
-    BACKGROUNDS, POSITIONS, SIZES, RenderJitter, Scene, allowed_pairs, caption_for, image_to_tensor, render_scene,
+    BACKGROUNDS, POSITIONS, SIZES, RenderJitter, Scene, allowed_pairs, caption_for, render_scene,
 )
 from latent_diffusion.evaluation.shapes_classifier import SceneReading, ShapesClassifier, read_scenes
 
