@@ -506,6 +506,9 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
         raise ValueError(f"--spoken-prompts must be >= 0, got {args.spoken_prompts}")
     prompts = fixed_prompt_set(counts, counts, counts) if counts else fixed_prompt_set()
     prompts += spoken_prompt_set(args.spoken_prompts) if args.spoken_prompts else []
+    if args.control is not None:
+        _eval_shapes_control(args)
+        return
     if args.renderer:
         generate = rendering_generator(seed=args.seed, resolution=args.size)
     else:
@@ -529,6 +532,39 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
                          indent=2))
     else:
         print(format_report(evaluation))
+
+
+def _eval_shapes_control(args: argparse.Namespace) -> None:
+    """``eval-shapes --control FILE``: maps put the object at P, prompts at Q; scored with and without the ControlNet."""
+    from latent_diffusion.evaluation.shapes_classifier import load_shapes_classifier
+    from latent_diffusion.evaluation.shapes_control import control_cases, evaluate_control, format_control_report
+    from latent_diffusion.pipelines.control import ControlUnit, load_controlnet_for, unit_settings
+
+    if args.renderer:
+        raise ValueError("--renderer and --control exclude each other: the renderer has no ControlNet to score")
+    if not Path(args.control).exists():
+        raise FileNotFoundError(f"--control {args.control}: ControlNet not found")
+    cases = control_cases(args.control_cases, seed=2024 + args.seed)
+    settings = unit_settings(weight=args.control_weight, control_mode=args.control_mode)
+    pipe = _pipeline(args)
+    controlnet = load_controlnet_for(pipe, args.control)
+    classifier = load_shapes_classifier()
+    results = {}
+    for label, with_control in (("with ControlNet", True), ("without (baseline)", False)):
+        def generate(caption, control_map, index):
+            control = [ControlUnit(controlnet, control_map, **settings)] if with_control else None
+            return pipe.txt2img(caption + args.lora_tags, width=args.size, height=args.size, steps=args.steps,
+                                sampler=args.sampler,
+                                scheduler=args.scheduler, guidance_scale=_guidance(args, pipe), seed=args.seed + index,
+                                control=control).images[0]
+
+        results[label] = evaluate_control(generate, cases, classifier, size=args.size, seed=args.seed)
+    if args.json:
+        import json
+
+        print(json.dumps({"cases": len(cases), "results": results}, indent=2))
+    else:
+        print(format_control_report(results, len(cases)))
 
 
 def apply_png_parameters(args: argparse.Namespace) -> None:
@@ -643,6 +679,14 @@ def add_task_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
                         "or both, with how often they agree")
     p.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]",
                    help="a LoRA of --lora-dir applied to every prompt, as <lora:NAME:WEIGHT> would (repeatable)")
+    p.add_argument("--control", default=None, metavar="FILE",
+                   help="score a canny ControlNet instead: maps put the object at one position, prompts at another; "
+                        "reports where it lands with and without the ControlNet")
+    p.add_argument("--control-cases", type=int, default=60, help="number of cases with --control")
+    p.add_argument("--control-weight", type=float, default=1.0, help="the ControlNet's weight with --control (0-2)")
+    p.add_argument("--control-mode", default="balanced",
+                   help="with --control: balanced, prompt (my prompt is more important) or control (ControlNet is more "
+                        "important)")
     add_sampling_options(p, guidance=7.5)
     p.set_defaults(seed=0, batch_size=1, batch_count=1)
     add_model_options(p)

@@ -18,6 +18,10 @@ def _cmd_train(args: argparse.Namespace) -> None:
         from latent_diffusion.training.lora_trainer import train_lora
 
         path = train_lora(config)
+    elif config.stage == "controlnet":
+        from latent_diffusion.training.controlnet import train_controlnet
+
+        path = train_controlnet(config)
     else:
         from latent_diffusion.training.ldm import train_ldm
 
@@ -36,7 +40,7 @@ def _cmd_cache_latents(args: argparse.Namespace) -> None:
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``train``: the config's ``stage`` says which stage runs."""
     parser = subparsers.add_parser(
-        "train", help="Train an autoencoder, a latent diffusion model or a LoRA from a YAML experiment config.",
+        "train", help="Train an autoencoder, a latent diffusion model, a LoRA or a ControlNet from a YAML experiment config.",
         description="Train from a YAML experiment (configs/*.yaml); any field can be overridden as key=value, "
         "e.g. run.max_steps=100 optim.lr=1e-4. Multi-GPU: torchrun --nproc_per_node N -m latent_diffusion.cli train ...",
     )

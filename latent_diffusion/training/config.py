@@ -146,14 +146,28 @@ class LoraSettings:
 
 
 @dataclass(frozen=True)
+class ControlNetSettings:
+    """A ControlNet trained beside a frozen text-to-image model (``stage: controlnet``)."""
+
+    base_model: str = ""  # the model it steers: a single file, or "builtin" for the shipped shapes model
+    # The control map each training image gets, made by the package's preprocessor at the image's size.
+    preprocessor: Literal["canny", "threshold", "scribble_xdog"] = "canny"
+    threshold_a: float | None = None  # the preprocessor's settings; None: its defaults (canny: 100 and 200)
+    threshold_b: float | None = None
+    # The hint encoder's widths; None: the release's (16, 32, 96, 256) cut to the autoencoder's factor.
+    hint_widths: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """One training run: which stage, the model, the data, the optimiser and the run's cadence."""
 
-    stage: Literal["autoencoder", "ldm", "lora"] = "autoencoder"
+    stage: Literal["autoencoder", "ldm", "lora", "controlnet"] = "autoencoder"
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
     ldm: LDMSettings = field(default_factory=LDMSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
+    controlnet: ControlNetSettings = field(default_factory=ControlNetSettings)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)

@@ -209,9 +209,10 @@ class ShardedBatches(torch.utils.data.Sampler):
         return (accumulation * self.world_size + self.rank) * self.micro_batch
 
 
-def make_loader(dataset: ImageFolderDataset, sampler: ShardedBatches, num_workers: int) -> torch.utils.data.DataLoader:
+def make_loader(dataset: torch.utils.data.Dataset, sampler: ShardedBatches, num_workers: int,
+                collate_fn=collate) -> torch.utils.data.DataLoader:
     """A loader over the sharded batch sampler; workers decode images in parallel."""
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
+        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
         persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
     )

@@ -43,6 +43,11 @@ def train_ldm(config: ExperimentConfig, trainer_class: type | None = None) -> Pa
     """Run stage 2 (or another ``trainer_class`` on its machinery) to ``run.max_steps``, resuming when a
     checkpoint exists; returns the file the run writes (the single-file checkpoint)."""
     validate_experiment(config)
+    return run_trainer(LDMTrainer, config)
+
+
+def run_trainer(trainer_class: type[LDMTrainer], config: ExperimentConfig) -> Path:
+    """Build ``trainer_class`` on this process's device, step it to ``run.max_steps`` and return its result file."""
     context = setup_distributed(config.run.device)
     try:
         trainer = (trainer_class or LDMTrainer)(config, context)
@@ -87,6 +92,7 @@ class _NoisedBatch:
     frozen_context: torch.Tensor | None  # the frozen encoder's output otherwise
     target: torch.Tensor
     alpha_bar: torch.Tensor  # [B], of each sample's timestep
+    hint: torch.Tensor | None = None  # the control maps of a ControlNet run
 
 
 class LDMTrainer:
@@ -99,15 +105,14 @@ class LDMTrainer:
         self.run, self.optim, self.settings = config.run, config.optim, config.ldm
         self.device = context.device
         self.out_dir = Path(self.run.out_dir)
-        dataset, collate = _dataset(config)
+        dataset, collate = self._dataset()
         torch.manual_seed(self.run.seed)
         self._build_model()
         self._record_vocabulary(dataset)
         self.optimizer = adamw(self._param_groups(), self.optim)
         self.ema = EMA(self.network, self.optim.ema_decay) if self.optim.ema_decay > 0 else None
         self.alphas_cumprod = alphas_cumprod_for(self.spec.schedule).to(device=self.device, dtype=torch.float32)
-        init_scale = self.spec.scale_factor if self.settings.init_checkpoint else None
-        self.scale_factor = self.settings.scale_factor if self.settings.scale_factor is not None else init_scale
+        self.scale_factor = self._initial_scale_factor()
         self.start_step, rng = self._resume()
         self.wrapped = DistributedDataParallel(self.network) if context.enabled else self.network
         self._open_data(dataset, collate)
@@ -119,6 +124,14 @@ class LDMTrainer:
         if rng is not None:
             # Last: opening the data loader draws from the global generator, which dropout then uses.
             checkpointing.restore_rng_states(rng)
+
+    def _dataset(self) -> tuple[torch.utils.data.Dataset, object]:
+        return _dataset(self.config)
+
+    def _initial_scale_factor(self) -> float | None:
+        """The configured latent scale, else a fine-tuned checkpoint's, else None (estimated from the first batch)."""
+        init_scale = self.spec.scale_factor if self.settings.init_checkpoint else None
+        return self.settings.scale_factor if self.settings.scale_factor is not None else init_scale
 
     def _build_model(self) -> None:
         """The LatentDiffusion model with its first stage (and a pre-trained condition encoder) frozen."""
@@ -192,10 +205,12 @@ class LDMTrainer:
         self.sampler = ShardedBatches(len(dataset), self.run.batch_size, grad_accum=self.optim.grad_accum,
                                       rank=context.rank, world_size=context.world_size, seed=self.run.seed,
                                       start_step=self.start_step)
+        self.loader = iter(self._loader(dataset, collate))
+
+    def _loader(self, dataset, collate) -> torch.utils.data.DataLoader:
         if collate is None:
-            self.loader = iter(make_loader(dataset, self.sampler, self.config.data.num_workers))
-        else:
-            self.loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=self.sampler, collate_fn=collate))
+            return make_loader(dataset, self.sampler, self.config.data.num_workers)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=self.sampler, collate_fn=collate)
 
     def train_step(self, step: int) -> None:
         """One optimiser step over ``optim.grad_accum`` micro-batches, then logs, samples and checkpoints."""
@@ -257,12 +272,15 @@ class LDMTrainer:
     def _loss(self, noised: _NoisedBatch, sync: bool) -> torch.Tensor:
         """Mean (min-SNR weighted) squared error of the network's prediction; gradients sync only when ``sync``."""
         with (contextlib.nullcontext() if sync else self.wrapped.no_sync()), autocast_context(self.optim.precision, self.device):
-            prediction = self.wrapped(noised.model_input, noised.t.float(), noised.condition, noised.frozen_context)
+            prediction = self._predict(noised)
             per_sample = F.mse_loss(prediction.float(), noised.target, reduction="none").mean(dim=(1, 2, 3))
             if self.settings.min_snr_gamma is not None:
                 snr = noised.alpha_bar / (1 - noised.alpha_bar)
                 per_sample = per_sample * min_snr_weight(snr, self.settings.min_snr_gamma, self.spec.prediction)
             return per_sample.mean()
+
+    def _predict(self, noised: _NoisedBatch) -> torch.Tensor:
+        return self.wrapped(noised.model_input, noised.t.float(), noised.condition, noised.frozen_context)
 
     def _optimizer_step(self) -> torch.Tensor | None:
         """Clip, step AdamW, update the EMA; the gradient norm before clipping (None without clipping)."""

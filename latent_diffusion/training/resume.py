@@ -31,9 +31,11 @@ _BOOKKEEPING = (
 )
 # Settings that say which networks are built (named first when a checkpoint does not fit).
 _MODEL_SETTINGS = (
-    "stage", "autoencoder.", "ldm.task", "ldm.unet.", "ldm.conditioner.", "ldm.first_stage", "ldm.init_checkpoint",
-    "ldm.init_config", "lora.", "loss.disc_layers", "loss.disc_channels",
+    "stage", "autoencoder.", "controlnet.", "ldm.task", "ldm.unet.", "ldm.conditioner.", "ldm.first_stage",
+    "ldm.init_checkpoint", "ldm.init_config", "lora.", "loss.disc_layers", "loss.disc_channels",
 )
+# Config sections that only their own stage reads (older checkpoints have none of them).
+_STAGE_SECTIONS = ("lora", "controlnet")
 _KEPT_FROM_CHECKPOINT = {"ldm.scale_factor": "the checkpoint's latent scale is kept: its network learned latents of that scale"}
 
 
@@ -50,6 +52,8 @@ def changed_settings(saved: Mapping | None, config: ExperimentConfig) -> dict[st
     old, new = _flat(saved), _flat(to_plain(config))
     changes = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
                if old.get(k) != new.get(k) and not k.startswith(_BOOKKEEPING)}
+    unread = tuple(f"{stage}." for stage in _STAGE_SECTIONS if stage != config.stage)  # sections this run does not read
+    changes = {k: v for k, v in changes.items() if not k.startswith(unread)}
     if config.optim.schedule == "constant" and old.get("optim.schedule") == "constant":
         changes.pop("run.max_steps", None)  # the run's length only matters to a decaying learning rate
     return changes
