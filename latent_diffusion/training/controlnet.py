@@ -141,6 +141,9 @@ class ControlNetTrainer(LDMTrainer):
     def _initial_scale_factor(self) -> float:
         return self.spec.scale_factor
 
+    def _record_vocabulary(self, dataset) -> None:
+        """Nothing to record: the base model's text encoder is not trained, and its file keeps its own words."""
+
     def _loader(self, dataset, collate) -> torch.utils.data.DataLoader:
         return make_loader(dataset, self.sampler, self.config.data.num_workers, collate_fn=collate)
 
