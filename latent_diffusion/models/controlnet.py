@@ -18,7 +18,7 @@ from torch import nn
 
 from latent_diffusion.config import ConfigError, UNetConfig
 from latent_diffusion.models.unet import TimestepEmbedSequential, UNetModel, _validate
-from latent_diffusion.nn.layers import conv_nd, timestep_embedding, zero_init
+from latent_diffusion.nn.layers import conv_nd, zero_init
 
 # The released hint encoders: 16 channels at full size, then three halvings to 32, 96 and 256 (/8).
 HINT_WIDTHS = (16, 32, 96, 256)
@@ -75,6 +75,7 @@ class ControlNet(nn.Module):
     _check_inputs = UNetModel._check_inputs
     _build_embeddings = UNetModel._build_embeddings
     _encoder_blocks = UNetModel._encoder_blocks
+    _embed = UNetModel._embed
 
     def __init__(self, config: ControlNetConfig):
         super().__init__()
@@ -117,18 +118,12 @@ class ControlNet(nn.Module):
         """
         timesteps = self._check_inputs(x, timesteps, context, y)
         self._check_hint(x, hint)
-        dtype = self.time_embed[0].weight.dtype
-        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
-        if self.config.num_classes is not None:
-            emb = emb + self.label_emb(y.to(dtype) if y.is_floating_point() else y)
-        if context is not None:
-            context = context.to(dtype)
-        h = x.to(dtype)
+        h, emb, context = self._embed(x, timesteps, context, y)
         residuals = []
         for index, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):
             h = block(h, emb, context)
             if index == 0:
-                h = h + self.input_hint_block(hint.to(dtype))
+                h = h + self.input_hint_block(hint.to(h.dtype))
             residuals.append(zero_conv(h))
         residuals.append(self.middle_block_out(self.middle_block(h, emb, context)))
         if self.control_config.global_average_pooling:

@@ -170,6 +170,16 @@ class UNetModel(nn.Module):
             zero_init(conv_nd(config.dims, base, config.out_channels, 3, padding=1)),
         )
 
+    def _embed(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None,
+               y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(input, timestep (+ label) embedding, context) in the weights' dtype, which a lean or bf16
+        model may have changed from the caller's."""
+        dtype = self.time_embed[0].weight.dtype
+        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
+        if self.config.num_classes is not None:
+            emb = emb + self.label_emb(y.to(dtype) if y.is_floating_point() else y)
+        return x.to(dtype), emb, None if context is None else context.to(dtype)
+
     def _build_embeddings(self) -> None:
         """The timestep MLP and, for class- or ADM-conditioned models, the label embedding."""
         config = self.config
@@ -252,13 +262,7 @@ class UNetModel(nn.Module):
         residuals: one per input block, added to its skip connection, then the middle block's.
         """
         timesteps = self._check_inputs(x, timesteps, context, y)
-        dtype = self.time_embed[0].weight.dtype
-        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
-        if self.config.num_classes is not None:
-            emb = emb + self.label_emb(y.to(dtype) if y.is_floating_point() else y)
-        if context is not None:
-            context = context.to(dtype)
-        h = x.to(dtype)
+        h, emb, context = self._embed(x, timesteps, context, y)
         skips = []
         for block in self.input_blocks:
             h = block(h, emb, context)
