@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -22,6 +23,7 @@ from latent_diffusion.data.shapes import (
     RenderJitter,
     Scene,
     ShapeObject,
+    CaptionError,
     allowed_pairs,
     caption_for,
     image_to_tensor,
@@ -38,6 +40,7 @@ from latent_diffusion.evaluation.shapes_classifier import (
 )
 
 GROUPS = ("single_seen", "two_seen", "held_out")
+FILE_GROUP = "prompts"  # the group of prompts read from a file
 OBJECT_ATTRIBUTES = ("shape", "colour", "size", "position")
 IMAGE_ATTRIBUTES = ("background", "count", "scene")
 
@@ -81,6 +84,26 @@ def fixed_prompt_set(single_seen: int = 40, two_seen: int = 40, held_out: int = 
 
 def _prompt(scene: Scene, group: str) -> EvalPrompt:
     return EvalPrompt(caption_for(scene, "natural"), scene, group)
+
+
+def read_prompt_file(path: str | Path) -> list[EvalPrompt]:
+    """Prompts from a text file, one a line: ``PROMPT | CAPTION``, where CAPTION in the shapes grammar
+    names the scene PROMPT asks for (so PROMPT may use words the grammar lacks); a line without ``|`` is
+    its own caption. Blank lines and lines starting with ``#`` are skipped."""
+    prompts: list[EvalPrompt] = []
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        prompt, _, caption = (part.strip() for part in line.partition("|"))
+        try:
+            scene = parse_caption(caption or prompt)
+        except CaptionError as error:
+            raise ValueError(f"{path}, line {number}: {error}") from None
+        prompts.append(EvalPrompt(prompt, scene, FILE_GROUP))
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts
 
 
 def _object_agreement(wanted: ShapeObject, seen: ShapeObject | None) -> dict[str, bool]:
@@ -221,7 +244,7 @@ def format_report(evaluation: ShapesEvaluation) -> str:
     """A plain-text table of the evaluation."""
     columns = OBJECT_ATTRIBUTES + IMAGE_ATTRIBUTES
     lines = [f"{'group':<12}" + "".join(f"{name:>11}" for name in columns)]
-    for group in GROUPS:
+    for group in GROUPS + (FILE_GROUP,):
         if group in evaluation.accuracy:
             row = evaluation.accuracy[group]
             lines.append(f"{group:<12}" + "".join(f"{row[name]:>11.3f}" for name in columns))

@@ -462,7 +462,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 def cmd_eval_shapes(args: argparse.Namespace) -> None:
     from latent_diffusion.evaluation.shapes_eval import (
-        evaluate_generator, fixed_prompt_set, format_report, rendering_generator,
+        evaluate_generator, fixed_prompt_set, format_report, read_prompt_file, rendering_generator,
     )
     from latent_diffusion.pipelines.images import check_size
 
@@ -472,7 +472,9 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
     counts = args.prompts_per_group
     if counts is not None and counts < 1:
         raise ValueError(f"--prompts-per-group must be >= 1, got {counts}")
-    prompts = fixed_prompt_set(counts, counts, counts) if counts else None
+    if args.prompts and counts:
+        raise ValueError("--prompts and --prompts-per-group exclude each other")
+    prompts = read_prompt_file(args.prompts) if args.prompts else fixed_prompt_set(counts, counts, counts) if counts else None
     if args.renderer:
         generate = rendering_generator(seed=args.seed, resolution=args.size)
     else:
@@ -596,6 +598,9 @@ def add_task_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--images-per-prompt", type=int, default=1, help="images generated per evaluation prompt")
     p.add_argument("--prompts-per-group", type=int, default=None,
                    help="prompts per group (one object, two objects, held-out pairs); default: the full fixed set")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="score these prompts instead of the fixed set: one a line, 'PROMPT | CAPTION' where CAPTION "
+                        "in the shapes grammar names the scene asked for (e.g. a new word's meaning)")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
     p.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]",
                    help="a LoRA of --lora-dir applied to every prompt, as <lora:NAME:WEIGHT> would (repeatable)")
