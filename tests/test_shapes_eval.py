@@ -138,6 +138,9 @@ def test_prompt_file_errors_name_the_file_and_line(tmp_path):
     path.write_text("a red circle on the left\na crimson circle on the left\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"prompts.txt, line 2: .*'crimson'"):
         read_prompt_file(path)
+    path.write_bytes(b"\xff\xfe a red circle")
+    with pytest.raises(ValueError, match="prompts.txt is not UTF-8"):
+        read_prompt_file(path)
     path.write_text("# only a comment\n", encoding="utf-8")
     with pytest.raises(ValueError, match="prompts.txt holds no prompts"):
         read_prompt_file(path)

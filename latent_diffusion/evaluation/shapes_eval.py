@@ -20,10 +20,10 @@ from latent_diffusion.data.shapes import (
     POSITIONS,
     RELATIONS,
     SIZES,
+    CaptionError,
     RenderJitter,
     Scene,
     ShapeObject,
-    CaptionError,
     allowed_pairs,
     caption_for,
     image_to_tensor,
@@ -91,7 +91,10 @@ def read_prompt_file(path: str | Path) -> list[EvalPrompt]:
     names the scene PROMPT asks for (so PROMPT may use words the grammar lacks); a line without ``|`` is
     its own caption. Blank lines and lines starting with ``#`` are skipped."""
     prompts: list[EvalPrompt] = []
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text: {error}") from None
     for number, line in enumerate(lines, 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
