@@ -158,6 +158,17 @@ def test_eval_shapes_scores_the_renderer_perfectly_and_runs_a_model(models):
     assert "Fréchet distance" in model.stdout
 
 
+
+def test_eval_shapes_scores_prompts_from_a_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red circle on the left | a red circle on the left\na small blue star at the top\n", encoding="utf-8")
+    renderer = ldm("eval-shapes", "--renderer", "--prompts", path, "--json")
+    assert renderer.returncode == 0, renderer.stderr
+    assert list(json.loads(renderer.stdout)["accuracy"]) == ["prompts"]
+    assert all(value == 1.0 for value in json.loads(renderer.stdout)["accuracy"]["prompts"].values())
+    both = ldm("eval-shapes", "--renderer", "--prompts", path, "--prompts-per-group", 1)
+    assert both.returncode == 2 and "exclude each other" in both.stderr and "Traceback" not in both.stderr, both.stderr
+
 BAD_INPUTS = {
     "missing checkpoint": (["txt2img", "-c", "{tmp}/nope.safetensors", "-W", 32, "-H", 32], "not found"),
     "width not multiple of 8": (["txt2img", "-c", "{sd1}", "-W", 30, "-H", 32], "not a multiple of 8"),

@@ -20,6 +20,7 @@ from latent_diffusion.evaluation.shapes_eval import (
     evaluate_generator,
     fixed_prompt_set,
     format_report,
+    read_prompt_file,
     rendering_generator,
     score_images,
     score_reading,
@@ -116,3 +117,30 @@ def test_score_images_rejects_mixed_sizes(classifier):
         score_images([torch.zeros(3, 64, 64), torch.zeros(3, 32, 32)], prompts, classifier)
     with pytest.raises(ValueError, match=r"\(3, H, W\)"):
         score_images([torch.zeros(64, 64), torch.zeros(64, 64)], prompts, classifier)
+
+
+def test_prompt_file_names_the_scene_a_new_word_asks_for(classifier, tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("# a new word for red\n\na crimson circle on the left | a red circle on the left\n"
+                    "a small blue square at the top\n", encoding="utf-8")
+    prompts = read_prompt_file(path)
+    assert [p.caption for p in prompts] == ["a crimson circle on the left", "a small blue square at the top"]
+    assert prompts[0].scene == Scene.single("circle", "red", "large", "left")
+    assert prompts[1].scene == Scene.single("square", "blue", "small", "top")
+    red_circle = Scene.single("circle", "red", "large", "left")
+    evaluation = evaluate_generator(lambda caption: render_scene(red_circle, 64), prompts=prompts, classifier=classifier)
+    assert evaluation.accuracy["prompts"]["colour"] == 0.5 and evaluation.accuracy["prompts"]["scene"] == 0.5
+    assert "prompts" in format_report(evaluation)
+
+
+def test_prompt_file_errors_name_the_file_and_line(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red circle on the left\na crimson circle on the left\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"prompts.txt, line 2: .*'crimson'"):
+        read_prompt_file(path)
+    path.write_bytes(b"\xff\xfe a red circle")
+    with pytest.raises(ValueError, match="prompts.txt is not UTF-8"):
+        read_prompt_file(path)
+    path.write_text("# only a comment\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="prompts.txt holds no prompts"):
+        read_prompt_file(path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -19,6 +20,7 @@ from latent_diffusion.data.shapes import (
     POSITIONS,
     RELATIONS,
     SIZES,
+    CaptionError,
     RenderJitter,
     Scene,
     ShapeObject,
@@ -38,6 +40,7 @@ from latent_diffusion.evaluation.shapes_classifier import (
 )
 
 GROUPS = ("single_seen", "two_seen", "held_out")  # the fixed prompt set's
+FILE_GROUP = "prompts"  # prompts read from a file (read_prompt_file)
 SPOKEN_GROUP = "spoken"  # captions as people write them (spoken_prompt_set), on request
 # Who reads the generated images: the learned classifier, the geometric measurements
 # (evaluation/shapes_geometry.py), or both side by side with how often they agree.
@@ -105,6 +108,29 @@ def spoken_prompt_set(count: int = 40, seed: int = 2025) -> list[EvalPrompt]:
 
 def _prompt(scene: Scene, group: str) -> EvalPrompt:
     return EvalPrompt(caption_for(scene, "natural"), scene, group)
+
+
+def read_prompt_file(path: str | Path) -> list[EvalPrompt]:
+    """Prompts from a text file, one a line: ``PROMPT | CAPTION``, where CAPTION in the shapes grammar
+    names the scene PROMPT asks for (so PROMPT may use words the grammar lacks); a line without ``|`` is
+    its own caption. Blank lines and lines starting with ``#`` are skipped."""
+    prompts: list[EvalPrompt] = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text: {error}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        prompt, _, caption = (part.strip() for part in line.partition("|"))
+        try:
+            scene = parse_caption(caption or prompt)
+        except CaptionError as error:
+            raise ValueError(f"{path}, line {number}: {error}") from None
+        prompts.append(EvalPrompt(prompt, scene, FILE_GROUP))
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts
 
 
 def _object_agreement(wanted: ShapeObject, seen: ShapeObject | None) -> dict[str, bool]:
@@ -292,7 +318,7 @@ def rendering_generator(seed: int = 0, resolution: int = 64) -> Callable[[str], 
 def _accuracy_table(accuracy: dict[str, dict[str, float]]) -> list[str]:
     columns = OBJECT_ATTRIBUTES + IMAGE_ATTRIBUTES
     lines = [f"{'group':<12}" + "".join(f"{name:>11}" for name in columns)]
-    for group in (*GROUPS, SPOKEN_GROUP):
+    for group in (*GROUPS, SPOKEN_GROUP, FILE_GROUP):
         if group in accuracy:
             row = accuracy[group]
             lines.append(f"{group:<12}" + "".join(f"{row[name]:>11.3f}" for name in columns))

@@ -492,7 +492,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 def cmd_eval_shapes(args: argparse.Namespace) -> None:
     from latent_diffusion.evaluation.shapes_eval import (
-        evaluate_generator, fixed_prompt_set, format_report, rendering_generator, spoken_prompt_set,
+        evaluate_generator, fixed_prompt_set, format_report, read_prompt_file, rendering_generator,
+        spoken_prompt_set,
     )
     from latent_diffusion.pipelines.images import check_size
 
@@ -502,9 +503,14 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
     counts = args.prompts_per_group
     if counts is not None and counts < 1:
         raise ValueError(f"--prompts-per-group must be >= 1, got {counts}")
+    if args.prompts and counts:
+        raise ValueError("--prompts and --prompts-per-group exclude each other")
     if args.spoken_prompts < 0:
         raise ValueError(f"--spoken-prompts must be >= 0, got {args.spoken_prompts}")
-    prompts = fixed_prompt_set(counts, counts, counts) if counts else fixed_prompt_set()
+    if args.prompts:
+        prompts = read_prompt_file(args.prompts)
+    else:
+        prompts = fixed_prompt_set(counts, counts, counts) if counts else fixed_prompt_set()
     prompts += spoken_prompt_set(args.spoken_prompts) if args.spoken_prompts else []
     if args.control is not None:
         _eval_shapes_control(args)
@@ -673,6 +679,9 @@ def add_task_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--spoken-prompts", type=int, default=0, metavar="N",
                    help="also N captions as people write them (counts, lists, three objects, other relation "
                         "words), scored on what they state: the 'spoken' group")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="score these prompts instead of the fixed set: one a line, 'PROMPT | CAPTION' where CAPTION "
+                        "in the shapes grammar names the scene asked for (e.g. a new word's meaning)")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
     p.add_argument("--judge", choices=("classifier", "geometric", "both"), default="classifier",
                    help="who reads the images: the learned classifier, geometric measurements (nothing learned), "
