@@ -27,6 +27,7 @@ from latent_diffusion.data.shapes import (
     allowed_pairs,
     caption_for,
     image_to_tensor,
+    parse_caption,
     render_scene,
 )
 from latent_diffusion.data.shapes_speech import Description
