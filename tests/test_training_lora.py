@@ -133,6 +133,7 @@ def test_written_file_loads_in_diffusers_with_the_same_outputs(sd1, trained, tmp
 def test_killed_and_resumed_run_gives_the_factors_of_an_uninterrupted_one(sd1, tmp_path, monkeypatch):
     extra = ("run.max_steps=4", "ldm.conditioner.drop_prob=0.5", "optim.ema_decay=0.9", "run.keep_last=10")
     straight = train_lora(lora_config(sd1, tmp_path / "straight", *extra))
+    assert straight.name == "lora.safetensors"  # the LoRA trainer ran, not the whole-model one
 
     interrupted = lora_config(sd1, tmp_path / "interrupted", *extra)
     with monkeypatch.context() as patch:

@@ -39,18 +39,18 @@ from latent_diffusion.training.objective import min_snr_weight, network_input_an
 log = logging.getLogger(__name__)
 
 
-def train_ldm(config: ExperimentConfig, trainer_class: type | None = None) -> Path:
+def train_ldm(config: ExperimentConfig, trainer_class: type[LDMTrainer] | None = None) -> Path:
     """Run stage 2 (or another ``trainer_class`` on its machinery) to ``run.max_steps``, resuming when a
     checkpoint exists; returns the file the run writes (the single-file checkpoint)."""
     validate_experiment(config)
-    return run_trainer(LDMTrainer, config)
+    return run_trainer(trainer_class or LDMTrainer, config)
 
 
 def run_trainer(trainer_class: type[LDMTrainer], config: ExperimentConfig) -> Path:
     """Build ``trainer_class`` on this process's device, step it to ``run.max_steps`` and return its result file."""
     context = setup_distributed(config.run.device)
     try:
-        trainer = (trainer_class or LDMTrainer)(config, context)
+        trainer = trainer_class(config, context)
         for step in range(trainer.start_step, config.run.max_steps):
             trainer.train_step(step)
         return trainer.finish()
