@@ -668,6 +668,17 @@ def add_task_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
     add_model_options(p)
     add_output_options(p, "upscale")
 
+    _add_eval_shapes_parser(add)
+    p = add("sample", cmd_sample, "Class-conditional or unconditional sampling (latent-diffusion models).")
+    p.add_argument("--class-ids", type=int, nargs="+", default=None, help="class id(s), cycled over the images")
+    p.add_argument("--width", "-W", type=int, default=256, help="image width in pixels (multiple of 8)")
+    p.add_argument("--height", "-H", type=int, default=256, help="image height in pixels (multiple of 8)")
+    add_sampling_options(p, guidance=1.0)
+    add_model_options(p)
+    add_output_options(p, "sample")
+
+
+def _add_eval_shapes_parser(add: Callable[..., argparse.ArgumentParser]) -> None:
     p = add("eval-shapes", cmd_eval_shapes,
             "Score a text-to-image model on the shapes world: per-attribute accuracy and a Fréchet distance.")
     p.add_argument("--renderer", action="store_true",
@@ -700,11 +711,3 @@ def add_task_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.set_defaults(seed=0, batch_size=1, batch_count=1)
     add_model_options(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
-
-    p = add("sample", cmd_sample, "Class-conditional or unconditional sampling (latent-diffusion models).")
-    p.add_argument("--class-ids", type=int, nargs="+", default=None, help="class id(s), cycled over the images")
-    p.add_argument("--width", "-W", type=int, default=256, help="image width in pixels (multiple of 8)")
-    p.add_argument("--height", "-H", type=int, default=256, help="image height in pixels (multiple of 8)")
-    add_sampling_options(p, guidance=1.0)
-    add_model_options(p)
-    add_output_options(p, "sample")
