@@ -199,6 +199,8 @@ def _build_parser() -> argparse.ArgumentParser:
     add_train_parser(commands), add_cache_latents_parser(commands)
     from latent_diffusion.server.serve import add_serve_parser
     add_serve_parser(commands)
+    from latent_diffusion.studies.cli import add_study_parser
+    add_study_parser(commands)
     return parser
 
 

@@ -144,7 +144,7 @@ def test_autoencoder_mse_loss_and_logvar_start(tmp_path):
     # The shapes-world recipe's options: an MSE term instead of L1, a small starting posterior std
     # and fewer GroupNorm groups. The loss logged is then the MSE (plus a tiny KL), and it falls.
     from latent_diffusion.models.autoencoder import AutoencoderKL
-    from latent_diffusion.training.autoencoder import _init_logvar, train_autoencoder
+    from latent_diffusion.training.autoencoder import init_logvar, train_autoencoder
 
     make_images(tmp_path / "images")
     config = load_experiment(TINY / "autoencoder-kl.yaml", [
@@ -160,7 +160,7 @@ def test_autoencoder_mse_loss_and_logvar_start(tmp_path):
     assert np.mean(l2[-4:]) < 0.6 * np.mean(l2[:4]), l2
 
     model = AutoencoderKL(config.autoencoder)
-    _init_logvar(model, -6.0)
+    init_logvar(model, -6.0)
     posterior = model.encode(torch.rand(2, 3, config.data.size, config.data.size) * 2 - 1)
     assert torch.allclose(posterior.logvar, torch.full_like(posterior.logvar, -6.0))
 

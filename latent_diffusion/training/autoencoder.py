@@ -43,7 +43,7 @@ def build_autoencoder(config: ExperimentConfig) -> AutoencoderKL | VQModel:
     return AutoencoderKL(ae) if ae.kind == "kl" else VQModel(ae)
 
 
-def _encode_decode(model, images: torch.Tensor, generators: list[torch.Generator]):
+def encode_decode(model, images: torch.Tensor, generators: list[torch.Generator]):
     """(reconstruction, regulariser loss per pixel-mean scale, extra logs) for one micro-batch."""
     if isinstance(model, AutoencoderKL):
         posterior = model.encode(images)
@@ -62,7 +62,7 @@ def _encode_decode(model, images: torch.Tensor, generators: list[torch.Generator
 
 
 @torch.no_grad()
-def _init_logvar(model: AutoencoderKL, value: float) -> None:
+def init_logvar(model: AutoencoderKL, value: float) -> None:
     """Make ``quant_conv``'s log-variance half output ``value`` everywhere (the mean half is untouched)."""
     half = model.quant_conv.out_channels // 2
     model.quant_conv.weight[half:].zero_()
@@ -156,7 +156,7 @@ class AutoencoderTrainer:
         loss_cfg, device = self.loss_cfg, self.device
         self.model = build_autoencoder(self.config).to(device)
         if loss_cfg.logvar_init is not None and isinstance(self.model, AutoencoderKL):
-            _init_logvar(self.model, loss_cfg.logvar_init)
+            init_logvar(self.model, loss_cfg.logvar_init)
         discriminator = PatchDiscriminator(self.config.autoencoder.out_ch, loss_cfg.disc_channels, loss_cfg.disc_layers)
         discriminator = discriminator.to(device)
         if self.context.enabled and device.type == "cuda":
@@ -298,12 +298,12 @@ class AutoencoderTrainer:
 def _encode_decode_ddp(wrapper, module, images, generators):
     """Run the autoencoder through the DDP wrapper's forward when distributed, so gradients get synchronised."""
     if wrapper is module:
-        return _encode_decode(module, images, generators)
+        return encode_decode(module, images, generators)
     # DDP only hooks ``forward``; route the training computation through it.
     holder = {}
 
     def training_forward(x):
-        holder["out"] = _encode_decode(module, x, generators)
+        holder["out"] = encode_decode(module, x, generators)
         return holder["out"][0]
 
     original = module.forward

@@ -1,0 +1,58 @@
+"""``ldm study compression``: the paper's LDM-{1..32} experiment, trained, measured and plotted."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_OUT = Path("runs") / "compression-study"
+
+
+def _cmd_compression(args: argparse.Namespace) -> None:
+    from latent_diffusion.studies.compression import StudyPlan, run_study
+    from latent_diffusion.studies.compression_report import write_report
+
+    out = Path(args.out)
+    report = Path(args.report) if args.report else out / "report"
+    if not args.report_only:
+        factors = tuple(sorted(set(args.factors)))
+        plan = StudyPlan.for_budget(args.budget, factors=factors, seed=args.seed,
+                                    vq_factors=tuple(f for f in StudyPlan.vq_factors if f in factors))
+        started = time.perf_counter()
+
+        def log(message: str) -> None:
+            print(f"[{(time.perf_counter() - started) / 60:5.1f} min] {message}", file=sys.stderr, flush=True)
+
+        run_study(out, plan, log=log)
+    command = "ldm study compression " + shlex.join(sys.argv[3:] if sys.argv[1:3] == ["study", "compression"] else [])
+    print(write_report(out, report, command.strip()))
+
+
+def add_study_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``study`` and its one study, ``compression``."""
+    from latent_diffusion.studies.compression_models import FACTORS
+
+    study = subparsers.add_parser("study", help="Rerun one of the paper's experiments on the shapes world.",
+                                  description="Rerun one of the paper's experiments on the shapes world.")
+    kinds = study.add_subparsers(dest="study", required=True, metavar="STUDY")
+    compression = kinds.add_parser(
+        "compression", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="How much to compress before diffusing: first stages and LDMs at f = 1..32, equal training FLOPs.",
+        description="For each downsampling factor f, train a first stage (KL; VQ too at f = 4 and 8) and a "
+        "text-to-image LDM with the same training FLOPs, evaluate them, and write a Markdown table and PNG plots. "
+        "The default budget takes about 1.5 hours on 2 CPU cores; runs resume where they stopped, and "
+        "processes given different --factors can share one --out.",
+    )
+    compression.add_argument("--out", default=str(DEFAULT_OUT), help="folder for runs, checkpoints and results")
+    compression.add_argument("--report", default=None, help="folder for the table and plots (default: OUT/report)")
+    compression.add_argument("--budget", type=float, default=1.0,
+                             help="scales every run's training steps (0.5: half the steps, the time and the FLOPs)")
+    compression.add_argument("--factors", type=int, nargs="+", default=list(FACTORS), choices=FACTORS,
+                             help="the downsampling factors to run in this process")
+    compression.add_argument("--seed", type=int, default=0, help="seed of every run's weights, data and noise")
+    compression.add_argument("--report-only", action="store_true",
+                             help="train nothing: gather the results already in OUT into the report")
+    compression.set_defaults(func=_cmd_compression, command_parser=compression)
+    return study
