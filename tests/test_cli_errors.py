@@ -399,3 +399,11 @@ def test_building_a_model_to_read_its_shapes_leaves_torch_dynamo_unimported():
               "print('torch._dynamo' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_the_builtin_upscaler_refuses_what_it_would_recolour(capsys, tmp_path, loads):
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "big.png")
+    code, _, err = run(capsys, "upscale", "-i", tmp_path / "big.png", "-o", tmp_path / "out")
+    line = one_error_line("upscale", err)
+    assert code == 2 and "built-in upscaler" in line and "is 64x64" in line and "--checkpoint" in line
+    assert loads == [] and not (tmp_path / "out").exists()

@@ -38,7 +38,7 @@ def test_each_step_costs_the_flops_of_the_pixel_step(f):
     from latent_diffusion.studies.compression_ldm import batch_for_equal_flops
 
     batch, per_latent = batch_for_equal_flops(f, pixel_batch=4)
-    pixel = unet_flops_per_image(UNetModel(unet_config(1)), 1, context_tokens=1)
+    pixel = unet_flops_per_image(UNetModel(unet_config(1)), 1)
     assert abs(batch * per_latent - 4 * pixel) <= per_latent / 2
     assert batch > 4
 

@@ -105,6 +105,15 @@ def test_hires_fix_refuses_bad_settings(options, words):
     assert words in str(error.value)
 
 
+def test_the_builtin_upscaler_refuses_the_builtin_models_64_px_images():
+    from latent_diffusion.pipelines.common import default_upscaler_path
+
+    pipe, upscaler = Pipeline.from_checkpoint(progress=False), Pipeline.from_checkpoint(default_upscaler_path(), progress=False)
+    pipe.sample_latents = lambda *args, **kwargs: pytest.fail("sampled before refusing")
+    with pytest.raises(ValueError, match="trained on 16x16 inputs and recolours larger ones; the first pass is 64x64"):
+        pipe.txt2img("a red circle", width=64, height=64, steps=2, hires=HiresFix(scale=4, upscaler=upscaler))
+
+
 @pytest.fixture(scope="module")
 def tiny_x2_upscaler():
     """A super-resolution model that enlarges 2x and takes inputs whose sides are multiples of 16."""

@@ -466,8 +466,13 @@ def cmd_upscale(args: argparse.Namespace) -> None:
     image = to_rgb(_load_image_arg(args.image, "image"), what="image")
     read_prompts(args)
     if args.checkpoint is None:
-        from latent_diffusion.pipelines.common import default_upscaler_path
+        from latent_diffusion.pipelines.common import BUILTIN_UPSCALER_INPUT, default_upscaler_path
 
+        if max(image.size) > BUILTIN_UPSCALER_INPUT:
+            side = BUILTIN_UPSCALER_INPUT
+            raise ValueError(f"the built-in upscaler turns {side}x{side} shapes images into {4 * side}x{4 * side} and "
+                             f"recolours anything larger; {args.image} is {image.size[0]}x{image.size[1]}: give an "
+                             f"image of at most {side}x{side}, or --checkpoint with another super-resolution model")
         args.guidance_scale = _guidance(args)  # the built-in model's, before its path replaces None
         args.checkpoint = str(default_upscaler_path())
     pipe = _pipeline(args)

@@ -50,6 +50,10 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL_FILES = ("shapes-ldm.safetensors", "shapes.safetensors")
 # The built-in super-resolution model that ``ldm upscale`` uses without ``--checkpoint``.
 DEFAULT_UPSCALER_FILES = ("shapes-sr.safetensors",)
+# It saw only 16x16 inputs (shapes scenes reduced from 64x64). Larger inputs come out recoloured,
+# whole or cut into 16 px tiles (bench/builtin_upscaler_range.py, 64 -> 256: PSNR 29.0 and 21.1 dB
+# where bicubic gives 35.2), so the CLI and the server refuse them.
+BUILTIN_UPSCALER_INPUT = 16
 MAX_SEED = 2**32 - 1
 # ``callback(step, total_steps)`` after every sampler step of one request.
 StepCallback = Callable[[Step, int], None]
@@ -63,6 +67,16 @@ def default_checkpoint_path() -> Path:
     raise FileNotFoundError(
         "no built-in model is installed yet; pass --checkpoint PATH (a .safetensors/.ckpt file or a diffusers folder)"
     )
+
+
+def builtin_upscaler_input_limit(pipe: Pipeline) -> int | None:
+    """The largest input side ``pipe`` was trained on, where known: the built-in upscaler's."""
+    source = pipe.loaded.source
+    try:
+        builtin = default_upscaler_path()
+    except FileNotFoundError:
+        return None
+    return BUILTIN_UPSCALER_INPUT if source is not None and Path(source).resolve() == builtin.resolve() else None
 
 
 def default_upscaler_path() -> Path:

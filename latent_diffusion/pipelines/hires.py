@@ -257,7 +257,13 @@ def _asked(hires: HiresFix) -> str:
 
 
 def _check_upscaler_model(upscaler: Pipeline, width: int, height: int, enlarged: tuple[int, int]) -> None:
+    from latent_diffusion.pipelines.common import builtin_upscaler_input_limit
+
     factor, multiple = upscaler.latent_factor, input_multiple(upscaler)
+    limit = builtin_upscaler_input_limit(upscaler)
+    if limit is not None and max(width, height) > limit:
+        raise ValueError(f"upscaler {upscaler.name!r} was trained on {limit}x{limit} inputs and recolours larger "
+                         f"ones; the first pass is {width}x{height}: use a latent or Lanczos upscaler instead")
     if width % multiple or height % multiple:
         raise ValueError(f"upscaler {upscaler.name!r} takes images whose sides are multiples of {multiple}; "
                          f"the first pass is {width}x{height}")

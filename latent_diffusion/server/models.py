@@ -14,10 +14,6 @@ from latent_diffusion.pipelines.common import Pipeline, default_checkpoint_path
 from latent_diffusion.pipelines.png_info import model_hash
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
-# The built-in super-resolution model saw only 16x16 inputs (shapes scenes reduced from 64x64). Larger
-# inputs come out recoloured, whole or cut into 16 px tiles (bench/builtin_upscaler_range.py, 64 -> 256:
-# PSNR 29.0 and 21.1 dB where bicubic gives 35.2), so the server refuses them.
-BUILTIN_UPSCALER_INPUT = 16
 
 
 @dataclass(frozen=True)
@@ -131,6 +127,8 @@ class ModelManager:
         if path is None and self.pipeline is not None and self.entry is not None and self.pipeline.name == name:
             path = self.entry.path
         builtin = [p.resolve() for p in builtin_upscalers()]
+        from latent_diffusion.pipelines.common import BUILTIN_UPSCALER_INPUT
+
         return BUILTIN_UPSCALER_INPUT if path is not None and path.resolve() in builtin else None
 
     def load_startup(self) -> Pipeline:

@@ -27,7 +27,9 @@ from latent_diffusion.evaluation.shapes_eval import EvalPrompt, score_reading
 from latent_diffusion.models.autoencoder import AutoencoderKL
 from latent_diffusion.models.unet import UNetModel
 from latent_diffusion.studies.compression_first_stage import images_and_scenes
-from latent_diffusion.studies.compression_models import LATENT_CHANNELS, latent_side, unet_config, unet_flops_per_image
+from latent_diffusion.studies.compression_models import (
+    CONTEXT_TOKENS, LATENT_CHANNELS, latent_side, unet_config, unet_flops_per_image,
+)
 from latent_diffusion.studies.resumable import step_generator, train_resumably
 from latent_diffusion.training.config import OptimConfig
 from latent_diffusion.training.loop import adamw, learning_rate, set_learning_rate, save_image_grid
@@ -89,8 +91,7 @@ def encode_pool(first_stage: AutoencoderKL | None, text: TextEncoder, count: int
 
 def batch_for_equal_flops(f: int, pixel_batch: int) -> tuple[int, int]:
     """(batch, forward FLOPs per latent) that give f's step the FLOPs of ``pixel_batch`` pixel images."""
-    per_image = {factor: unet_flops_per_image(UNetModel(unet_config(factor)), factor, context_tokens=1)
-                 for factor in (1, f)}
+    per_image = {factor: unet_flops_per_image(UNetModel(unet_config(factor)), factor) for factor in (1, f)}
     return max(1, round(pixel_batch * per_image[1] / per_image[f])), per_image[f]
 
 
@@ -109,6 +110,9 @@ class LDMRun:
                  plan, text: TextEncoder, classifier: ShapesClassifier, log=print) -> None:
         self.directory, self.f, self.first_stage, self.pool, self.plan, self.log = directory, f, first_stage, pool, plan, log
         self.text, self.classifier = text, classifier
+        if pool.contexts.shape[1] != CONTEXT_TOKENS:
+            raise ValueError(f"the caption encoder gives {pool.contexts.shape[1]} tokens; "
+                             f"the study counts FLOPs for {CONTEXT_TOKENS}")
         torch.manual_seed(plan.seed)
         self.unet = UNetModel(unet_config(f))
         self.batch, self.flops_per_image = batch_for_equal_flops(f, plan.pixel_batch)

@@ -7,11 +7,13 @@ all capacity. f = 1 has no first stage: the LDM diffuses pixels.
 from __future__ import annotations
 
 import math
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from latent_diffusion.config import AutoencoderConfig, UNetConfig
+
+if TYPE_CHECKING:  # the CLI reads FACTORS without importing torch
+    import torch
+    from torch import nn
 
 CANVAS = 64
 FACTORS = (1, 2, 4, 8, 16, 32)
@@ -20,6 +22,7 @@ LATENT_CHANNELS = {1: 3, 2: 3, 4: 4, 8: 8, 16: 16, 32: 64}
 VQ_CODEBOOK = 512
 # The frozen text encoder every LDM shares (the built-in model's): its width is the UNet's context.
 CONTEXT_DIM = 64
+CONTEXT_TOKENS = 32  # its caption length: cross-attention's FLOPs grow with it
 UNET_WIDTH = 32
 
 
@@ -72,6 +75,7 @@ def unet_config(f: int) -> UNetConfig:
 
 def forward_flops(network: nn.Module, *inputs: torch.Tensor, **kwargs) -> int:
     """Floating-point operations (2 per multiply-add) of one forward call, counted by torch."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -79,8 +83,10 @@ def forward_flops(network: nn.Module, *inputs: torch.Tensor, **kwargs) -> int:
     return int(counter.get_total_flops())
 
 
-def unet_flops_per_image(network: nn.Module, f: int, context_tokens: int) -> int:
+def unet_flops_per_image(network: nn.Module, f: int, context_tokens: int = CONTEXT_TOKENS) -> int:
     """Forward FLOPs of the UNet for one latent; a training step costs about three times this."""
+    import torch
+
     side, channels = latent_side(f), LATENT_CHANNELS[f]
     latent = torch.zeros(2, channels, side, side)  # two: GroupNorm in training mode refuses one 1x1 value
     flops = forward_flops(network, latent, torch.zeros(2), context=torch.zeros(2, context_tokens, CONTEXT_DIM))
