@@ -142,6 +142,7 @@ class LDMRun:
         self._clock = time.perf_counter()
         train_resumably(self.directory / "state.pt", self.unet, self.optimizer, steps, milestones, self._step,
                         self._evaluate)
+        self.results["images_per_second"] = self._throughput()
         self.results["complete"] = True
         self._write()
         return self.results
@@ -186,6 +187,16 @@ class LDMRun:
             return images.clamp(-1, 1)
         finally:
             self.unet.train()
+
+    def _throughput(self, repeats: int = 3) -> float:
+        """Images per second generating the evaluation prompts, best of ``repeats``: other work on the
+        machine can only slow a run down, so the fastest is the closest to the model's own speed."""
+        seconds = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            self.generate(self.prompt_contexts)
+            seconds.append(time.perf_counter() - started)
+        return len(self.prompts) / min(seconds)
 
     def _evaluate(self, step: int) -> None:
         started = time.perf_counter()

@@ -45,7 +45,8 @@ def ldm_table(ldms: list[dict]) -> list[str]:
         lines.append(
             f"| {r['f']} | {c} x {h} x {w} | {r['unet_parameters']:,} | {r['unet_forward_flops_per_image'] / 1e6:.1f} | "
             f"{r['batch']} | {r['train_flops_per_step'] * r['steps'] / 1e15:.3f} | {' | '.join(accuracies)} | "
-            f"{last['frechet_distance']:.2f} | {last['images_per_second']:.2f} | {r['wall_seconds'] / 60:.1f} |"
+            f"{last['frechet_distance']:.2f} | {r.get('images_per_second', last['images_per_second']):.2f} | "
+            f"{r['wall_seconds'] / 60:.1f} |"
             if last else f"| {r['f']} | {c} x {h} x {w} | - | - | - | - | {' | '.join(accuracies)} | - | - | - |")
     return lines
 
@@ -61,7 +62,7 @@ def write_plots(report: Path, stages: list[dict], ldms: list[dict]) -> list[Path
             written.append(plot(report / name, series, title=f"LDM-f: {label} against training compute",
                                 x_label="training FLOPs", y_label=label, log_x=True,
                                 y_range=(0.0, 1.0) if key == "scene_accuracy" else None))
-        points = [Series(f"f={r['f']}", (r["evaluations"][-1]["images_per_second"],),
+        points = [Series(f"f={r['f']}", (r.get("images_per_second", r["evaluations"][-1]["images_per_second"]),),
                          (r["evaluations"][-1]["scene_accuracy"],), lines=False, labels=(f"f={r['f']}",)) for r in ldms]
         written.append(plot(report / "quality-vs-throughput.png", points, log_x=True, y_range=(0.0, 1.0),
                             title="LDM-f at the end of the budget: quality against sampling speed",
