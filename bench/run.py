@@ -1,7 +1,8 @@
-"""Speed and memory of our Stable Diffusion code against diffusers on the same weights.
+"""Speed and memory of our Stable Diffusion code against diffusers (and OpenVINO) on the same weights.
 
     python bench/run.py                       # everything, full-size SD 1.5 random weights (long)
     python bench/run.py --only unet32 --repeats 3
+    python bench/run.py --only unet32 unet64 --engines ours ours-bf16 diffusers diffusers-bf16 openvino-f32 openvino
     python bench/run.py --quick               # tiny models: the harness end to end in seconds
     python bench/run.py --device cuda --dtype float16
 
@@ -9,6 +10,11 @@ Random SD 1.5 weights are written once to ``bench/.cache`` as an original-layout
 our loader and diffusers' ``from_single_file`` both read that file. Every measurement runs in a fresh
 process, the two sides alternating, and each benchmark's outputs are compared, so that a speed-up
 cannot hide a wrong answer. The table goes to stdout and to ``bench/results/``.
+
+Engines: ``ours`` (with ``--ours-option``), ``ours-bf16``, ``diffusers`` (the reference every ratio
+and difference is taken against), ``diffusers-bf16`` (weights and inputs in bf16), ``openvino-f32``
+and ``openvino`` (diffusers' modules converted by ``openvino.convert_model``, f32 precision hint or
+OpenVINO's default; UNet and VAE benchmarks only; ``pip install openvino``).
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -39,6 +46,37 @@ RELATIVE_TOLERANCE = 1e-4
 PIXEL_TOLERANCE = 2 / 255
 LEAN_PSNR = 30.0
 TILED_PSNR = 35.0
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One way of running a benchmark: a worker side, its dtype and options."""
+
+    name: str
+    side: str  # bench/worker.py --side
+    dtype: str | None = None  # None: the run's --dtype
+    options: tuple[str, ...] = ()  # our Pipeline options (ours only)
+    ov_precision: str | None = None
+    kinds: tuple[str, ...] = ("load", "unet", "vae", "txt2img")  # the benchmark kinds it runs
+
+    def command(self, run_options: Sequence[str]) -> list[str]:
+        command = ["--side", self.side]
+        for option in (*run_options, *self.options) if self.side == "ours" else ():
+            command += ["--ours-option", option]
+        if self.ov_precision:
+            command += ["--ov-precision", self.ov_precision]
+        return command
+
+
+REFERENCE = "diffusers"
+ENGINES = {engine.name: engine for engine in [
+    Engine("ours", "ours"),
+    Engine("ours-bf16", "ours", options=("bf16",)),
+    Engine(REFERENCE, "diffusers"),
+    Engine("diffusers-bf16", "diffusers", dtype="bfloat16"),
+    Engine("openvino-f32", "openvino", ov_precision="f32", kinds=("unet", "vae")),
+    Engine("openvino", "openvino", ov_precision="default", kinds=("unet", "vae")),
+]}
 
 
 def prepare_files(quick: bool, cache: Path, model: str = "sd15") -> tuple[Path, Path]:
@@ -61,29 +99,46 @@ def run_child(command: list[str], log: Path) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def agreement(case: Case, ours: Path, theirs: Path, options: Sequence[str] = ()) -> tuple[bool | None, str]:
-    """Whether the two sides' outputs agree, and the measured difference in words.
-
-    Lean mode rounds the weights to fp16 and bf16 mode computes in bf16, so they are held to the
-    issue's PSNR >= 30 dB instead; a tiled VAE decode to PSNR >= 35 dB against the untiled one.
-    """
-    if case.check == "none" or not ours.is_file() or not theirs.is_file():
-        return None, "-"
-    a, b = torch.load(ours), torch.load(theirs)
+def compare(case: Case, output: Path, reference: Path) -> dict | None:
+    """How far one engine's output is from the reference's: relative max difference, pixels, PSNR."""
+    if case.check == "none" or not output.is_file() or not reference.is_file():
+        return None
+    a, b = torch.load(output).float(), torch.load(reference).float()
     if a.shape != b.shape:
-        return False, f"shapes {tuple(a.shape)} vs {tuple(b.shape)}"
+        return {"error": f"shapes {tuple(a.shape)} vs {tuple(b.shape)}"}
     peak = (b.max() - b.min()).item()
-    psnr = 10 * math.log10(peak**2 / max((a - b).square().mean().item(), 1e-30))
-    if "lean" in options or "bf16" in options:
-        return psnr >= LEAN_PSNR, f"PSNR {psnr:.1f} dB"
-    if "tiled_vae" in options and case.kind == "vae":
-        return psnr >= TILED_PSNR, f"PSNR {psnr:.1f} dB"
     difference = (a - b).abs().max().item()
+    return {"relative": difference / max(b.abs().max().item(), 1e-30), "pixels": difference * 255,
+            "psnr": 10 * math.log10(peak**2 / max((a - b).square().mean().item(), 1e-30))}
+
+
+def verdict(case: Case, engine: Engine, figures: dict | None, ours_options: Sequence[str]) -> bool | None:
+    """Whether our output agrees with the reference (peers get no verdict, only their figures).
+
+    Exact modes: relative 1e-4 for tensors, 2/255 for images. Lean mode rounds the weights to fp16
+    and bf16 mode computes in bf16, so they are held to PSNR >= 30 dB; a tiled VAE decode to 35 dB.
+    """
+    if figures is None or engine.side != "ours":
+        return None
+    if "error" in figures:
+        return False
+    options = set(ours_options) | set(engine.options)
+    if options & {"lean", "bf16"}:
+        return figures["psnr"] >= LEAN_PSNR
+    if "tiled_vae" in options and case.kind == "vae":
+        return figures["psnr"] >= TILED_PSNR
     if case.check == "pixels":
-        return difference <= PIXEL_TOLERANCE, f"max {difference * 255:.2f}/255"
-    scale = b.abs().max().item()
-    relative = difference / max(scale, 1e-30)
-    return relative <= RELATIVE_TOLERANCE, f"rel {relative:.1e}"
+        return figures["pixels"] <= PIXEL_TOLERANCE * 255
+    return figures["relative"] <= RELATIVE_TOLERANCE
+
+
+def describe(case: Case, figures: dict | None) -> str:
+    if figures is None:
+        return "-"
+    if "error" in figures:
+        return figures["error"]
+    closeness = f"max {figures['pixels']:.2f}/255" if case.check == "pixels" else f"rel {figures['relative']:.1e}"
+    return f"{closeness}, PSNR {figures['psnr']:.1f} dB"
 
 
 def summary(values: list[float]) -> str:
@@ -92,108 +147,123 @@ def summary(values: list[float]) -> str:
     return f"{statistics.median(values):.3g} ({min(values):.3g}-{max(values):.3g})"
 
 
+def measure(case: Case, engines: list[Engine], args, common: list[str], scratch: Path) -> dict[str, list[dict]]:
+    """Each engine ``args.repeats`` times in fresh processes, the order rotating between repeats so
+    that drift in the machine's load hits every engine alike."""
+    weights, configs = prepare_files(args.quick, args.cache, case.model)
+    runnable = [engine for engine in engines if case.kind in engine.kinds]
+    measured: dict[str, list[dict]] = {engine.name: [] for engine in runnable}
+    for repeat in range(args.repeats):
+        shift = repeat % len(runnable)
+        for engine in runnable[shift:] + runnable[:shift]:
+            command = [sys.executable, str(HERE / "worker.py"), "--case", case.name, *engine.command(args.ours_option),
+                       "--output", str(scratch / f"{case.name}-{engine.name}.pt"), "--weights", str(weights),
+                       "--configs", str(configs), "--dtype", engine.dtype or args.dtype, *common]
+            report = run_child(command, scratch / f"{case.name}-{engine.name}-{repeat}.log")
+            measured[engine.name].append(report)
+            print(f"{case.name:12s} {engine.name:15s} run {repeat + 1}: {min(report['seconds']):.3f} s, "
+                  f"peak RSS {report['peak_rss'] / GIB:.2f} GiB", file=sys.stderr)
+    return measured
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=sorted(CASES), help="benchmarks to run (default: all)")
-    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per side and benchmark")
+    parser.add_argument("--engines", nargs="+", choices=list(ENGINES), default=["ours", REFERENCE],
+                        help=f"what to measure; ratios and differences are against {REFERENCE!r} (fp32)")
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per engine and benchmark")
     parser.add_argument("--quick", action="store_true", help="tiny models, to smoke-test the harness")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default), float16 (CUDA default), bfloat16")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads in each child")
+    parser.add_argument("--threads", type=int, default=None, help="threads in each child (torch and OpenVINO)")
     parser.add_argument("--ours-option", action="append", default=[], choices=["lean", "tiled_vae", "compile_unet", "bf16"],
-                        help="run our side with this Pipeline option")
+                        help="run the 'ours' engine with this Pipeline option")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the matmul ceiling and FLOP count")
     parser.add_argument("--cache", type=Path, default=HERE / ".cache")
     parser.add_argument("--results", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
-    dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
+    args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
+    engines = [ENGINES[name] for name in dict.fromkeys(args.engines)]
     cases = [CASES[name] for name in (args.only or CASES)]
-    common = ["--device", args.device, "--dtype", dtype]
-    if args.quick:
-        common.append("--quick")
-    if args.threads:
-        common += ["--threads", str(args.threads)]
-    for option in args.ours_option:
-        common += ["--ours-option", option]
+    common = ["--device", args.device, *(["--quick"] if args.quick else []),
+              *(["--threads", str(args.threads)] if args.threads else [])]
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="ldm-bench-") as scratch:
         scratch = Path(scratch)
         for case in cases:
-            weights, configs = prepare_files(args.quick, args.cache, case.model)
-            files = ["--weights", str(weights), "--configs", str(configs)]
-            measured: dict[str, list[dict]] = {"ours": [], "diffusers": []}
-            for repeat in range(args.repeats):
-                # Alternate which side goes first, so that drift in the machine's load hits both.
-                for side in (("ours", "diffusers") if repeat % 2 == 0 else ("diffusers", "ours")):
-                    output = scratch / f"{case.name}-{side}.pt"
-                    command = [sys.executable, str(HERE / "worker.py"), "--case", case.name, "--side", side,
-                               "--output", str(output), *files, *common]
-                    report = run_child(command, scratch / f"{case.name}-{side}-{repeat}.log")
-                    measured[side].append(report)
-                    print(f"{case.name:12s} {side:9s} run {repeat + 1}: {min(report['seconds']):.3f} s, "
-                          f"peak RSS {report['peak_rss'] / GIB:.2f} GiB", file=sys.stderr)
-            ok, words = agreement(case, scratch / f"{case.name}-ours.pt", scratch / f"{case.name}-diffusers.pt",
-                                  args.ours_option)
-            rows.append((case, measured, ok, words))
+            measured = measure(case, engines, args, common, scratch)
+            compared = {}
+            for name in measured:
+                figures = None if name == REFERENCE else compare(case, scratch / f"{case.name}-{name}.pt",
+                                                                 scratch / f"{case.name}-{REFERENCE}.pt")
+                compared[name] = (figures, verdict(case, ENGINES[name], figures, args.ours_option))
+            rows.append((case, measured, compared))
         ceiling = None
         if not args.no_ceiling:
-            command = [sys.executable, str(HERE / "ceiling.py"), "--device", args.device, "--dtype", dtype]
+            command = [sys.executable, str(HERE / "ceiling.py"), "--device", args.device, "--dtype", args.dtype]
             command += ["--quick"] if args.quick else []
             command += ["--threads", str(args.threads)] if args.threads else []
             ceiling = run_child(command, scratch / "ceiling.log")
 
-    table = render(rows, ceiling, args, dtype)
+    table = render(rows, ceiling, args)
     print(table)
     args.results.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = f"{stamp}-{args.device.replace(':', '')}-{dtype}{'-quick' if args.quick else ''}.md"
+    name = f"{stamp}-{args.device.replace(':', '')}-{args.dtype}{'-quick' if args.quick else ''}.md"
     (args.results / name).write_text(table + "\n")
     print(f"written to {args.results / name}", file=sys.stderr)
-    return 0 if all(ok is not False for _, _, ok, _ in rows) else 1
+    return 0 if all(ok is not False for _, _, compared in rows for _, ok in compared.values()) else 1
 
 
-def render(rows, ceiling, args, dtype: str) -> str:
-    seconds = lambda reports: [min(r["seconds"]) for r in reports]  # noqa: E731
-    memory = lambda reports: [r.get("peak_gpu", r["peak_rss"]) / GIB for r in reports]  # noqa: E731
+def _seconds(reports: list[dict]) -> list[float]:
+    return [min(r["seconds"]) for r in reports]
+
+
+def _memory(reports: list[dict]) -> list[float]:
+    return [r.get("peak_gpu", r["peak_rss"]) / GIB for r in reports]
+
+
+def _ratio(values: list[float], reference: list[float] | None) -> str:
+    return f"{statistics.median(values) / statistics.median(reference):.2f}" if reference else "-"
+
+
+def render(rows, ceiling, args) -> str:
     memory_name = "peak GPU memory" if args.device.startswith("cuda") else "peak RSS"
     lines = [
-        f"## ours vs diffusers: {'tiny --quick models' if args.quick else 'full-size SD 1.5, random weights'}, "
-        f"{args.device} {dtype}",
+        f"## {', '.join(dict.fromkeys(args.engines))}: "
+        f"{'tiny --quick models' if args.quick else 'full-size random weights'}, {args.device} {args.dtype}",
         "",
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{args.repeats} fresh processes per side, median (min-max); "
-        f"our options: {', '.join(args.ours_option) or 'none'}; load average at the end "
-        f"{os.getloadavg()[0]:.1f}",
+        f"{args.repeats} fresh processes per engine, median (min-max); "
+        f"options of 'ours': {', '.join(args.ours_option) or 'none'}; load average at the end "
+        f"{os.getloadavg()[0]:.1f}. Ratios and differences against {REFERENCE} {args.dtype}.",
         "",
-        f"| benchmark | ours s | diffusers s | ratio | ours {memory_name} GiB | diffusers GiB | ratio | outputs agree |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| benchmark | engine | s | time ratio | first call s | {memory_name} GiB | memory ratio | difference | agrees |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for case, measured, ok, words in rows:
-        ours_s, theirs_s = seconds(measured["ours"]), seconds(measured["diffusers"])
-        ours_m, theirs_m = memory(measured["ours"]), memory(measured["diffusers"])
-        verdict = "-" if ok is None else f"{'yes' if ok else 'NO'} ({words})"
-        first_calls = [max(r["warmup_seconds"]) for r in measured["ours"] if r.get("warmup_seconds")]
-        if "compile_unet" in args.ours_option and first_calls:
-            verdict += f"; our first call (compiling) {summary(first_calls)} s"
+    for case, measured, compared in rows:
         label = case.label if not args.quick else f"{case.label} [quick: size {case.quick_size}]"
-        lines.append(
-            f"| {label} | {summary(ours_s)} | {summary(theirs_s)} | "
-            f"{statistics.median(ours_s) / statistics.median(theirs_s):.2f} | {summary(ours_m)} | {summary(theirs_m)} | "
-            f"{statistics.median(ours_m) / statistics.median(theirs_m):.2f} | {verdict} |"
-        )
+        reference = measured.get(REFERENCE)
+        for name, reports in measured.items():
+            figures, ok = compared[name]
+            first = [max(r["warmup_seconds"]) for r in reports if r.get("warmup_seconds")]
+            lines.append(
+                f"| {label} | {name} | {summary(_seconds(reports))} | {_ratio(_seconds(reports), reference and _seconds(reference))} | "
+                f"{summary(first) if first else '-'} | {summary(_memory(reports))} | "
+                f"{_ratio(_memory(reports), reference and _memory(reference))} | {describe(case, figures)} | "
+                f"{'-' if ok is None else 'yes' if ok else 'NO'} |")
     if ceiling:
         lines += ["", f"Matmul ceiling ({ceiling['matmul_size']}^2 fp32 mm): {ceiling['gflops_median']:.1f} GFLOP/s "
                   f"(min-max {min(ceiling['gflops']):.1f}-{max(ceiling['gflops']):.1f})."]
-        for case, measured, _, _ in rows:
-            if case.kind != "unet":
+        for case, measured, _ in rows:
+            flops = ceiling["unet_flops"].get(str(case.scaled(args.quick).size)) if case.kind == "unet" else None
+            if not flops:
                 continue
-            flops = ceiling["unet_flops"].get(str(case.scaled(args.quick).size))
-            if flops:
-                rate = flops / statistics.median(seconds(measured["ours"])) / 1e9
-                theirs = flops / statistics.median(seconds(measured["diffusers"])) / 1e9
-                lines.append(f"{case.label}: {flops / 1e9:.1f} GFLOP counted; ours {rate:.1f} GFLOP/s = "
-                             f"{rate / ceiling['gflops_median']:.0%} of the ceiling (diffusers {theirs:.1f} GFLOP/s).")
+            rates = {name: flops / statistics.median(_seconds(reports)) / 1e9 for name, reports in measured.items()}
+            lines.append(f"{case.label}: {flops / 1e9:.1f} GFLOP counted; " + ", ".join(
+                f"{name} {rate:.1f} GFLOP/s ({rate / ceiling['gflops_median']:.0%} of the ceiling)"
+                for name, rate in rates.items()) + ".")
     return "\n".join(lines)
 
 

@@ -18,10 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.cases import CASES, Case  # noqa: E402
+from bench.inputs import PROMPT, SEED, adm_inputs, unet_inputs, vae_latents  # noqa: E402
 from bench.models import load_diffusers, load_diffusers_unet, load_ours, spec_for  # noqa: E402
 
-PROMPT = "a photograph of an astronaut riding a horse on the moon"
-SEED = 1234
 
 
 def peak_rss_bytes() -> int:
@@ -45,25 +44,7 @@ class Timer:
         return time.perf_counter() - start, result
 
 
-def unet_inputs(case: Case, spec, device, dtype):
-    generator = torch.Generator().manual_seed(SEED)
-    side = case.size
-    x = torch.randn(2, spec.latent_channels, side, side, generator=generator)
-    context = torch.randn(2, 77, spec.unet.context_dim, generator=generator)
-    t = torch.tensor([500.0, 500.0])
-    return x.to(device, dtype), t.to(device), context.to(device, dtype)
 
-
-def adm_inputs(spec, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SDXL's vector input as both sides take it: (our y, diffusers' pooled text, diffusers' time ids)."""
-    from latent_diffusion.nn.layers import timestep_embedding
-
-    conditioner = spec.conditioner
-    generator = torch.Generator().manual_seed(SEED + 1)
-    pooled = torch.randn(2, conditioner.text_encoders[conditioner.pooled_from].width, generator=generator)
-    time_ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * 2)
-    y = torch.cat([pooled, timestep_embedding(time_ids.flatten(), conditioner.fourier_dim).reshape(2, -1)], dim=1)
-    return y.to(device, dtype), pooled.to(device, dtype), time_ids.to(device, dtype)
 
 def dpmpp_2m_settings():
     """DPM++ 2M on trailing timesteps, the spacing where it matches diffusers' DPMSolverMultistepScheduler."""
@@ -113,11 +94,6 @@ def run_ours(case: Case, args, spec, timer: Timer):
     return times, out, warmup
 
 
-def vae_latents(case: Case, spec) -> torch.Tensor:
-    """Scaled latents of a case's image size (what the sampler hands the decoder)."""
-    generator = torch.Generator().manual_seed(SEED)
-    side = case.size // spec.downsampling_factor
-    return torch.randn(1, spec.latent_channels, side, side, generator=generator)
 
 
 def run_diffusers(case: Case, args, spec, timer: Timer):
@@ -179,7 +155,9 @@ def run_diffusers_sdxl_unet(case: Case, args, spec, timer: Timer, dtype: torch.d
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--case", required=True, choices=sorted(CASES))
-    parser.add_argument("--side", required=True, choices=["ours", "diffusers"])
+    parser.add_argument("--side", required=True, choices=["ours", "diffusers", "openvino"])
+    parser.add_argument("--ov-precision", default="f32", choices=["f32", "default"],
+                        help="OpenVINO side: f32 precision hint, or OpenVINO's default (bf16 where the CPU has it)")
     parser.add_argument("--weights", type=Path, required=True)
     parser.add_argument("--configs", type=Path, required=True)
     parser.add_argument("--output", type=Path, required=True)
@@ -194,7 +172,10 @@ def main(argv=None) -> None:
     case = CASES[args.case].scaled(args.quick)
     spec = spec_for(args.quick, case.model)
     timer = Timer(args.device)
-    run = run_ours if args.side == "ours" else run_diffusers
+    if args.side == "openvino":
+        from bench.openvino_side import run_openvino as run
+    else:
+        run = run_ours if args.side == "ours" else run_diffusers
     times, out, warmup = run(case, args, spec, timer)
     report = {"seconds": times, "warmup_seconds": warmup, "peak_rss": peak_rss_bytes(),
               "threads": torch.get_num_threads()}
