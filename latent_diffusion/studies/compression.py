@@ -9,6 +9,7 @@ unit of work with its own folder, so processes (or machines) can share the facto
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,16 +66,12 @@ PLAN_FILE = "plan.json"
 
 
 def ldm_complete(folder: Path) -> bool:
-    import json
-
     results = folder / "results.json"
     return results.is_file() and json.loads(results.read_text()).get("complete", False)
 
 
 def check_same_plan(out: Path, plan: StudyPlan) -> None:
     """Record the plan in ``out``; refuse to mix results of different plans (the factors may differ)."""
-    import json
-
     out.mkdir(parents=True, exist_ok=True)
     wanted = {k: v for k, v in dataclasses.asdict(plan).items() if k not in ("factors", "vq_factors")}
     path = out / PLAN_FILE
@@ -94,33 +91,38 @@ class StudyError(ValueError):
 
 def run_study(out: Path, plan: StudyPlan, log=print) -> None:
     """Train and measure every factor of ``plan`` not yet done in ``out``."""
-    import torch
-
     from latent_diffusion.evaluation.shapes_classifier import load_shapes_classifier
-    from latent_diffusion.studies.compression_first_stage import (
-        evaluate_first_stage, images_and_scenes, train_first_stage,
-    )
+    from latent_diffusion.studies.compression_first_stage import images_and_scenes
     from latent_diffusion.studies.compression_ldm import LDMRun, TextEncoder, encode_pool
 
     check_same_plan(out, plan)
     classifier = load_shapes_classifier()
-    # Held-out scenes for reconstructions: a seed no training draw uses.
-    originals, samples = images_and_scenes(plan.reconstruction_images, plan.seed + 1)
+    # Held-out scenes for reconstructions: a seed that no training draw of this plan uses.
+    held_out = images_and_scenes(plan.reconstruction_images, plan.seed + 1)
     text = TextEncoder.builtin()
     for f in plan.factors:
         started = time.perf_counter()
-        kinds = ["kl"] + (["vq"] if f in plan.vq_factors else [])
-        first_stage = None
-        for kind in kinds if f > 1 else ["none"]:
-            folder = first_stage_folder(out, f, kind)
-            model = None if f == 1 else train_first_stage(
-                folder, f, kind, steps=plan.first_stage_steps, batch=plan.first_stage_batch, seed=plan.seed, log=log)
-            figures = evaluate_first_stage(folder, model, f, kind, originals, samples, classifier, plan.first_stage_steps)
-            log(f"f={f} {figures['kind']}: PSNR {figures['psnr']:.2f} dB, judge {figures['attribute_accuracy']:.3f}")
-            if kind in ("kl", "none"):
-                first_stage = model
+        first_stage = _first_stages(out, f, plan, held_out, classifier, log)
         if ldm_complete(ldm_folder(out, f)):
             continue
         pool = encode_pool(first_stage, text, plan.latent_pool, plan.seed)
         LDMRun(ldm_folder(out, f), f, first_stage, pool, plan, text, classifier, log=log).train()
         log(f"f={f} done in {time.perf_counter() - started:.0f} s")
+
+
+def _first_stages(out: Path, f: int, plan: StudyPlan, held_out, classifier, log):
+    """Train and measure f's first stages (none at f = 1); returns the KL one, which the LDM uses."""
+    from latent_diffusion.studies.compression_first_stage import evaluate_first_stage, train_first_stage
+
+    originals, samples = held_out
+    kinds = ["none"] if f == 1 else ["kl"] + (["vq"] if f in plan.vq_factors else [])
+    used = None
+    for kind in kinds:
+        folder = first_stage_folder(out, f, kind)
+        model = None if kind == "none" else train_first_stage(
+            folder, f, kind, steps=plan.first_stage_steps, batch=plan.first_stage_batch, seed=plan.seed, log=log)
+        figures = evaluate_first_stage(folder, model, f, kind, originals, samples, classifier, plan.first_stage_steps)
+        log(f"f={f} {figures['kind']}: PSNR {figures['psnr']:.2f} dB, judge {figures['attribute_accuracy']:.3f}")
+        if kind == "kl":
+            used = model
+    return used
