@@ -9,7 +9,7 @@ from PIL import Image
 
 from latent_diffusion.cli import main
 from latent_diffusion.models.unet import UNetModel
-from latent_diffusion.studies.compression import StudyError, StudyPlan, check_same_plan, run_study
+from latent_diffusion.studies.compression import StudyError, StudyPlan, check_same_plan, rescore_study, run_study
 from latent_diffusion.studies.compression_models import (
     FACTORS, first_stage_config, latent_side, unet_config, unet_flops_per_image,
 )
@@ -66,22 +66,28 @@ def test_study_runs_end_to_end_and_writes_table_and_plots(tmp_path):
     assert [r["f"] for r in results["ldms"]] == [1, 32]
     for ldm in results["ldms"]:
         assert [e["step"] for e in ldm["evaluations"]] == [2, 4] and ldm["complete"]
-        assert 0.0 <= ldm["evaluations"][-1]["scene_accuracy"] <= 1.0
-    for name in ("quality-vs-compute", "fd-vs-compute", "quality-vs-throughput", "reconstruction-vs-f"):
+        last = ldm["evaluations"][-1]
+        assert 0.0 <= last["scene_accuracy"] <= 1.0 and 0.0 <= last["attribute_accuracy"] <= 1.0
+    for name in ("quality-vs-compute", "scenes-vs-compute", "fd-vs-compute", "quality-vs-throughput",
+                 "reconstruction-vs-f"):
         assert Image.open(tmp_path / "report" / f"{name}.png").size == (720, 480)
         assert f"({name}.png)" in text
+    # Every figure of an evaluation comes from the saved grid, so scoring the grids again changes nothing.
+    before = [json.loads((tmp_path / "runs" / f"ldm-f{f}" / "results.json").read_text()) for f in (1, 32)]
+    assert rescore_study(tmp_path) == 4
+    assert [json.loads((tmp_path / "runs" / f"ldm-f{f}" / "results.json").read_text()) for f in (1, 32)] == before
 
 
 def _ldm_run(folder, plan):
-    from latent_diffusion.evaluation.shapes_classifier import load_shapes_classifier
     from latent_diffusion.studies.compression_first_stage import build_first_stage
+    from latent_diffusion.studies.compression_judge import Judge
     from latent_diffusion.studies.compression_ldm import LDMRun, TextEncoder, encode_pool
 
     torch.manual_seed(0)
     first_stage = build_first_stage(32, "kl").eval()
     text = TextEncoder.builtin()
     pool = encode_pool(first_stage, text, plan.latent_pool, plan.seed)
-    return LDMRun(folder, 32, first_stage, pool, plan, text, load_shapes_classifier(), log=lambda message: None)
+    return LDMRun(folder, 32, first_stage, pool, plan, text, Judge(plan.eval_prompts, plan.seed), log=lambda message: None)
 
 
 def test_a_stopped_ldm_run_resumes_to_the_bitwise_result_of_an_unbroken_one(tmp_path, monkeypatch):
@@ -109,7 +115,7 @@ def test_a_stopped_ldm_run_resumes_to_the_bitwise_result_of_an_unbroken_one(tmp_
 
     for name, value in unbroken.unet.state_dict().items():
         assert torch.equal(value, resumed.unet.state_dict()[name]), name
-    figures = ("step", "train_flops", "scene_accuracy", "group_scene_accuracy", "frechet_distance")
+    figures = ("step", "train_flops", "scene_accuracy", "attribute_accuracy", "attributes", "frechet_distance")
     assert [{k: e[k] for k in figures} for e in resumed.results["evaluations"]] == \
         [{k: e[k] for k in figures} for e in unbroken.results["evaluations"]]
 

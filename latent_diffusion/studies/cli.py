@@ -16,7 +16,11 @@ def _cmd_compression(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     report = Path(args.report) if args.report else out / "report"
-    if not args.report_only:
+    if args.rescore:
+        from latent_diffusion.studies.compression import rescore_study
+
+        print(f"scored {rescore_study(out)} saved evaluations again", file=sys.stderr)
+    elif not args.report_only:
         factors = tuple(sorted(set(args.factors)))
         plan = StudyPlan.for_budget(args.budget, factors=factors, seed=args.seed,
                                     vq_factors=tuple(f for f in StudyPlan.vq_factors if f in factors))
@@ -54,5 +58,8 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
     compression.add_argument("--seed", type=int, default=0, help="seed of every run's weights, data and noise")
     compression.add_argument("--report-only", action="store_true",
                              help="train nothing: gather the results already in OUT into the report")
+    compression.add_argument("--rescore", action="store_true",
+                             help="train nothing: read every saved evaluation grid in OUT with the judge again "
+                             "(after a change to the judge or the metrics), then write the report")
     compression.set_defaults(func=_cmd_compression, command_parser=compression)
     return study

@@ -93,10 +93,12 @@ def run_study(out: Path, plan: StudyPlan, log=print) -> None:
     """Train and measure every factor of ``plan`` not yet done in ``out``."""
     from latent_diffusion.evaluation.shapes_classifier import load_shapes_classifier
     from latent_diffusion.studies.compression_first_stage import images_and_scenes
+    from latent_diffusion.studies.compression_judge import Judge
     from latent_diffusion.studies.compression_ldm import LDMRun, TextEncoder, encode_pool
 
     check_same_plan(out, plan)
     classifier = load_shapes_classifier()
+    judge = Judge(plan.eval_prompts, plan.seed, classifier)
     # Held-out scenes for reconstructions: a seed that no training draw of this plan uses.
     held_out = images_and_scenes(plan.reconstruction_images, plan.seed + 1)
     text = TextEncoder.builtin()
@@ -106,7 +108,7 @@ def run_study(out: Path, plan: StudyPlan, log=print) -> None:
         if ldm_complete(ldm_folder(out, f)):
             continue
         pool = encode_pool(first_stage, text, plan.latent_pool, plan.seed)
-        LDMRun(ldm_folder(out, f), f, first_stage, pool, plan, text, classifier, log=log).train()
+        LDMRun(ldm_folder(out, f), f, first_stage, pool, plan, text, judge, log=log).train()
         log(f"f={f} done in {time.perf_counter() - started:.0f} s")
 
 
@@ -126,3 +128,15 @@ def _first_stages(out: Path, f: int, plan: StudyPlan, held_out, classifier, log)
         if kind == "kl":
             used = model
     return used
+
+
+def rescore_study(out: Path) -> int:
+    """Score every saved LDM evaluation under ``out`` again with the current judge and metrics."""
+    from latent_diffusion.studies.compression_judge import Judge, rescore
+
+    path = out / PLAN_FILE
+    if not path.is_file():
+        raise StudyError(f"{out} holds no study (no {PLAN_FILE})")
+    plan = json.loads(path.read_text())
+    runs = sorted(folder for folder in (out / "runs").glob("ldm-f*") if (folder / "results.json").is_file())
+    return rescore(runs, Judge(plan["eval_prompts"], plan["seed"]))

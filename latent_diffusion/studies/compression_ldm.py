@@ -6,7 +6,6 @@ frozen text encoder are the built-in model's (v-prediction, min-SNR 5, DDPM's li
 """
 from __future__ import annotations
 
-import functools
 import json
 import time
 from dataclasses import dataclass
@@ -21,18 +20,16 @@ from latent_diffusion.diffusion.guidance import ClassifierFreeGuidance
 from latent_diffusion.diffusion.registry import resolve_sampler, sigmas_for
 from latent_diffusion.diffusion.sampling import BatchNoise, sample
 from latent_diffusion.diffusion.schedules import NoiseSchedule, alphas_cumprod_for
-from latent_diffusion.evaluation.frechet import frechet_distance
-from latent_diffusion.evaluation.shapes_classifier import ShapesClassifier, extract_features, read_scenes
-from latent_diffusion.evaluation.shapes_eval import EvalPrompt, score_reading
 from latent_diffusion.models.autoencoder import AutoencoderKL
 from latent_diffusion.models.unet import UNetModel
 from latent_diffusion.studies.compression_first_stage import images_and_scenes
+from latent_diffusion.studies.compression_judge import Judge, grid_path, save_grid
 from latent_diffusion.studies.compression_models import (
     CONTEXT_TOKENS, LATENT_CHANNELS, latent_side, unet_config, unet_flops_per_image,
 )
 from latent_diffusion.studies.resumable import step_generator, train_resumably
 from latent_diffusion.training.config import OptimConfig
-from latent_diffusion.training.loop import adamw, learning_rate, set_learning_rate, save_image_grid
+from latent_diffusion.training.loop import adamw, learning_rate, set_learning_rate
 from latent_diffusion.training.objective import min_snr_weight, network_input_and_target
 
 SCHEDULE = ScheduleConfig(kind="linear", timesteps=1000, linear_start=1e-4, linear_end=0.02)
@@ -95,21 +92,13 @@ def batch_for_equal_flops(f: int, pixel_batch: int) -> tuple[int, int]:
     return max(1, round(pixel_batch * per_image[1] / per_image[f])), per_image[f]
 
 
-def evaluation_prompts(count: int) -> list[EvalPrompt]:
-    """The shapes evaluation's fixed prompts: 3/8 one object, 3/8 two objects, 1/4 held-out pairs."""
-    from latent_diffusion.evaluation.shapes_eval import fixed_prompt_set
-
-    single = two = round(count * 3 / 8)
-    return fixed_prompt_set(single_seen=single, two_seen=two, held_out=count - single - two)
-
-
 class LDMRun:
     """One f's LDM: its network, data and optimiser, trained in steps and evaluated at milestones."""
 
     def __init__(self, directory: Path, f: int, first_stage: AutoencoderKL | None, pool: LatentPool,
-                 plan, text: TextEncoder, classifier: ShapesClassifier, log=print) -> None:
+                 plan, text: TextEncoder, judge: Judge, log=print) -> None:
         self.directory, self.f, self.first_stage, self.pool, self.plan, self.log = directory, f, first_stage, pool, plan, log
-        self.text, self.classifier = text, classifier
+        self.judge = judge
         if pool.contexts.shape[1] != CONTEXT_TOKENS:
             raise ValueError(f"the caption encoder gives {pool.contexts.shape[1]} tokens; "
                              f"the study counts FLOPs for {CONTEXT_TOKENS}")
@@ -118,7 +107,7 @@ class LDMRun:
         self.batch, self.flops_per_image = batch_for_equal_flops(f, plan.pixel_batch)
         self.optimizer = adamw(self.unet.parameters(), OPTIM)
         self.alphas_cumprod = alphas_cumprod_for(SCHEDULE)
-        self.prompts = evaluation_prompts(plan.eval_prompts)
+        self.prompts = judge.prompts
         self.prompt_contexts = text([p.caption for p in self.prompts])
         results_path = directory / RESULTS
         self.results = json.loads(results_path.read_text()) if results_path.is_file() else self._fresh_results()
@@ -202,31 +191,16 @@ class LDMRun:
         started = time.perf_counter()
         images = self.generate(self.prompt_contexts)
         seconds = time.perf_counter() - started
-        readings = read_scenes(self.classifier, images)
-        hits = [score_reading(reading, prompt.scene)["scene"][0] for reading, prompt in zip(readings, self.prompts)]
-        groups = {}
-        for hit, prompt in zip(hits, self.prompts):
-            groups.setdefault(prompt.group, []).append(hit)
-        evaluation = {
-            "step": step, "train_flops": step * self.results["train_flops_per_step"],
-            "scene_accuracy": sum(hits) / len(hits),
-            "group_scene_accuracy": {group: sum(v) / len(v) for group, v in groups.items()},
-            "frechet_distance": frechet_distance(extract_features(self.classifier, images),
-                                                 extract_features(self.classifier, self._reference_images)),
-            "sampling_seconds": seconds, "images_per_second": len(images) / seconds,
-        }
+        grid = grid_path(self.directory, step)
+        save_grid(images, grid)
+        evaluation = {"step": step, "train_flops": step * self.results["train_flops_per_step"],
+                      **self.judge.score_grid(grid), "sampling_seconds": seconds,
+                      "images_per_second": len(images) / seconds}
         self.results["evaluations"] = [e for e in self.results["evaluations"] if e["step"] < step] + [evaluation]
-        save_image_grid(images, self.directory / f"samples-{step:06d}.png", columns=8)
-        self.log(f"  LDM f={self.f}: step {step}: scene accuracy {evaluation['scene_accuracy']:.3f}, "
-                 f"FD {evaluation['frechet_distance']:.2f}, {evaluation['images_per_second']:.2f} images/s")
+        self.log(f"  LDM f={self.f}: step {step}: attributes {evaluation['attribute_accuracy']:.3f}, scenes "
+                 f"{evaluation['scene_accuracy']:.3f}, FD {evaluation['frechet_distance']:.2f}, "
+                 f"{evaluation['images_per_second']:.2f} images/s")
         self._write()
-
-    @functools.cached_property
-    def _reference_images(self) -> torch.Tensor:
-        """Renders of the prompts' scenes: the real side of the Fréchet distance."""
-        from latent_diffusion.evaluation.shapes_eval import render_reference
-
-        return render_reference(self.prompts, per_prompt=4, seed=self.plan.seed)
 
     def _write(self) -> None:
         now = time.perf_counter()

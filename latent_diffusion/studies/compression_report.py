@@ -31,42 +31,53 @@ def first_stage_table(stages: list[dict]) -> list[str]:
     return lines
 
 
+def _quality(evaluation: dict) -> str:
+    return f"{evaluation.get('attribute_accuracy', float('nan')):.3f} / {evaluation['scene_accuracy']:.3f}"
+
+
 def ldm_table(ldms: list[dict]) -> list[str]:
     fractions = max((len(r["evaluations"]) for r in ldms), default=0)
-    head = " | ".join(f"scene acc. {i + 1}/{fractions}" for i in range(fractions))
+    head = " | ".join(f"at {i + 1}/{fractions}" for i in range(fractions))
     lines = [f"| f | latent | UNet parameters | forward MFLOP / latent | batch | training PFLOP | {head} | "
              "Fréchet distance (end) | sampling images/s | minutes |",
              "|---|---|---|---|---|---|" + "---|" * fractions + "---|---|---|"]
     for r in ldms:
         evaluations = r["evaluations"]
-        accuracies = [f"{e['scene_accuracy']:.3f}" for e in evaluations] + ["-"] * (fractions - len(evaluations))
+        qualities = [_quality(e) for e in evaluations] + ["-"] * (fractions - len(evaluations))
         last = evaluations[-1] if evaluations else None
         c, h, w = r["latent"]
         lines.append(
             f"| {r['f']} | {c} x {h} x {w} | {r['unet_parameters']:,} | {r['unet_forward_flops_per_image'] / 1e6:.1f} | "
-            f"{r['batch']} | {r['train_flops_per_step'] * r['steps'] / 1e15:.3f} | {' | '.join(accuracies)} | "
+            f"{r['batch']} | {r['train_flops_per_step'] * r['steps'] / 1e15:.3f} | {' | '.join(qualities)} | "
             f"{last['frechet_distance']:.2f} | {r.get('images_per_second', last['images_per_second']):.2f} | "
             f"{r['wall_seconds'] / 60:.1f} |"
-            if last else f"| {r['f']} | {c} x {h} x {w} | - | - | - | - | {' | '.join(accuracies)} | - | - | - |")
+            if last else f"| {r['f']} | {c} x {h} x {w} | - | - | - | - | {' | '.join(qualities)} | - | - | - |")
     return lines
+
+
+_CURVES = (("attribute_accuracy", "quality-vs-compute.png", "attribute accuracy (shapes judge)", (0.0, 1.0)),
+           ("scene_accuracy", "scenes-vs-compute.png", "scene accuracy (all of a scene right)", (0.0, 1.0)),
+           # ASCII: Pillow's default font has no é.
+           ("frechet_distance", "fd-vs-compute.png", "Frechet distance (lower is better)", None))
 
 
 def write_plots(report: Path, stages: list[dict], ldms: list[dict]) -> list[Path]:
     written = []
     ldms = [r for r in ldms if r["evaluations"]]
+    nan = float("nan")
     if ldms:
-        for key, name, label in (("scene_accuracy", "quality-vs-compute.png", "scene accuracy (shapes judge)"),
-                                 ("frechet_distance", "fd-vs-compute.png", "Frechet distance (lower is better)")):  # ASCII: the default font has no é
+        for key, name, label, y_range in _CURVES:
             series = [Series(f"f={r['f']}", tuple(e["train_flops"] for e in r["evaluations"]),
-                             tuple(e[key] for e in r["evaluations"])) for r in ldms]
+                             tuple(e.get(key, nan) for e in r["evaluations"])) for r in ldms]
             written.append(plot(report / name, series, title=f"LDM-f: {label} against training compute",
-                                x_label="training FLOPs", y_label=label, log_x=True,
-                                y_range=(0.0, 1.0) if key == "scene_accuracy" else None))
+                                x_label="training FLOPs", y_label=label, log_x=True, y_range=y_range))
         points = [Series(f"f={r['f']}", (r.get("images_per_second", r["evaluations"][-1]["images_per_second"]),),
-                         (r["evaluations"][-1]["scene_accuracy"],), lines=False, labels=(f"f={r['f']}",)) for r in ldms]
+                         (r["evaluations"][-1].get("attribute_accuracy", nan),), lines=False, labels=(f"f={r['f']}",))
+                  for r in ldms]
         written.append(plot(report / "quality-vs-throughput.png", points, log_x=True, y_range=(0.0, 1.0),
                             title="LDM-f at the end of the budget: quality against sampling speed",
-                            x_label="images per second (DDIM, CFG, decoding included)", y_label="scene accuracy"))
+                            x_label="images per second (DDIM 20 steps, CFG, decoding included)",
+                            y_label="attribute accuracy"))
     by_kind = {}
     for r in stages:
         if r["kind"] != "none":
@@ -94,7 +105,8 @@ def write_report(out: Path, report: Path, command: str) -> Path:
         f"Made by `{command}`.", "",
         "Plan: " + ", ".join(f"{k} {v}" for k, v in plan.items()) + ".", "",
         "## First stages (reconstructions of held-out scenes)", "", *first_stage_table(stages), "",
-        "## LDMs (equal training FLOPs per step for every f)", "", *ldm_table(ldms), "",
+        "## LDMs (equal training FLOPs per step for every f)", "",
+        "Each evaluation: attribute accuracy / scene accuracy of the shapes judge.", "", *ldm_table(ldms), "",
         *[f"![{path.stem}]({path.name})" for path in plots], "",
     ]
     (report / "results.json").write_text(json.dumps({"plan": plan, "first_stages": stages, "ldms": ldms}, indent=1) + "\n")
