@@ -46,7 +46,7 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
         help="How much to compress before diffusing: first stages and LDMs at f = 1..32, equal training FLOPs.",
         description="For each downsampling factor f, train a first stage (KL; VQ too at f = 4 and 8) and a "
         "text-to-image LDM with the same training FLOPs, evaluate them, and write a Markdown table and PNG plots. "
-        "The default budget takes about 1.5 hours on 2 CPU cores; runs resume where they stopped, and "
+        "The default budget takes about an hour on 2 CPU cores; runs resume where they stopped, and "
         "processes given different --factors can share one --out.",
     )
     compression.add_argument("--out", default=str(DEFAULT_OUT), help="folder for runs, checkpoints and results")

@@ -1,7 +1,7 @@
 """Stage 2 of the compression study: the text-to-image LDM of one factor, trained and measured.
 
 Every f spends the same training FLOPs per step, and so the same FLOPs at every evaluation: the
-batch is what changes (f = 1 sees 4 images a step, f = 32 thousands). The objective, schedule and
+batch is what changes (f = 1 sees 4 images a step, f = 32 447). The objective, schedule and
 frozen text encoder are the built-in model's (v-prediction, min-SNR 5, DDPM's linear betas).
 """
 from __future__ import annotations
@@ -76,7 +76,7 @@ class LatentPool:
 @torch.no_grad()
 def encode_pool(first_stage: AutoencoderKL | None, text: TextEncoder, count: int, seed: int) -> LatentPool:
     """Render ``count`` training scenes, encode them once (f = 1: the pixels themselves) and scale them
-    to unit variance as the paper does (section 4.3.2): the rule is the same for every f."""
+    to unit variance, by the same rule for every f, so that one noise schedule fits them all."""
     images, samples = images_and_scenes(count, seed)
     if first_stage is None:
         latents = images

@@ -1,8 +1,8 @@
 """The models of the compression study, as data: one first stage and one UNet per factor f.
 
 The canvas is the shapes world's 64x64, so f = 32 leaves a 2x2 latent. Latent channels grow with f
-as in the paper's autoencoders (f = 4: 3-4 channels, f = 32: 64), so a higher f loses detail but not
-all capacity. f = 1 has no first stage: the LDM diffuses pixels.
+(f = 4: 4 channels, f = 32: 64), so a higher f loses detail but not all capacity. f = 1 has no first
+stage: the LDM diffuses pixels.
 """
 from __future__ import annotations
 
@@ -58,8 +58,8 @@ def unet_config(f: int) -> UNetConfig:
     Up to three levels, fewer where the latent is too small to halve twice more (the lowest level
     keeps at least 2x2: GroupNorm over one pixel is not a norm); a short UNet keeps the deepest,
     widest levels, so that a small latent is treated like the bottom of the full network rather than
-    by a network a tenth its size. Attention only at 16x16 and below, as the paper's pixel-space
-    models do, so that f = 1-2 pay for their resolution in convolutions, not 4096-token attention.
+    by a network a tenth its size. Attention only at 16x16 and below, so that f = 1-2 pay for their
+    resolution in convolutions, not in 4096-token attention.
     """
     side = latent_side(f)
     levels = max(1, min(3, int(math.log2(side))))

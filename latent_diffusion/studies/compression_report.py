@@ -87,7 +87,8 @@ def write_plots(report: Path, stages: list[dict], ldms: list[dict]) -> list[Path
                   for kind, rows in sorted(by_kind.items())]
         written.append(plot(report / "reconstruction-vs-f.png", series, log_x=True,
                             title="First stage: reconstruction against the downsampling factor",
-                            x_label="downsampling factor f", y_label="PSNR (dB)"))
+                            x_label="downsampling factor f", y_label="PSNR (dB)",
+                            x_ticks=tuple(sorted({r["f"] for r in stages if r["kind"] != "none"}))))
     return written
 
 

@@ -61,8 +61,9 @@ def _range(values: list[float], log: bool, fixed: tuple[float, float] | None) ->
 
 
 def plot(path: Path, series: list[Series], *, title: str, x_label: str, y_label: str, log_x: bool = False,
-         y_range: tuple[float, float] | None = None) -> Path:
-    """Write a PNG plot of ``series`` to ``path``; non-finite points are left out."""
+         y_range: tuple[float, float] | None = None, x_ticks: tuple[float, ...] | None = None) -> Path:
+    """Write a PNG plot of ``series`` to ``path``; non-finite points are left out. ``x_ticks``: where
+    to mark the x axis (default: round numbers)."""
     clean = []
     for s in series:
         kept = [(x, y) for x, y in zip(s.xs, s.ys) if math.isfinite(x) and math.isfinite(y)]
@@ -75,7 +76,7 @@ def plot(path: Path, series: list[Series], *, title: str, x_label: str, y_label:
     y_low, y_high = _range(ys, False, y_range)
     image = Image.new("RGB", (WIDTH, HEIGHT), "white")
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
+    font = ImageFont.load_default(size=13)
     left, right, top, bottom = MARGIN_LEFT, WIDTH - MARGIN_RIGHT, MARGIN_TOP, HEIGHT - MARGIN_BOTTOM
 
     def to_pixel(x: float, y: float) -> tuple[float, float]:
@@ -83,11 +84,12 @@ def plot(path: Path, series: list[Series], *, title: str, x_label: str, y_label:
         return left + fx * (right - left), bottom - (y - y_low) / (y_high - y_low) * (bottom - top)
 
     draw.rectangle([left, top, right, bottom], outline="black")
-    for tick in _ticks(x_low, x_high, log_x):
+    for tick in x_ticks or _ticks(x_low, x_high, log_x):
         px, _ = to_pixel(tick, y_low)
         draw.line([px, bottom, px, bottom + 4], fill="black")
         draw.line([px, top, px, bottom], fill=(235, 235, 235))
-        draw.text((px, bottom + 6), _label(tick, log_x), fill="black", font=font, anchor="mt")
+        draw.text((px, bottom + 6), f"{tick:g}" if x_ticks else _label(tick, log_x), fill="black", font=font,
+                  anchor="mt")
     for tick in _ticks(y_low, y_high, False):
         _, py = to_pixel(x_low, tick)
         draw.line([left - 4, py, left, py], fill="black")
