@@ -58,7 +58,7 @@ def test_budget_scales_training_steps_and_refuses_nonsense():
 
 def test_study_runs_end_to_end_and_writes_table_and_plots(tmp_path):
     run_study(tmp_path, StudyPlan(factors=(1, 32), **TINY), log=lambda message: None)
-    path = write_report(tmp_path, tmp_path / "report", "ldm study compression --test")
+    path = write_report(tmp_path, tmp_path / "report")
     text = path.read_text()
     assert "| 1 | none (pixels) | 3 x 64 x 64 | 12288 | 0 | lossless | 1.000 |" in text
     assert "| 32 | KL | 64 x 2 x 2 | 256 |" in text
@@ -132,3 +132,8 @@ def test_plot_leaves_out_points_that_are_not_finite(tmp_path):
     assert Image.open(path).size == (720, 480)
     with pytest.raises(ValueError, match="no finite point"):
         plot(tmp_path / "q.png", [Series("b", (1.0,), (float("nan"),))], title="t", x_label="x", y_label="y")
+
+
+def test_rescoring_a_folder_without_a_study_is_a_clear_error(tmp_path, capsys):
+    assert main(["study", "compression", "--out", str(tmp_path), "--rescore"]) == 2
+    assert "holds no study (no plan.json)" in capsys.readouterr().err

@@ -10,16 +10,25 @@ from pathlib import Path
 DEFAULT_OUT = Path("runs") / "compression-study"
 
 
+def _command_line(args: argparse.Namespace) -> str:
+    """The command as it ran, rebuilt from its options (sys.argv is not this command's in-process)."""
+    words = ["ldm", "study", "compression", "--out", args.out]
+    if args.rescore or args.report_only:
+        words.append("--rescore" if args.rescore else "--report-only")
+    else:
+        words += ["--budget", f"{args.budget:g}", "--seed", str(args.seed), "--factors", *map(str, sorted(set(args.factors)))]
+    return shlex.join(words)
+
+
 def _cmd_compression(args: argparse.Namespace) -> None:
-    from latent_diffusion.studies.compression import StudyPlan, run_study
+    from latent_diffusion.studies.compression import StudyPlan, record_command, rescore_study, run_study
     from latent_diffusion.studies.compression_report import write_report
 
     out = Path(args.out)
     report = Path(args.report) if args.report else out / "report"
     if args.rescore:
-        from latent_diffusion.studies.compression import rescore_study
-
         print(f"scored {rescore_study(out)} saved evaluations again", file=sys.stderr)
+        record_command(out, _command_line(args))
     elif not args.report_only:
         factors = tuple(sorted(set(args.factors)))
         plan = StudyPlan.for_budget(args.budget, factors=factors, seed=args.seed,
@@ -29,9 +38,9 @@ def _cmd_compression(args: argparse.Namespace) -> None:
         def log(message: str) -> None:
             print(f"[{(time.perf_counter() - started) / 60:5.1f} min] {message}", file=sys.stderr, flush=True)
 
+        record_command(out, _command_line(args))
         run_study(out, plan, log=log)
-    command = "ldm study compression " + shlex.join(sys.argv[3:] if sys.argv[1:3] == ["study", "compression"] else [])
-    print(write_report(out, report, command.strip()))
+    print(write_report(out, report))
 
 
 def add_study_parser(subparsers) -> argparse.ArgumentParser:

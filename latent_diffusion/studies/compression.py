@@ -63,6 +63,13 @@ def ldm_folder(out: Path, f: int) -> Path:
 
 
 PLAN_FILE = "plan.json"
+COMMANDS_FILE = "commands.txt"  # every command that trained or rescored in the folder, in order
+
+
+def record_command(out: Path, command: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / COMMANDS_FILE, "a", encoding="utf-8") as file:
+        file.write(command + "\n")
 
 
 def ldm_complete(folder: Path) -> bool:

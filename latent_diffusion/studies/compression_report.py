@@ -92,7 +92,12 @@ def write_plots(report: Path, stages: list[dict], ldms: list[dict]) -> list[Path
     return written
 
 
-def write_report(out: Path, report: Path, command: str) -> Path:
+def _commands(out: Path) -> list[str]:
+    path = out / "commands.txt"
+    return path.read_text(encoding="utf-8").splitlines() if path.is_file() else ["(not recorded)"]
+
+
+def write_report(out: Path, report: Path) -> Path:
     """Gather the results under ``out`` into ``report``/results.md and its plots; returns the Markdown file."""
     stages, ldms = _read(out, "*-f*[0-9]"), _read(out, "ldm-f*")
     stages = [r for r in stages if "psnr" in r]
@@ -103,7 +108,7 @@ def write_report(out: Path, report: Path, command: str) -> Path:
     plots = write_plots(report, stages, ldms)
     lines = [
         "# Compression study: results", "",
-        f"Made by `{command}`.", "",
+        "Made by:", "", "```bash", *_commands(out), "```", "",
         "Plan: " + ", ".join(f"{k} {v}" for k, v in plan.items()) + ".", "",
         "## First stages (reconstructions of held-out scenes)", "", *first_stage_table(stages), "",
         "## LDMs (equal training FLOPs per step for every f)", "",
