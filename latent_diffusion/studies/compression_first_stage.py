@@ -16,7 +16,7 @@ from latent_diffusion.evaluation.frechet import frechet_distance
 from latent_diffusion.evaluation.shapes_classifier import ShapesClassifier, extract_features, read_scenes
 from latent_diffusion.evaluation.shapes_eval import EvalPrompt, score_readings
 from latent_diffusion.models.autoencoder import AutoencoderKL, VQModel
-from latent_diffusion.studies.compression_models import first_stage_config
+from latent_diffusion.studies.compression_models import first_stage_config, latent_side
 from latent_diffusion.studies.resumable import step_generator, train_resumably
 from latent_diffusion.training.autoencoder import encode_decode, init_logvar
 from latent_diffusion.training.config import OptimConfig
@@ -29,10 +29,10 @@ RESULTS = "results.json"
 WEIGHTS = "first_stage.pt"
 
 
-def images_and_scenes(count: int, seed: int, start: int = 0) -> tuple[torch.Tensor, list]:
-    """Items ``start``.. ``start + count`` of the procedural shapes dataset of ``seed``, rendered."""
-    dataset = ShapesDataset(start + count, seed=seed)
-    samples = [dataset[i] for i in range(start, start + count)]
+def images_and_scenes(count: int, seed: int) -> tuple[torch.Tensor, list]:
+    """The first ``count`` items of the procedural shapes dataset of ``seed``, rendered."""
+    dataset = ShapesDataset(count, seed=seed)
+    samples = [dataset[i] for i in range(count)]
     return torch.stack([s.image for s in samples]), samples
 
 
@@ -123,5 +123,5 @@ def evaluate_first_stage(directory: Path, model: AutoencoderKL | VQModel | None,
 
 
 def _latent_shape(model, f: int) -> list[int]:
-    side = 64 // f
+    side = latent_side(f)
     return [3, side, side] if model is None else [model.config.embed_dim, side, side]
