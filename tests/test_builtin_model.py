@@ -136,6 +136,20 @@ def test_render_folder_draws_the_asked_share_of_two_object_scenes(tmp_path):
     assert object_counts(1.0) == {2} and object_counts(0.0) == {1}
 
 
+def test_render_folder_writes_the_builtin_model_s_mix(tmp_path):
+    from latent_diffusion.data.shapes_folder import main
+    from latent_diffusion.data.shapes_speech import read_description
+
+    main([str(tmp_path / "mix"), "--count", "40", "--seed", "2", "--three-object-probability", "0.5",
+          "--same-kind-probability", "1", "--spoken-share", "1", "--phrasings", "natural"])
+    descriptions = [read_description((tmp_path / "mix" / f"{index:06d}.txt").read_text().strip()) for index in range(40)]
+    assert {len(d.objects) for d in descriptions} == {1, 2, 3}
+    # Every multi-object scene is of alike objects: as a count ("two red circles") or named each time.
+    assert all(len({(o.shape, o.colour) for o in d.objects}) == 1 for d in descriptions)
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "bad"), "--count", "2", "--same-kind-probability", "2"])
+
+
 # Editing with the built-in models (latent_diffusion/evaluation/shapes_edits.py has the rates over
 # many cases; MODEL_CARD.md the figures). Here two cases each, fixed seeds, read back by the classifier.
 def test_builtin_model_inpaints_a_new_left_object(pipe, classifier):

@@ -13,7 +13,7 @@ from latent_diffusion.data.shapes import (
 from latent_diffusion.data.shapes_speech import (
     BESIDE, Description, ObjectDescription, describe, read_description, scene_for, score_description,
 )
-from latent_diffusion.evaluation.shapes_eval import spoken_prompt_set
+from latent_diffusion.evaluation.shapes_eval import SPOKEN_GROUPS, spoken_prompt_set
 from latent_diffusion.evaluation.shapes_geometry import read_scene_geometrically
 
 
@@ -142,8 +142,14 @@ def test_scene_for_fills_in_what_is_unsaid():
 
 
 def test_spoken_prompts_carry_what_they_state():
-    prompts = spoken_prompt_set(30)
-    assert {prompt.group for prompt in prompts} == {"spoken"}
-    assert {len(prompt.description.objects) for prompt in prompts} == {1, 2, 3}
+    prompts = spoken_prompt_set(5)
+    assert [prompt.group for prompt in prompts] == [group for group in SPOKEN_GROUPS for _ in range(5)]
     for prompt in prompts:
         assert read_description(prompt.caption) == prompt.description
+        objects = prompt.description.objects
+        assert len(objects) == {"spoken_one": 1, "spoken_two": 2, "spoken_three": 3}.get(prompt.group, len(objects))
+        if prompt.group == "counts":
+            assert len(objects) > 1 and len(set(objects)) == 1, prompt
+        if prompt.group == "unplaced":
+            assert prompt.description.relation is None and all(obj.position is None for obj in objects), prompt
+        assert prompt.scene.has_held_out_pair == (prompt.group == "held_out_spoken"), prompt

@@ -459,16 +459,29 @@ def allowed_pairs(split: str) -> list[tuple[str, str]]:
 
 
 def sample_scene(rng: np.random.Generator, split: str = "train", two_object_probability: float = 0.5,
-                 three_object_probability: float = 0.0) -> Scene:
+                 three_object_probability: float = 0.0, same_kind_probability: float = 0.0) -> Scene:
     """Draw a random scene whose colour-shape pairs all come from `split`.
 
     ``three_object_probability`` (opt-in) is the share of three-object scenes; the rest split as
-    ``two_object_probability`` says. At 0 the draws are exactly those of the one- and two-object world.
+    ``two_object_probability`` says. ``same_kind_probability`` (opt-in) is the share of two- and
+    three-object scenes whose objects are all alike (what "two red circles" shows). At 0 the draws
+    are exactly those of the one- and two-object world.
     """
     for name, value in (("two_object_probability", two_object_probability),
-                        ("three_object_probability", three_object_probability)):
+                        ("three_object_probability", three_object_probability),
+                        ("same_kind_probability", same_kind_probability)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
+    scene = _sample_scene(rng, split, two_object_probability, three_object_probability)
+    if same_kind_probability > 0 and len(scene.objects) > 1 and rng.random() < same_kind_probability:
+        first = scene.objects[0]
+        alike = tuple(dataclasses.replace(first, position=obj.position) for obj in scene.objects)
+        return dataclasses.replace(scene, objects=alike)
+    return scene
+
+
+def _sample_scene(rng: np.random.Generator, split: str, two_object_probability: float,
+                  three_object_probability: float) -> Scene:
     pairs = allowed_pairs(split)
 
     def draw(position: str, size: str | None = None) -> ShapeObject:
@@ -510,9 +523,11 @@ class ShapesDataset(torch.utils.data.Dataset):
         phrasings: Sequence[str] = PHRASINGS,
         three_object_probability: float = 0.0,
         spoken_share: float = 0.0,
+        same_kind_probability: float = 0.0,
     ) -> None:
-        """``three_object_probability`` and ``spoken_share`` (the share of captions written as people
-        write them, shapes_speech.describe) are opt-in: at 0 every item is what it always was."""
+        """``three_object_probability``, ``same_kind_probability`` (see sample_scene) and
+        ``spoken_share`` (the share of captions written as people write them, shapes_speech.describe)
+        are opt-in: at 0 every item is what it always was."""
         if length < 1:
             raise ValueError(f"length must be positive, got {length}")
         _check_word(split, SPLITS, "split")
@@ -533,6 +548,7 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise ValueError("three-object scenes have no caption in the grammar; give spoken_share > 0 too")
         self.three_object_probability = three_object_probability
         self.spoken_share = spoken_share
+        self.same_kind_probability = same_kind_probability
 
     def __len__(self) -> int:
         return self.length
@@ -542,7 +558,8 @@ class ShapesDataset(torch.utils.data.Dataset):
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for a dataset of {self.length}")
         rng = np.random.default_rng([self.seed, index])
-        scene = sample_scene(rng, self.split, self.two_object_probability, self.three_object_probability)
+        scene = sample_scene(rng, self.split, self.two_object_probability, self.three_object_probability,
+                             self.same_kind_probability)
         # Without the opt-in options no extra number is drawn, so items stay as they were.
         if self.spoken_share > 0 and (len(scene.objects) == 3 or rng.random() < self.spoken_share):
             from latent_diffusion.data.shapes_speech import describe

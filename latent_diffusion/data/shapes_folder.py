@@ -2,8 +2,9 @@
 
     python -m latent_diffusion.data.shapes_folder data/shapes --count 20000 --seed 0
 
-The folder is a pure function of (count, seed, resolution, split, two-object probability):
-re-running writes the same files.
+The folder is a pure function of its options: re-running writes the same files. The built-in
+model's training set adds three-object scenes, scenes of alike objects and captions as people write
+them (MODEL_CARD.md).
 """
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from pathlib import Path
 
 from PIL import Image
 
-from latent_diffusion.data.shapes import SPLITS, ShapesDataset, render_scene
+from latent_diffusion.data.shapes import PHRASINGS, SPLITS, ShapesDataset, render_scene
 
 
 def render_folder(root: str | Path, count: int, *, seed: int = 0, resolution: int = 64, split: str = "train",
-                  two_object_probability: float = 0.5) -> Path:
+                  two_object_probability: float = 0.5, three_object_probability: float = 0.0,
+                  same_kind_probability: float = 0.0, spoken_share: float = 0.0,
+                  phrasings: tuple[str, ...] = PHRASINGS) -> Path:
     """Write ``count`` training renders (``NNNNNN.png`` + ``NNNNNN.txt``) under ``root``; returns the folder."""
     if count < 1:
         raise ValueError(f"count must be positive, got {count}")
@@ -25,7 +28,9 @@ def render_folder(root: str | Path, count: int, *, seed: int = 0, resolution: in
     folder = Path(root)
     folder.mkdir(parents=True, exist_ok=True)
     dataset = ShapesDataset(count, seed=seed, split=split, resolution=resolution,
-                            two_object_probability=two_object_probability)
+                            two_object_probability=two_object_probability, phrasings=phrasings,
+                            three_object_probability=three_object_probability,
+                            same_kind_probability=same_kind_probability, spoken_share=spoken_share)
     for index in range(count):
         scene, caption, render_seed = dataset.scene(index)
         image = render_scene(scene, resolution, seed=render_seed, jitter=dataset.jitter)
@@ -41,10 +46,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="dataset seed")
     parser.add_argument("--resolution", type=int, default=64, help="image side in pixels")
     parser.add_argument("--split", default="train", choices=SPLITS, help="colour-shape pairs to draw from")
-    parser.add_argument("--two-object-probability", type=float, default=0.5, help="share of two-object scenes")
+    parser.add_argument("--two-object-probability", type=float, default=0.5,
+                        help="share of two-object scenes among those that are not three-object ones")
+    parser.add_argument("--three-object-probability", type=float, default=0.0, help="share of three-object scenes")
+    parser.add_argument("--same-kind-probability", type=float, default=0.0,
+                        help="share of two- and three-object scenes whose objects are alike")
+    parser.add_argument("--spoken-share", type=float, default=0.0,
+                        help="share of captions written as people write them (three-object scenes: all)")
+    parser.add_argument("--phrasings", nargs="+", default=list(PHRASINGS), choices=PHRASINGS,
+                        help="the grammar's phrasings for the other captions")
     args = parser.parse_args(argv)
-    print(render_folder(args.root, args.count, seed=args.seed, resolution=args.resolution, split=args.split,
-                        two_object_probability=args.two_object_probability))
+    try:
+        folder = render_folder(args.root, args.count, seed=args.seed, resolution=args.resolution, split=args.split,
+                               two_object_probability=args.two_object_probability,
+                               three_object_probability=args.three_object_probability,
+                               same_kind_probability=args.same_kind_probability, spoken_share=args.spoken_share,
+                               phrasings=tuple(args.phrasings))
+    except ValueError as error:
+        parser.error(str(error))
+    print(folder)
 
 
 if __name__ == "__main__":

@@ -216,7 +216,7 @@ def _read_spoken(caption: str) -> Description:
 # ----------------------------------------------------------------------------------------------
 # Judging an image's reading against a description
 
-def _stated_positions(description: Description) -> list[tuple[str | None, ...]]:
+def stated_positions(description: Description) -> list[tuple[str | None, ...]]:
     """Every assignment of positions to the described objects that the caption allows."""
     own = tuple(obj.position for obj in description.objects)
     relation = description.relation
@@ -244,7 +244,7 @@ def score_description(objects: tuple[ShapeObject, ...], background: str, descrip
     caption leaves unsaid is not scored."""
     found: list[ShapeObject | None] = list(objects) + [None] * max(len(description.objects) - len(objects), 0)
     best, best_total = None, -1
-    for positions in _stated_positions(description):
+    for positions in stated_positions(description):
         for chosen in itertools.permutations(range(len(found)), len(description.objects)):
             hits = [_object_hits(w, p, found[slot]) for w, p, slot in zip(description.objects, positions, chosen)]
             total = sum(value is True for h in hits for value in h.values())
@@ -267,7 +267,7 @@ def scene_for(description: Description) -> Scene:
     objects, relation = description.objects, description.relation
     if relation == BESIDE:
         relation = "left of"
-    positions = _stated_positions(Description(objects, description.background, relation))[0]
+    positions = stated_positions(Description(objects, description.background, relation))[0]
     if None in positions:
         positions = _DEFAULT_LAYOUTS[len(objects)] if all(p is None for p in positions) else positions
     if None in positions or len(set(positions)) != len(positions):

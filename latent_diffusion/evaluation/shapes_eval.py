@@ -8,6 +8,7 @@ distance on the classifier's features compares generated images with renders of 
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -42,7 +43,6 @@ from latent_diffusion.evaluation.shapes_classifier import (
 
 GROUPS = ("single_seen", "two_seen", "held_out")  # the fixed prompt set's
 FILE_GROUP = "prompts"  # prompts read from a file (read_prompt_file)
-SPOKEN_GROUP = "spoken"  # captions as people write them (spoken_prompt_set), on request
 # Who reads the generated images: the learned classifier, the geometric measurements
 # (evaluation/shapes_geometry.py), or both side by side with how often they agree.
 JUDGES = ("classifier", "geometric", "both")
@@ -92,18 +92,50 @@ def fixed_prompt_set(single_seen: int = 40, two_seen: int = 40, held_out: int = 
     return prompts
 
 
-def spoken_prompt_set(count: int = 40, seed: int = 2025) -> list[EvalPrompt]:
-    """Captions as people write them (counts, lists, three objects, other relation words, left-out
-    places and sizes) of random scenes with seen colour-shape pairs: the 'spoken' group."""
+def _spoken_caption_kind(description: Description, caption: str) -> str:
+    """Which spoken group a caption belongs to, from what it states."""
+    objects = description.objects
+    if len(objects) > 1 and len(set(objects)) == 1 and _COUNT_WORD.search(caption.lower()):
+        return "counts"
+    if description.relation is None and all(obj.position is None for obj in objects) and len(objects) < 3:
+        return "unplaced"
+    return {1: "spoken_one", 2: "spoken_two", 3: "spoken_three"}[len(objects)]
+
+
+_COUNT_WORD = re.compile(r"\b(two|three|pair)\b")
+# Captions as people write them, in groups of what they ask: one object (with or without a place),
+# two objects in a relation, three objects, a count of alike objects, objects with no place or relation
+# at all (these must be drawn exactly as many as named), and one object of a held-out colour-shape pair.
+SPOKEN_GROUPS = ("spoken_one", "spoken_two", "spoken_three", "counts", "unplaced", "held_out_spoken")
+_SPOKEN_DRAWS = {  # sample_scene's split and probabilities for each group's scenes
+    "spoken_one": ("train", 0.0, 0.0, 0.0), "spoken_two": ("train", 1.0, 0.0, 0.0),
+    "spoken_three": ("train", 0.0, 1.0, 0.0), "counts": ("train", 0.6, 0.4, 1.0),
+    "unplaced": ("train", 0.5, 0.0, 0.0), "held_out_spoken": ("held_out", 0.0, 0.0, 0.0),
+}
+
+
+def spoken_prompt_set(per_group: int = 40, seed: int = 2025) -> list[EvalPrompt]:
+    """``per_group`` captions as people write them (shapes_speech.describe) of random scenes, for each
+    of SPOKEN_GROUPS; each is scored on what it states."""
     from latent_diffusion.data.shapes import sample_scene
     from latent_diffusion.data.shapes_speech import describe, read_description
 
     rng = np.random.default_rng(seed)
     prompts = []
-    for _ in range(count):
-        scene = sample_scene(rng, "train", two_object_probability=0.5, three_object_probability=0.3)
-        caption = describe(scene, rng)
-        prompts.append(EvalPrompt(caption, scene, SPOKEN_GROUP, read_description(caption)))
+    for group in SPOKEN_GROUPS:
+        split, two, three, alike = _SPOKEN_DRAWS[group]
+        found = 0
+        for _ in range(200 * per_group):  # a group's captions are a fair share of the draws
+            scene = sample_scene(rng, split, two_object_probability=two, three_object_probability=three,
+                                 same_kind_probability=alike)
+            caption = describe(scene, rng)
+            description = read_description(caption)
+            kind = "held_out_spoken" if split == "held_out" else _spoken_caption_kind(description, caption)
+            if kind == group:
+                prompts.append(EvalPrompt(caption, scene, group, description))
+                found += 1
+                if found == per_group:
+                    break
     return prompts
 
 
@@ -318,11 +350,11 @@ def rendering_generator(seed: int = 0, resolution: int = 64) -> Callable[[str], 
 
 def _accuracy_table(accuracy: dict[str, dict[str, float]]) -> list[str]:
     columns = OBJECT_ATTRIBUTES + IMAGE_ATTRIBUTES
-    lines = [f"{'group':<12}" + "".join(f"{name:>11}" for name in columns)]
-    for group in (*GROUPS, SPOKEN_GROUP, FILE_GROUP):
+    lines = [f"{'group':<16}" + "".join(f"{name:>11}" for name in columns)]
+    for group in (*GROUPS, *SPOKEN_GROUPS, FILE_GROUP):
         if group in accuracy:
             row = accuracy[group]
-            lines.append(f"{group:<12}" + "".join(f"{row[name]:>11.3f}" for name in columns))
+            lines.append(f"{group:<16}" + "".join(f"{row[name]:>11.3f}" for name in columns))
     return lines
 
 

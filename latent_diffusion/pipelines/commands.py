@@ -693,8 +693,8 @@ def _add_eval_shapes_parser(add: Callable[..., argparse.ArgumentParser]) -> None
     p.add_argument("--prompts-per-group", type=int, default=None,
                    help="prompts per group (one object, two objects, held-out pairs); default: the full fixed set")
     p.add_argument("--spoken-prompts", type=int, default=0, metavar="N",
-                   help="also N captions as people write them (counts, lists, three objects, other relation "
-                        "words), scored on what they state: the 'spoken' group")
+                   help="also N captions as people write them per spoken group (one object, two in a relation, "
+                        "three, counts, no place at all, held-out pairs), scored on what they state")
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="score these prompts instead of the fixed set: one a line, 'PROMPT | CAPTION' where CAPTION "
                         "in the shapes grammar names the scene asked for (e.g. a new word's meaning)")
