@@ -103,9 +103,9 @@ def _spoken_caption_kind(description: Description, caption: str) -> str:
 
 
 _COUNT_WORD = re.compile(r"\b(two|three|pair)\b")
-# Captions as people write them, in groups of what they ask: one object (with or without a place),
-# two objects in a relation, three objects, a count of alike objects, objects with no place or relation
-# at all (these must be drawn exactly as many as named), and one object of a held-out colour-shape pair.
+# Captions as people write them, in groups of what they ask: one object at a named place, two objects
+# in a relation ("next to" included), three objects, a count of alike objects, one or two objects with
+# no place or relation at all (drawn exactly as many as named), one object of a held-out pair.
 SPOKEN_GROUPS = ("spoken_one", "spoken_two", "spoken_three", "counts", "unplaced", "held_out_spoken")
 _SPOKEN_DRAWS = {  # sample_scene's split and probabilities for each group's scenes
     "spoken_one": ("train", 0.0, 0.0, 0.0), "spoken_two": ("train", 1.0, 0.0, 0.0),

@@ -15,7 +15,7 @@ background. Captions as people write them often leave the places unsaid ("two re
 blue star and a green box"): for those the place reads are not scored, and one query per object
 of the caption, in its order, names what the caption says of it (size or "unsaid"), with one more
 for how many objects there are. Every caption comes with its scene, so no image is involved:
-1,000 steps take a few minutes on a 2-core CPU. The LDM then starts from the result and keeps it frozen
+3,000 steps take about 8 minutes on a 2-core CPU. The LDM then starts from the result and keeps it frozen
 (``ldm.conditioner.init``, ``lr_scale: 0``). ``--probe`` trains only the queries over a given
 model's encoder, which measures how much of the layout that encoder's tokens carry.
 
@@ -65,9 +65,9 @@ def layout_targets(scene: Scene, caption: str) -> torch.Tensor:
     """``[len(POSITIONS) + 1 + MAX_OBJECTS, 3]`` class ids of the reads.
 
     Rows per position (shape, colour, size): 0 for "nothing here", 1 + the word's index otherwise,
-    IGNORED where the caption leaves the places (or a size) open. Then the background row (background id, number
-    of objects - 1), then one row per object in the caption's order: (shape, colour, size) with 0 for
-    "no such object" and, for the size, "unsaid".
+    IGNORED where the caption leaves the places (or a size) open. Then the background row
+    (background id, number of objects - 1), then one row per object in the caption's order:
+    (shape, colour, size) with 0 for "no such object" and, for the size, "unsaid".
     """
     described = read_description(caption)
     targets = torch.full((len(POSITIONS) + 1 + MAX_OBJECTS, 3), IGNORED, dtype=torch.long)
