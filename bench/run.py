@@ -11,8 +11,8 @@ our loader and diffusers' ``from_single_file`` both read that file. Every measur
 process, the two sides alternating, and each benchmark's outputs are compared, so that a speed-up
 cannot hide a wrong answer. The table goes to stdout and to ``bench/results/``.
 
-Engines: ``ours`` (with ``--ours-option``), ``ours-bf16``, ``ours-compiled`` and ``ours-compiled-bf16``
-(the UNet through ``torch.compile`` with frozen weights; the first call compiles), ``diffusers`` (the reference every ratio
+Engines: ``ours`` (with ``--ours-option``), ``ours-bf16``, ``ours-compiled`` (the UNet through
+``torch.compile`` with frozen weights; the first call compiles), ``diffusers`` (the reference every ratio
 and difference is taken against), ``diffusers-bf16`` (weights and inputs in bf16), ``openvino-f32``
 and ``openvino`` (diffusers' modules converted by ``openvino.convert_model``, f32 precision hint or
 OpenVINO's default; UNet and VAE benchmarks only; ``pip install openvino``).
@@ -74,7 +74,6 @@ ENGINES = {engine.name: engine for engine in [
     Engine("ours", "ours"),
     Engine("ours-bf16", "ours", options=("bf16",)),
     Engine("ours-compiled", "ours", options=("compile_unet",), kinds=("load", "unet", "txt2img")),
-    Engine("ours-compiled-bf16", "ours", options=("compile_unet", "bf16"), kinds=("load", "unet", "txt2img")),
     Engine(REFERENCE, "diffusers"),
     Engine("diffusers-bf16", "diffusers", dtype="bfloat16"),
     Engine("openvino-f32", "openvino", ov_precision="f32", kinds=("unet", "vae")),
