@@ -52,9 +52,9 @@ TEXT_ENCODER_METADATA_KEY = "ldm.text_encoder"
 
 
 # The captions of the built-in model's training set (MODEL_CARD.md): one, two and three objects, alike
-# objects a fifth of the time, three in five captions as people write them and the rest in the grammar's
-# phrasings that state every size (its 'short' one means "large" by a size it leaves out, where people
-# mean either).
+# objects a fifth of the time, seven captions in ten as people write them (every three-object one,
+# three in five of the rest), the others in the grammar's phrasings that state every size (its 'short'
+# one means "large" by a size it leaves out, where people mean either).
 CAPTION_MIX = {"two_object_probability": 0.6, "three_object_probability": 0.25, "same_kind_probability": 0.3,
                "spoken_share": 0.6, "phrasings": ("natural", "tags", "background_first")}
 MAX_OBJECTS = 3
