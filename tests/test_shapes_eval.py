@@ -33,7 +33,7 @@ def classifier():
 
 
 def test_shipped_classifier_reads_fresh_renders(classifier):
-    # Seed 987 is not the training stream; 500 images, one and two objects, all colour-shape pairs.
+    # Seed 987 is not the training stream; 500 images, one to three objects (SCENE_MIX), all colour-shape pairs.
     accuracy = evaluate_classifier(classifier, count=500, seed=987)
     assert min(accuracy.values()) >= 0.99, accuracy
 
