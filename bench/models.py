@@ -105,6 +105,8 @@ def load_ours(path: Path, device: str, dtype: torch.dtype, **options):
     # bf16 mode converts the UNet as it loads, as Pipeline.from_checkpoint does.
     unet_dtype = torch.bfloat16 if options.get("bf16") else None
     loaded = load_checkpoint(path, dtype=dtype, device=device, unet_dtype=unet_dtype)
+    if options.pop("plain", False):
+        options["packed"] = False  # eager layers with plain weights: the path before packing
     return Pipeline(loaded, progress=False, **options)
 
 

@@ -11,7 +11,8 @@ our loader and diffusers' ``from_single_file`` both read that file. Every measur
 process, the two sides alternating, and each benchmark's outputs are compared, so that a speed-up
 cannot hide a wrong answer. The table goes to stdout and to ``bench/results/``.
 
-Engines: ``ours`` (with ``--ours-option``), ``ours-bf16``, ``ours-compiled`` (the UNet through
+Engines: ``ours`` (with ``--ours-option``; on a CPU in fp32 its weights are packed, nn/packed.py),
+``ours-plain`` (eager layers on plain weights, as before packing), ``ours-bf16``, ``ours-compiled`` (the UNet through
 ``torch.compile`` with frozen weights; the first call compiles), ``diffusers`` (the reference every ratio
 and difference is taken against), ``diffusers-bf16`` (weights and inputs in bf16), ``openvino-f32``
 and ``openvino`` (diffusers' modules converted by ``openvino.convert_model``, f32 precision hint or
@@ -72,6 +73,7 @@ class Engine:
 REFERENCE = "diffusers"
 ENGINES = {engine.name: engine for engine in [
     Engine("ours", "ours"),
+    Engine("ours-plain", "ours", options=("plain",)),
     Engine("ours-bf16", "ours", options=("bf16",)),
     Engine("ours-compiled", "ours", options=("compile_unet",), kinds=("load", "unet", "txt2img")),
     Engine(REFERENCE, "diffusers"),
@@ -178,7 +180,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default), float16 (CUDA default), bfloat16")
     parser.add_argument("--threads", type=int, default=None, help="threads in each child (torch and OpenVINO)")
-    parser.add_argument("--ours-option", action="append", default=[], choices=["lean", "tiled_vae", "compile_unet", "bf16"],
+    parser.add_argument("--ours-option", action="append", default=[], choices=["lean", "tiled_vae", "compile_unet", "bf16", "plain"],
                         help="run the 'ours' engine with this Pipeline option")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the matmul ceiling and FLOP count")
     parser.add_argument("--cache", type=Path, default=HERE / ".cache")

@@ -33,10 +33,17 @@ def test_bf16_mode_makes_nearly_the_fp32_image(checkpoint):
     assert 10 * math.log10(1 / np.mean((a - b) ** 2)) >= 30
 
 
-def test_bf16_mode_refuses_a_device_without_native_bf16(checkpoint, monkeypatch):
+def test_bf16_mode_on_a_device_without_native_bf16_says_so_and_runs_fp32(checkpoint, monkeypatch):
+    options = dict(seed=5, width=32, height=32, steps=2, sampler="euler")
+    exact = Pipeline.from_checkpoint(checkpoint, progress=False).txt2img("a red circle", **options)
     monkeypatch.setattr(bf16_module, "has_native_bf16", lambda device: False)
-    with pytest.raises(ValueError, match="native bfloat16"):
-        Pipeline.from_checkpoint(checkpoint, progress=False, bf16=True)
+    pipe = Pipeline.from_checkpoint(checkpoint, progress=False, bf16=True)
+    assert not pipe.bf16 and next(pipe.model.unet.parameters()).dtype == torch.float32
+    result = pipe.txt2img("a red circle", **options)
+    assert any("native bfloat16" in warning and "fp32 path instead" in warning for warning in result.warnings)
+    np.testing.assert_array_equal(np.asarray(result.images[0]), np.asarray(exact.images[0]))
+    with pytest.raises(ValueError, match="native bfloat16"):  # the mode itself still refuses such a device
+        bf16_module.BF16Autocast(torch.nn.Linear(2, 2))
 
 
 def test_bf16_mode_does_not_combine_with_lean_or_half(checkpoint):

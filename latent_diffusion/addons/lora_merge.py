@@ -18,6 +18,7 @@ from latent_diffusion.addons.lora_family import context_width, seems_made_for
 from latent_diffusion.addons.lora_file import LoraFile, LoraLayer
 from latent_diffusion.addons.lora_maths import fits, layer_delta
 from latent_diffusion.addons.lora_targets import Target, lora_targets
+from latent_diffusion.nn.packed import unpacked
 from latent_diffusion.checkpoints.io import CheckpointError
 
 SHOWN_KEYS = 5  # unmatched layers a message lists by name
@@ -75,14 +76,15 @@ class MergedLoras:
                 if strength:
                     by_key.setdefault(item.target.key, []).append((item, strength))
         parameters = dict(self.model.named_parameters())
-        changed = self._restore(parameters, keep=by_key)
-        try:
-            for key, items in by_key.items():  # one weight at a time: one change in memory at a time
-                self._merge(parameters[key], key, items)
-        except BaseException:
-            self._restore(parameters, keep={})
-            self._active = ()
-            raise
+        with unpacked(self.model):  # weights packed for the CPU (nn/packed.py) merge in PyTorch's layout
+            changed = self._restore(parameters, keep=by_key)
+            try:
+                for key, items in by_key.items():  # one weight at a time: one change in memory at a time
+                    self._merge(parameters[key], key, items)
+            except BaseException:
+                self._restore(parameters, keep={})
+                self._active = ()
+                raise
         self._active = signature
         return changed or bool(by_key), warnings
 

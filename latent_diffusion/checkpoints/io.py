@@ -19,13 +19,13 @@ import re
 import struct
 import sys
 import tempfile
-import weakref
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, Literal, Mapping
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 
 class CheckpointError(ValueError):
@@ -165,6 +165,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     # MAP_PRIVATE mapping: pages are read on first touch, shared with the page cache, and
     # copy-on-write if someone later trains in place, so the file itself is never modified.
     storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+    _remember_mapping(storage)
     tensors: dict[str, torch.Tensor] = {}
     for name, (info, begin, _end) in header.entries.items():
         offset = header.data_start + begin
@@ -172,7 +173,6 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         if offset % itemsize == 0:
             tensor = torch.empty(0, dtype=info.dtype)
             tensor.set_(storage, offset // itemsize, info.shape)
-            _FILE_MAPPED[id(tensor)] = tensor
         else:  # misaligned writer: fall back to a copy for this one tensor
             raw = storage[offset : offset + info.nbytes]
             tensor = torch.empty(0, dtype=torch.uint8).set_(raw).view(info.dtype).reshape(info.shape).clone()
@@ -187,14 +187,26 @@ def release_file_pages(tensor: torch.Tensor) -> None:
     resident (counted in the process's memory) until the last tensor is converted. The mapping is
     private and never written, so dropped pages would simply be read from the file again if touched.
     """
-    # Only tensors this module mapped from a file: on ordinary memory the advice would zero the data.
-    if _LIBC is None or tensor.numel() == 0 or _FILE_MAPPED.get(id(tensor)) is not tensor:
+    # Only tensors of a mapping this module made: on ordinary memory the advice would zero the data.
+    if _LIBC is None or tensor.numel() == 0 or not _file_mapped(tensor):
         return
     start = tensor.data_ptr()
     end = start + tensor.numel() * tensor.element_size()
     first, last = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE  # whole pages inside the tensor only
     if last > first:
         _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
+def _remember_mapping(storage: torch.UntypedStorage) -> None:
+    # A weak reference to the storage itself: an address is only trusted while its mapping lives.
+    _MAPPINGS[:] = [(ref, ptr) for ref, ptr in _MAPPINGS if not ref.expired()]
+    _MAPPINGS.append((StorageWeakRef(storage), storage.data_ptr()))
+
+
+def _file_mapped(tensor: torch.Tensor) -> bool:
+    storage = tensor.untyped_storage()
+    return any(not ref.expired() and ptr == storage.data_ptr() and ref.cdata == storage._cdata
+               for ref, ptr in _MAPPINGS)
 
 
 def _load_libc():
@@ -209,7 +221,7 @@ def _load_libc():
 
 
 _LIBC = _load_libc()
-_FILE_MAPPED: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()  # id -> tensor
+_MAPPINGS: list[tuple[StorageWeakRef, int]] = []  # storages mapped from files, with their addresses
 _PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = 4
 

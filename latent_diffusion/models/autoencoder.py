@@ -14,6 +14,7 @@ from torch import nn
 from latent_diffusion.config import AutoencoderConfig
 from latent_diffusion.models.distributions import DiagonalGaussianDistribution
 from latent_diffusion.nn.attention import attention
+from latent_diffusion.nn.packed import plain_weight
 from latent_diffusion.models.quantize import VectorQuantizer
 
 NORM_GROUPS = 32
@@ -64,7 +65,7 @@ class AttnBlock(nn.Module):
         tokens = self.norm(x).flatten(2).transpose(1, 2).contiguous()
 
         def project(conv: nn.Conv2d, inputs: torch.Tensor) -> torch.Tensor:
-            return F.linear(inputs, conv.weight.flatten(1), conv.bias)
+            return F.linear(inputs, plain_weight(conv).flatten(1), conv.bias)
 
         q, k, v = (project(conv, tokens).unsqueeze(1) for conv in (self.q, self.k, self.v))
         # One head of width C; SDPA's default scale 1/sqrt(C) is the reference's.

@@ -38,6 +38,7 @@ from latent_diffusion.models.autoencoder import (
 )
 from latent_diffusion.models.distributions import DiagonalGaussianDistribution
 from latent_diffusion.nn.attention import attention
+from latent_diffusion.nn.packed import plain_weight
 
 # A band's float32 input working tensor. Small bands are faster, not slower: they stay in the CPU's
 # caches between the normalisation, the convolution and the store (SD decode at 512 px: 14.6 s with
@@ -126,7 +127,7 @@ class _BandRunner:
 
     def weights(self, conv: nn.Conv2d) -> tuple[Tensor, Tensor | None]:
         bias = conv.bias.to(self.compute) if conv.bias is not None else None
-        return conv.weight.to(self.compute), bias
+        return plain_weight(conv).to(self.compute), bias
 
     def _tick(self) -> None:
         if self.progress is not None:

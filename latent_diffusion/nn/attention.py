@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latent_diffusion.nn.layers import normalization, zero_init
+from latent_diffusion.nn.packed import runs_packed
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
@@ -172,6 +173,18 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         if x.ndim != 4:
             raise ValueError(f"SpatialTransformer expects [B, C, H, W] features, got shape {tuple(x.shape)}")
+        if x.is_contiguous() and not runs_packed(self.proj_in):
+            return self._forward_nchw(x, context)
+        return self._forward_channels_last(x, context)
+
+    def _tokens_out(self, tokens: torch.Tensor, context: torch.Tensor | None, height: int, width: int):
+        if self.positions:
+            tokens = tokens + grid_positions(height, width, tokens.shape[-1], tokens.dtype, tokens.device)
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context)
+        return tokens
+
+    def _forward_nchw(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         batch, channels, height, width = x.shape
         # Both projections are batched products against the transposed [B, C, HW] view: bmm takes
         # the transposition for free, where F.linear/matmul copy it (and a [B, HW, C] result
@@ -180,14 +193,27 @@ class SpatialTransformer(nn.Module):
         weight_in = self.proj_in.weight.flatten(1)
         tokens = torch.bmm(self.norm(x).flatten(2).transpose(1, 2), weight_in.t().expand(batch, -1, -1))
         tokens += self.proj_in.bias
-        if self.positions:
-            tokens = tokens + grid_positions(height, width, tokens.shape[-1], tokens.dtype, tokens.device)
-        for block in self.transformer_blocks:
-            tokens = block(tokens, context)
+        tokens = self._tokens_out(tokens, context, height, width)
         weight_out = self.proj_out.weight.flatten(1)
         out = torch.bmm(weight_out.expand(batch, -1, -1), tokens.transpose(1, 2))
         out += self.proj_out.bias[:, None]
         return x + out.view(batch, channels, height, width)
+
+    def _forward_channels_last(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """Channels-last features (packed weights, nn/packed.py): there [B, H, W, C] is the memory
+        order, so the token view costs nothing and the projections are called as the layers they are."""
+        batch, channels, height, width = x.shape
+        h = self.norm(x)
+        if isinstance(self.proj_in, nn.Conv2d):
+            tokens = self.proj_in(h).permute(0, 2, 3, 1).reshape(batch, height * width, -1)
+        else:
+            tokens = self.proj_in(h.permute(0, 2, 3, 1).reshape(batch, height * width, channels))
+        tokens = self._tokens_out(tokens, context, height, width)
+        if isinstance(self.proj_out, nn.Conv2d):
+            out = self.proj_out(tokens.view(batch, height, width, -1).permute(0, 3, 1, 2))
+        else:
+            out = self.proj_out(tokens).view(batch, height, width, channels).permute(0, 3, 1, 2)
+        return x + out
 
 
 class AttentionBlock(nn.Module):

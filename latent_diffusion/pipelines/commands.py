@@ -35,6 +35,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="keep UNet/VAE weights in float16 and compute in float32, block by block (about half the memory)")
     group.add_argument("--compile", action="store_true",
                        help="compile the UNet with frozen weights (torch.compile): faster steps after minutes of compiling")
+    group.add_argument("--plain-weights", action="store_true",
+                       help="on a CPU, run the layers on their weights as loaded instead of packing them for oneDNN "
+                            "once (slower; the same images to float rounding)")
     group.add_argument("--bf16", action="store_true",
                        help="UNet in bfloat16 (matmuls and convolutions; attention and norms fp32): about half the "
                             "time on CPUs with native bf16, about 30 dB from the exact image")
@@ -205,7 +208,7 @@ def _pipeline(args: argparse.Namespace):
                                     use_ema=args.ema, device=args.device, progress=not args.quiet,
                                     tiled_vae=args.tiled_vae, lean=args.lean,
                                     compile_unet=args.compile, bf16=args.bf16, lora_dir=args.lora_dir,
-                                    embeddings_dir=args.embeddings_dir)
+                                    embeddings_dir=args.embeddings_dir, packed=False if args.plain_weights else None)
 
 
 def _guidance(args: argparse.Namespace, pipe=None) -> float:

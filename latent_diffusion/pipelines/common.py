@@ -17,7 +17,7 @@ import secrets
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
 
 import torch
 from PIL import Image
@@ -35,6 +35,8 @@ from latent_diffusion.diffusion.schedules import NoiseSchedule, img2img_sigmas
 from latent_diffusion.families.distilled import sampling_defaults_for
 from latent_diffusion.models.autoencoder import AutoencoderKL
 from latent_diffusion.models.vae_tiling import decode_tiled, encode_tiled
+from latent_diffusion.nn import bf16 as bf16_mode
+from latent_diffusion.nn.packed import PACKED_DTYPES, PackedWeights, packing_available, unpacked
 from latent_diffusion.pipelines.images import check_size, tensor_to_images
 from latent_diffusion.pipelines.memory import check_encoding, check_sampling
 from latent_diffusion.pipelines.png_info import format_parameters, model_hash
@@ -177,18 +179,32 @@ def load_vae_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
     target.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
 
 
+BF16_FALLBACK = ("bf16 mode needs native bfloat16 arithmetic (AVX512-BF16 or AMX on a CPU), which this device "
+                 "lacks, where it would be many times slower than fp32: ran the exact fp32 path instead")
+
+
+def _native_bf16(model) -> bool:
+    return bf16_mode.has_native_bf16(next(model.unet.parameters()).device)
+
+
 class Pipeline:
     """A loaded model ready for the tasks: ``txt2img``, ``img2img``, ``inpaint``, ``upscale``, ``sample``."""
 
     def __init__(self, loaded: LoadedModel, *, name: str | None = None, hash_: str | None = None,
                  progress: bool = True, tiled_vae: bool = False, lean: bool = False,
                  compile_unet: bool = False, bf16: bool = False, lora_dir: str | os.PathLike | None = None,
-                 embeddings_dir: str | os.PathLike | None = None) -> None:
+                 embeddings_dir: str | os.PathLike | None = None, packed: bool | None = None) -> None:
         if sum((lean, compile_unet, bf16)) > 1:
             raise ValueError("lean mode, bf16 mode and a compiled UNet do not combine: lean swaps the weights "
                              "per block, bf16 converts them, a compiled UNet has them frozen in")
         if bf16 and next(loaded.model.first_stage_model.parameters()).dtype != torch.float32:
             raise ValueError("bf16 mode keeps everything but the UNet in fp32; load without --half")
+        # Said with every result the pipeline makes (a mode it could not run, and what it ran instead).
+        self.mode_warnings: list[str] = []
+        if bf16 and not _native_bf16(loaded.model):
+            bf16 = False
+            loaded.model.unet.float()
+            self.mode_warnings.append(BF16_FALLBACK)
         self.loaded = loaded
         self.model = loaded.model
         self.spec = loaded.spec
@@ -206,6 +222,7 @@ class Pipeline:
         # Latents, conditioning and images stay fp32 in bf16 mode; only the UNet's insides are bf16.
         self.bf16, self.compile_unet = bf16, compile_unet
         self.unet_forward = self._unet_stack(compile_unet=compile_unet, bf16=bf16)
+        self.packed_weights = self._pack(packed, other_modes=lean or compile_unet)
         self._text: TextConditioner | None = None
         # LoRAs and embeddings that prompts name (default folders: addons/library.py).
         self.addons = PromptAddons(self, lora_dir, embeddings_dir)
@@ -226,6 +243,23 @@ class Pipeline:
 
             network = FrozenCompiled(network)
         return network
+
+    def _pack(self, packed: bool | None, other_modes: bool) -> PackedWeights | None:
+        """Packed weights (nn/packed.py): on by default on a CPU, for fp32 weights and bf16 mode's UNet."""
+        dtype = next(self.model.unet.parameters()).dtype
+        why_not = ("this PyTorch build cannot pack weights for a CPU" if not packing_available(self.device)
+                   else "lean and compiled modes hold the weights their own way" if other_modes
+                   else f"the weights are {dtype}; packing takes fp32 weights or bf16 mode's" if dtype not in PACKED_DTYPES
+                   else None)
+        if packed and why_not:
+            raise ValueError(f"cannot pack the weights: {why_not}")
+        if packed is False or why_not:
+            return None
+        return PackedWeights(self.model)
+
+    def plain_weights(self) -> ContextManager[None]:
+        """Inside, the model's layers hold their weights in PyTorch's layout, to read or change."""
+        return unpacked(self.model)
 
     def weights_changed(self) -> None:
         """The UNet's weights were replaced (LoRAs merged or removed): a compiled UNet, which froze
@@ -253,6 +287,7 @@ class Pipeline:
         bf16: bool = False,
         lora_dir: str | os.PathLike | None = None,
         embeddings_dir: str | os.PathLike | None = None,
+        packed: bool | None = None,
     ) -> Pipeline:
         """Load a single file or diffusers folder (the built-in model when ``path`` is None).
 
@@ -278,15 +313,16 @@ class Pipeline:
             hash_ = None
         else:
             # bf16 mode: the UNet converted as it loads, so its fp32 file pages are released as it goes.
+            unet_bf16 = bf16 and not half and bf16_mode.has_native_bf16(device)  # else the fp32 path, said by __init__
             loaded = load_checkpoint(path, family=family, prediction=prediction, config_yaml=config_yaml,
                                      use_ema=use_ema, dtype=dtype, device=device,
-                                     unet_dtype=torch.bfloat16 if bf16 and not half else None)
+                                     unet_dtype=torch.bfloat16 if unet_bf16 else None)
             hash_ = model_hash(path)
         if vae is not None:
             load_vae_weights(loaded.model, vae)
         return cls(loaded, name=path.stem if path.is_file() else path.name, hash_=hash_, progress=progress,
                    tiled_vae=tiled_vae, lean=lean, compile_unet=compile_unet, bf16=bf16, lora_dir=lora_dir,
-                   embeddings_dir=embeddings_dir)
+                   embeddings_dir=embeddings_dir, packed=packed)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -482,7 +518,8 @@ class Pipeline:
         for index in batches:
             first = seed + index * batch_size
             result.extend(run_batch(first, make_generators(first, batch_size)))
-            taken, self.prompt_warnings = [*self.addons.take_warnings(), *self.prompt_warnings], []
+            taken = [*self.mode_warnings, *self.addons.take_warnings(), *self.prompt_warnings]
+            self.prompt_warnings = []
             result.warnings += [w for w in taken if w not in result.warnings]
         return result
 

@@ -26,6 +26,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--lean", action="store_true", help="float16 weights computed in float32 block by block")
     parser.add_argument("--bf16", action="store_true", help="UNet in bfloat16 (CPUs with native bf16: about half the time)")
     parser.add_argument("--tiled-vae", action="store_true", help="decode in bands of rows (bounded memory, same image)")
+    parser.add_argument("--plain-weights", action="store_true",
+                        help="on a CPU, do not pack the weights for oneDNN (slower; the same images to float rounding)")
     parser.add_argument("--listen", action="store_true", help="bind to 0.0.0.0 so other machines can connect")
     parser.add_argument("--host", default=None, help="bind address (overrides --listen)")
     parser.add_argument("--port", type=int, default=7860, help="TCP port (A1111's default)")
@@ -79,7 +81,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         limits=ServerLimits(max_size=args.max_size, max_steps=args.max_steps, max_images=args.max_images),
         max_queue=args.max_queue, api_auth=parse_auth(args.api_auth), preview_every=max(args.preview_every, 0),
         device=args.device, half=args.half,
-        pipeline_options={name: True for name in ("lean", "bf16", "tiled_vae") if getattr(args, name)},
+        pipeline_options={**{name: True for name in ("lean", "bf16", "tiled_vae") if getattr(args, name)},
+                          **({"packed": False} if args.plain_weights else {})},
         upscalers=[Path(p) for p in args.upscaler] if args.upscaler else None,
         host=host, allowed_hosts=list(args.allow_host),
         lora_dir=Path(args.lora_dir) if args.lora_dir else None,
