@@ -51,7 +51,7 @@ def runs_packed(layer: nn.Module) -> bool:
 def plain_weight(layer: nn.Module) -> Tensor:
     """``layer.weight`` in PyTorch's layout, packed or not (for code that reads weights itself)."""
     packed = getattr(layer, "_packed_weight", None)
-    return layer.weight if packed is None else packed.to_dense()
+    return layer.weight if packed is None else _dense(layer)
 
 
 def _packable(layer: nn.Module) -> bool:
@@ -63,12 +63,31 @@ def _packable(layer: nn.Module) -> bool:
     return (type(layer) is nn.Conv2d and layer.padding_mode == "zeros" and not isinstance(layer.padding, str))
 
 
-def _pack(weight: Tensor, layer: nn.Module) -> Tensor:
+def _pointwise(layer: nn.Module) -> bool:
+    """A 1x1 convolution: a linear map of each pixel's channels."""
+    return (isinstance(layer, nn.Conv2d) and tuple(layer.kernel_size) == (1, 1) and tuple(layer.stride) == (1, 1)
+            and tuple(layer.padding) == (0, 0) and layer.groups == 1)
+
+
+def _plain_shape(layer: nn.Module) -> tuple[int, ...]:
     if isinstance(layer, nn.Linear):
-        return torch.ops.mkldnn._reorder_linear_weight(weight, _NOMINAL_ROWS)
+        return (layer.out_features, layer.in_features)
+    return (layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size)
+
+
+def _pack(weight: Tensor, layer: nn.Module) -> Tensor:
+    # A 1x1 convolution is packed as a linear layer: oneDNN's 1x1 convolution kernels want another
+    # weight layout for each feature-map size (one packed for 32x32 runs 20-90x slower at 4x4,
+    # reordering its weight on every call), its linear kernels one for all.
+    if isinstance(layer, nn.Linear) or _pointwise(layer):
+        return torch.ops.mkldnn._reorder_linear_weight(weight.flatten(1), _NOMINAL_ROWS)
     nominal = [1, layer.in_channels, _NOMINAL_SIDE, _NOMINAL_SIDE]
     return torch.ops.mkldnn._reorder_convolution_weight(weight, list(layer.padding), list(layer.stride),
                                                         list(layer.dilation), layer.groups, nominal)
+
+
+def _dense(layer: nn.Module) -> Tensor:
+    return layer._packed_weight.to_dense().view(_plain_shape(layer))
 
 
 def _runs_plain(layer: nn.Module) -> bool:
@@ -98,6 +117,10 @@ def _packed_conv(layer: nn.Conv2d, x: Tensor) -> Tensor:
     # Channels-last in, channels-last out: oneDNN's convolutions read that layout as it is. An input
     # in another dtype is cast as autocast would (bf16 mode's fp32 latents).
     x = x.to(layer.weight.dtype).contiguous(memory_format=torch.channels_last)
+    if _pointwise(layer):  # on the [B, H, W, C] view, which channels-last memory already is
+        pixels = torch.ops.mkldnn._linear_pointwise(x.permute(0, 2, 3, 1), layer._packed_weight, layer.bias,
+                                                    "none", [], "")
+        return pixels.permute(0, 3, 1, 2)
     return torch.ops.mkldnn._convolution_pointwise(x, layer._packed_weight, layer.bias, list(layer.padding),
                                                    list(layer.stride), list(layer.dilation), layer.groups,
                                                    "none", [], "")
@@ -105,7 +128,7 @@ def _packed_conv(layer: nn.Conv2d, x: Tensor) -> Tensor:
 
 def _plain_in_state_dict(layer: nn.Module, state: dict, prefix: str, metadata) -> None:
     if is_packed(layer):
-        state[prefix + "weight"] = layer._packed_weight.to_dense()
+        state[prefix + "weight"] = _dense(layer)
 
 
 def _pack_layer(layer: nn.Module) -> None:
@@ -118,7 +141,7 @@ def _pack_layer(layer: nn.Module) -> None:
 
 
 def _unpack_layer(layer: nn.Module) -> None:
-    layer.weight.data = layer._packed_weight.to_dense()
+    layer.weight.data = _dense(layer)
     layer._packed_weight = None
 
 
