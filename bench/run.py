@@ -9,7 +9,9 @@
 Random SD 1.5 weights are written once to ``bench/.cache`` as an original-layout ``.safetensors``;
 our loader and diffusers' ``from_single_file`` both read that file. Every measurement runs in a fresh
 process, the two sides alternating, and each benchmark's outputs are compared, so that a speed-up
-cannot hide a wrong answer. The table goes to stdout and to ``bench/results/``.
+cannot hide a wrong answer. The table goes to stdout and to ``bench/results/``. Its "first call"
+column is, for UNet rows, the first call (packing, compiling or converting included) and, for
+txt2img rows, loading plus the first image: what a user waits for after starting.
 
 Engines: ``ours`` (with ``--ours-option``; on a CPU in fp32 its weights are packed, nn/packed.py),
 ``ours-plain`` (eager layers on plain weights, as before packing), ``ours-bf16``, ``ours-compiled`` (the UNet through

@@ -90,6 +90,7 @@ def run_ours(case: Case, args, spec, timer: Timer):
 
             seconds, out = timer(generate)
             times.append(seconds)
+            warmup.append(load_seconds + seconds)  # the first image after start
             out = out.clamp(0, 1).permute(0, 2, 3, 1)
     return times, out, warmup
 
@@ -103,7 +104,7 @@ def run_diffusers(case: Case, args, spec, timer: Timer):
     load_seconds, pipe = timer(lambda: load_diffusers(args.weights, args.configs, args.device, dtype))
     if case.kind == "load":
         return [load_seconds], None, []
-    times = []
+    times, first = [], []
     with torch.no_grad():
         if case.kind == "unet":
             x, t, context = unet_inputs(case, spec, args.device, dtype)
@@ -133,8 +134,9 @@ def run_diffusers(case: Case, args, spec, timer: Timer):
 
             seconds, out = timer(generate)
             times.append(seconds)
+            first.append(load_seconds + seconds)  # the first image after start
             out = out.float().cpu().permute(0, 2, 3, 1)
-    return times, out, []
+    return times, out, first
 
 
 def run_diffusers_sdxl_unet(case: Case, args, spec, timer: Timer, dtype: torch.dtype):
