@@ -97,13 +97,15 @@ def test_unpacked_gives_the_weights_back_to_change_and_packs_the_changes(checkpo
 
 def test_packed_layers_refuse_autograd_and_other_modes_refuse_packing(checkpoints):
     pipe = Pipeline.from_checkpoint(checkpoints["sd1"], progress=False)
-    inputs = _unet_inputs(pipe, 1, 8, 8)
-    pipe.unet_forward(*inputs).sum().backward()  # not packed yet: the layers run as they are
-    assert not pipe.packed_weights.packed_layers
-    with torch.no_grad():
-        pipe.unet_forward(*inputs)
-    with pytest.raises(RuntimeError, match="inference"):
-        pipe.unet_forward(*inputs)
+    x, t, context, y = _unet_inputs(pipe, 1, 8, 8)
+    x.requires_grad_(True)
+    pipe.unet_forward(x, t, context, y).sum().backward()  # not packed yet: the layers on x's path run as they are
+    conv_in = pipe.model.unet.input_blocks[0][0]
+    assert x.grad is not None and not is_packed(conv_in)
+    pipe.unet_forward(x.detach(), t, context, y)  # frozen weights: no torch.no_grad() needed to pack and run
+    assert is_packed(conv_in)
+    with pytest.raises(RuntimeError, match="no gradients"):
+        pipe.unet_forward(x, t, context, y)
     with pytest.raises(ValueError, match="torch.float16; packing takes fp32"):
         Pipeline.from_checkpoint(checkpoints["sd1"], progress=False, half=True, packed=True)
     with pytest.raises(ValueError, match="lean and compiled modes"):

@@ -90,20 +90,22 @@ def _dense(layer: nn.Module) -> Tensor:
     return layer._packed_weight.to_dense().view(_plain_shape(layer))
 
 
-def _runs_plain(layer: nn.Module) -> bool:
-    """Whether this call must run the layer's own forward: with autograd on (a packed layer refuses
-    that), or when something else manages the weight now (lean mode's hooks put an upcast copy in
-    its place; a conversion to another dtype)."""
+def _runs_plain(layer: nn.Module, x: Tensor) -> bool:
+    """Whether this call must run the layer's own forward: when a gradient is asked of it (a packed
+    layer refuses that), or when something else manages the weight now (lean mode's hooks put an
+    upcast copy in its place; a conversion to another dtype)."""
     weight = layer._parameters.get("weight")
     managed = (weight is not layer._packed_parameter or weight.dtype not in PACKED_DTYPES
                or weight.device.type != "cpu")
-    if torch.is_grad_enabled() and is_packed(layer):
-        raise RuntimeError("packed weights are for inference: run under torch.no_grad() or unpack them first")
-    return managed or torch.is_grad_enabled()
+    wants_gradient = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if wants_gradient and is_packed(layer):
+        raise RuntimeError("packed weights are for inference: no gradients through them (run under "
+                           "torch.no_grad(), or unpack them first)")
+    return managed or wants_gradient
 
 
 def _packed_linear(layer: nn.Linear, x: Tensor) -> Tensor:
-    if _runs_plain(layer):
+    if _runs_plain(layer, x):
         return nn.Linear.forward(layer, x)
     _pack_layer(layer)
     return torch.ops.mkldnn._linear_pointwise(x.to(layer.weight.dtype), layer._packed_weight, layer.bias,
@@ -111,7 +113,7 @@ def _packed_linear(layer: nn.Linear, x: Tensor) -> Tensor:
 
 
 def _packed_conv(layer: nn.Conv2d, x: Tensor) -> Tensor:
-    if _runs_plain(layer):
+    if _runs_plain(layer, x):
         return nn.Conv2d.forward(layer, x)
     _pack_layer(layer)
     # Channels-last in, channels-last out: oneDNN's convolutions read that layout as it is. An input
@@ -155,6 +157,7 @@ class PackedWeights:
         for layer in self.layers:
             layer.register_state_dict_post_hook(_plain_in_state_dict)
             layer._packed_weight = None
+            layer.weight.requires_grad_(False)  # frozen for inference, so calls need no torch.no_grad()
             # The Parameter packed (see _runs_plain); set past nn.Module, which would register it again.
             layer.__dict__["_packed_parameter"] = layer.weight
             forward = _packed_linear if isinstance(layer, nn.Linear) else _packed_conv

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from latent_diffusion.checkpoints.io import CheckpointError, read_state_dict
+from latent_diffusion.checkpoints.io import CheckpointError, read_state_dict, release_file_pages
 from latent_diffusion.checkpoints.load import LoadedModel
 from latent_diffusion.diffusion.denoiser import Conditioning, Denoiser
 from latent_diffusion.diffusion.guidance import ClassifierFreeGuidance
@@ -255,6 +255,8 @@ class Pipeline:
             raise ValueError(f"cannot pack the weights: {why_not}")
         if packed is False or why_not:
             return None
+        if self.bf16:  # the text encoders stay as loaded, so their pages can be given back (text_conditioning)
+            return PackedWeights(self.model.unet, self.model.first_stage_model)
         return PackedWeights(self.model)
 
     def plain_weights(self) -> ContextManager[None]:
@@ -380,8 +382,15 @@ class Pipeline:
         prompt, negative_prompt = self.addons.apply(prompt, negative_prompt)
         found = self.text.prompt_warnings(prompt, negative_prompt)
         self.prompt_warnings += [w for w in found if w not in self.prompt_warnings]
-        return self.text.encode_pair(prompt, negative_prompt, batch_size, clip_skip=clip_skip, width=width,
+        pair = self.text.encode_pair(prompt, negative_prompt, batch_size, clip_skip=clip_skip, width=width,
                                      height=height, micro=micro or MicroConditioning())
+        encoder = self.model.condition_encoder
+        if self.bf16 and encoder is not None:
+            # bf16 mode is also the lean-memory mode: text encoders mapped from their file give their
+            # pages back until the next prompt (read again from the page cache), 0.46 GiB for SD 1.x.
+            for parameter in encoder.parameters():
+                release_file_pages(parameter)
+        return pair
 
     # ------------------------------------------------------------------ latents <-> images
     def encode_images(self, pixels: Tensor, generators: Sequence[torch.Generator] | None, *,

@@ -281,6 +281,10 @@ def load_controlnet_for(pipe: Pipeline, path) -> LoadedControlNet:
         from latent_diffusion.nn.lean import make_lean
 
         make_lean(loaded.model)
+    elif pipe.packed_weights is not None:  # the CPU's exact path packs the ControlNet as it packs the model
+        from latent_diffusion.nn.packed import PackedWeights
+
+        PackedWeights(loaded.model)
     return loaded
 
 
