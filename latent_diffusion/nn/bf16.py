@@ -6,7 +6,9 @@ rate, so a sampling step takes about half the time (SD 1.5 at 32x32 latents: 1.2
 attention runs in fp32 altogether (see ``nn.attention.attention``). The price is precision: a
 step's output is about 1.7% (relative) from fp32 with random SD weights, and a 20-step image about
 30 dB PSNR from the exact one. On CPUs without native bfloat16 the same arithmetic is emulated and
-many times slower (MEASURED.md: 30x), so this mode refuses them.
+many times slower (MEASURED.md: 30x), so this mode refuses them (a Pipeline asked for bf16 mode
+there says so and runs the exact fp32 path). Where a CPU has AVX512-BF16 but no AMX, bf16 may
+compute no faster than fp32 (MEASURED.md); the weights still take half the memory.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ In eager mode oneDNN reorders every convolution weight from PyTorch's plain OIHW
 blocked one on every call, and converts the activations to and from its blocked layout around
 every convolution. For the UNet's deep levels, where a 1280-channel weight meets an 8x8 or 4x4
 feature map, that reorder costs more than the convolution itself (SD 1.5 at 32x32 latents: the
-convolutions take 2.1 s a step eager, 1.25 s packed). Packing reorders each weight once, and the
+convolutions take 2.1 s a step eager, 1.0 s packed). Packing reorders each weight once, and the
 packed convolution keeps activations channels-last, which oneDNN reads without converting them.
 The arithmetic is the same kernels' in the same precision: outputs differ from eager by float
 rounding only (about 1e-5 relative for SD's UNet).
@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from latent_diffusion.checkpoints.io import release_file_pages
 
-# oneDNN picks the packed layout from a nominal input; measured: the same speed at any actual size.
+# oneDNN picks the packed layout from a nominal input; 3x3 convolutions and linear layers so packed
+# run at the same speed at any actual size (measured; 1x1 convolutions do not, see _pack).
 _NOMINAL_SIDE = 32
 _NOMINAL_ROWS = 128
 # bf16 is packed for bf16 mode (nn/bf16.py), where the UNet's weights are bf16 and the rest fp32.

@@ -247,7 +247,7 @@ class Pipeline:
     def _pack(self, packed: bool | None, other_modes: bool) -> PackedWeights | None:
         """Packed weights (nn/packed.py): on by default on a CPU, for fp32 weights and bf16 mode's UNet."""
         dtype = next(self.model.unet.parameters()).dtype
-        why_not = ("this PyTorch build cannot pack weights for a CPU" if not packing_available(self.device)
+        why_not = (f"packing is for a CPU with oneDNN, not {self.device}" if not packing_available(self.device)
                    else "lean and compiled modes hold the weights their own way" if other_modes
                    else f"the weights are {dtype}; packing takes fp32 weights or bf16 mode's" if dtype not in PACKED_DTYPES
                    else None)
@@ -383,7 +383,7 @@ class Pipeline:
         found = self.text.prompt_warnings(prompt, negative_prompt)
         self.prompt_warnings += [w for w in found if w not in self.prompt_warnings]
         pair = self.text.encode_pair(prompt, negative_prompt, batch_size, clip_skip=clip_skip, width=width,
-                                     height=height, micro=micro or MicroConditioning())
+                                   height=height, micro=micro or MicroConditioning())
         encoder = self.model.condition_encoder
         if self.bf16 and encoder is not None:
             # bf16 mode is also the lean-memory mode: text encoders mapped from their file give their
