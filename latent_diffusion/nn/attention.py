@@ -177,7 +177,9 @@ class SpatialTransformer(nn.Module):
             return self._forward_nchw(x, context)
         return self._forward_channels_last(x, context)
 
-    def _tokens_out(self, tokens: torch.Tensor, context: torch.Tensor | None, height: int, width: int):
+    def _transform_tokens(self, tokens: torch.Tensor, context: torch.Tensor | None, height: int,
+                          width: int) -> torch.Tensor:
+        """The transformer blocks over [B, HW, C] tokens (what both layouts share)."""
         if self.positions:
             tokens = tokens + grid_positions(height, width, tokens.shape[-1], tokens.dtype, tokens.device)
         for block in self.transformer_blocks:
@@ -193,7 +195,7 @@ class SpatialTransformer(nn.Module):
         weight_in = self.proj_in.weight.flatten(1)
         tokens = torch.bmm(self.norm(x).flatten(2).transpose(1, 2), weight_in.t().expand(batch, -1, -1))
         tokens += self.proj_in.bias
-        tokens = self._tokens_out(tokens, context, height, width)
+        tokens = self._transform_tokens(tokens, context, height, width)
         weight_out = self.proj_out.weight.flatten(1)
         out = torch.bmm(weight_out.expand(batch, -1, -1), tokens.transpose(1, 2))
         out += self.proj_out.bias[:, None]
@@ -208,7 +210,7 @@ class SpatialTransformer(nn.Module):
             tokens = self.proj_in(h).permute(0, 2, 3, 1).reshape(batch, height * width, -1)
         else:
             tokens = self.proj_in(h.permute(0, 2, 3, 1).reshape(batch, height * width, channels))
-        tokens = self._tokens_out(tokens, context, height, width)
+        tokens = self._transform_tokens(tokens, context, height, width)
         if isinstance(self.proj_out, nn.Conv2d):
             out = self.proj_out(tokens.view(batch, height, width, -1).permute(0, 3, 1, 2))
         else:
