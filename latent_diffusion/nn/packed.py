@@ -168,11 +168,6 @@ class PackedWeights:
     def packed_layers(self) -> list[nn.Module]:
         return [layer for layer in self.layers if is_packed(layer)]
 
-    def pack(self) -> None:
-        """Pack every layer now, called or not."""
-        for layer in self.layers:
-            _pack_layer(layer)
-
 
 @contextmanager
 def unpacked(*modules: nn.Module) -> Iterator[None]:
