@@ -15,7 +15,6 @@ each row includes its first call); the OpenVINO conversion is timed apart. Repor
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import statistics
 import sys
@@ -29,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from bench.few_step import BUILTIN_GUIDANCE, BUILTIN_PROMPTS, SD_PROMPTS, psnr  # noqa: E402
+from bench.results_file import write_table  # noqa: E402
 
 ROWS = ("exact", "ours-bf16", "openvino", "openvino-f32")
 
@@ -149,12 +149,7 @@ def main(argv=None) -> int:
         lines.append(f"| {row} | {statistics.median(seconds[row]):.2f} | {quality} |")
     lines += [""] + [f"- {note}" for note in notes]
     table = "\n".join(lines)
-    print(table)
-    args.results.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = args.results / f"{stamp}-fast-quality-{'checkpoint' if args.checkpoint else args.model}.md"
-    out.write_text(table + "\n")
-    print(f"written to {out}", file=sys.stderr)
+    write_table(table, args.results, f"fast-quality-{'checkpoint' if args.checkpoint else args.model}")
     return 0
 
 

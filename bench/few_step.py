@@ -16,7 +16,6 @@ PSNR says nothing about LCM at all; that option measures the time at full size.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import statistics
 import sys
@@ -28,6 +27,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+
+from bench.results_file import write_table  # noqa: E402
 
 BUILTIN_GUIDANCE = 3.0  # what `ldm txt2img` uses with the built-in model (MODEL_CARD.md)
 BUILTIN_PROMPTS = ("a red circle", "a blue square and a green triangle", "two yellow stars")
@@ -119,12 +120,7 @@ def main(argv=None) -> int:
 
     measured = [(row, *results) for row, results in run_rows(pipe, prompts, seeds, size, guidance).items()]
     table = render(measured, args, size, guidance, len(prompts) * len(seeds))
-    print(table)
-    args.results.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = args.results / f"{stamp}-few-step-{'checkpoint' if args.checkpoint else args.model}.md"
-    out.write_text(table + "\n")
-    print(f"written to {out}", file=sys.stderr)
+    write_table(table, args.results, f"few-step-{'checkpoint' if args.checkpoint else args.model}")
     return 0
 
 

@@ -23,7 +23,6 @@ OpenVINO's default; UNet and VAE benchmarks only; ``pip install openvino``).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -43,6 +42,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from bench.cases import CASES, Case  # noqa: E402
 from bench.models import spec_for, write_diffusers_configs, write_weights  # noqa: E402
+from bench.results_file import write_table  # noqa: E402
 
 GIB = 2**30
 # Agreement rules of the core issue: relative 1e-4 for tensors, 2/255 per pixel for finished images.
@@ -153,23 +153,36 @@ def summary(values: list[float]) -> str:
     return f"{statistics.median(values):.3g} ({min(values):.3g}-{max(values):.3g})"
 
 
-def measure(case: Case, engines: list[Engine], args, common: list[str], scratch: Path) -> dict[str, list[dict]]:
+def measure(case: Case, engines: list[Engine], args, common: list[str],
+            scratch: Path) -> tuple[dict[str, list[dict]], dict[str, str]]:
     """Each engine ``args.repeats`` times in fresh processes, the order rotating between repeats so
-    that drift in the machine's load hits every engine alike."""
+    that drift in the machine's load hits every engine alike.
+
+    Returns the reports by engine and, for an engine whose worker failed, why: it is not run again,
+    and the others go on (one peer that cannot run a case should not cost the whole table).
+    """
     weights, configs = prepare_files(args.quick, args.cache, case.model)
     runnable = [engine for engine in engines if case.kind in engine.kinds]
     measured: dict[str, list[dict]] = {engine.name: [] for engine in runnable}
+    failed: dict[str, str] = {}
     for repeat in range(args.repeats):
         shift = repeat % len(runnable)
         for engine in runnable[shift:] + runnable[:shift]:
+            if engine.name in failed:
+                continue
             command = [sys.executable, str(HERE / "worker.py"), "--case", case.name, *engine.command(args.ours_option),
                        "--output", str(scratch / f"{case.name}-{engine.name}.pt"), "--weights", str(weights),
                        "--configs", str(configs), "--dtype", engine.dtype or args.dtype, *common]
-            report = run_child(command, scratch / f"{case.name}-{engine.name}-{repeat}.log")
+            try:
+                report = run_child(command, scratch / f"{case.name}-{engine.name}-{repeat}.log")
+            except RuntimeError as error:
+                failed[engine.name] = str(error).strip().splitlines()[-1]
+                print(f"{case.name:12s} {engine.name:15s} run {repeat + 1} FAILED:\n{error}", file=sys.stderr)
+                continue
             measured[engine.name].append(report)
             print(f"{case.name:12s} {engine.name:15s} run {repeat + 1}: {min(report['seconds']):.3f} s, "
                   f"peak RSS {report['peak_rss'] / GIB:.2f} GiB", file=sys.stderr)
-    return measured
+    return {name: reports for name, reports in measured.items() if reports}, failed
 
 
 def main(argv=None) -> int:
@@ -198,13 +211,13 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="ldm-bench-") as scratch:
         scratch = Path(scratch)
         for case in cases:
-            measured = measure(case, engines, args, common, scratch)
+            measured, failed = measure(case, engines, args, common, scratch)
             compared = {}
             for name in measured:
                 figures = None if name == REFERENCE else compare(case, scratch / f"{case.name}-{name}.pt",
                                                                  scratch / f"{case.name}-{REFERENCE}.pt")
                 compared[name] = (figures, verdict(case, ENGINES[name], figures, args.ours_option))
-            rows.append((case, measured, compared))
+            rows.append((case, measured, compared, failed))
         ceiling = None
         if not args.no_ceiling:
             command = [sys.executable, str(HERE / "ceiling.py"), "--device", args.device, "--dtype", args.dtype]
@@ -213,13 +226,9 @@ def main(argv=None) -> int:
             ceiling = run_child(command, scratch / "ceiling.log")
 
     table = render(rows, ceiling, args)
-    print(table)
-    args.results.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = f"{stamp}-{args.device.replace(':', '')}-{args.dtype}{'-quick' if args.quick else ''}.md"
-    (args.results / name).write_text(table + "\n")
-    print(f"written to {args.results / name}", file=sys.stderr)
-    return 0 if all(ok is not False for _, _, compared in rows for _, ok in compared.values()) else 1
+    write_table(table, args.results, f"{args.device.replace(':', '')}-{args.dtype}{'-quick' if args.quick else ''}")
+    agreed = all(ok is not False for _, _, compared, _ in rows for _, ok in compared.values())
+    return 0 if agreed and not any(failed for *_, failed in rows) else 1
 
 
 def _seconds(reports: list[dict]) -> list[float]:
@@ -248,7 +257,7 @@ def render(rows, ceiling, args) -> str:
         f"| benchmark | engine | s | time ratio | first call s | {memory_name} GiB | memory ratio | difference | agrees |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for case, measured, compared in rows:
+    for case, measured, compared, failed in rows:
         label = case.label if not args.quick else f"{case.label} [quick: size {case.quick_size}]"
         reference = measured.get(REFERENCE)
         for name, reports in measured.items():
@@ -259,10 +268,12 @@ def render(rows, ceiling, args) -> str:
                 f"{summary(first) if first else '-'} | {summary(_memory(reports))} | "
                 f"{_ratio(_memory(reports), reference and _memory(reference))} | {describe(case, figures)} | "
                 f"{'-' if ok is None else 'yes' if ok else 'NO'} |")
+        for name, why in failed.items():
+            lines.append(f"| {label} | {name} | failed: {why.replace('|', '/')} | - | - | - | - | - | - |")
     if ceiling:
         lines += ["", f"Matmul ceiling ({ceiling['matmul_size']}^2 fp32 mm): {ceiling['gflops_median']:.1f} GFLOP/s "
                   f"(min-max {min(ceiling['gflops']):.1f}-{max(ceiling['gflops']):.1f})."]
-        for case, measured, _ in rows:
+        for case, measured, *_ in rows:
             flops = ceiling["unet_flops"].get(str(case.scaled(args.quick).size)) if case.kind == "unet" else None
             if not flops:
                 continue

@@ -33,8 +33,8 @@ def _unet_inputs(pipe: Pipeline, batch: int, height: int, width: int):
 
 
 @pytest.mark.parametrize("name", ["sd1", "x4", "sdxl"])
-def test_packed_unet_vae_and_text_encoders_compute_what_the_plain_ones_do(checkpoints, name):
-    """1x1-convolution (SD 1) and linear (SD 2, SDXL) projections, odd sizes, every part of the model."""
+def test_packed_unet_and_vae_compute_what_the_plain_ones_do(checkpoints, name):
+    """1x1-convolution (SD 1) and linear (SD 2, SDXL) projections, odd sizes; the text encoders stay plain."""
     plain = Pipeline.from_checkpoint(checkpoints[name], progress=False, packed=False)
     packed = Pipeline.from_checkpoint(checkpoints[name], progress=False)
     assert plain.packed_weights is None and packed.packed_weights is not None
@@ -54,7 +54,8 @@ def test_packed_unet_vae_and_text_encoders_compute_what_the_plain_ones_do(checkp
                            for pipe in (packed, plain))
         for a, b in zip(torch.utils._pytree.tree_leaves(ours), torch.utils._pytree.tree_leaves(reference)):
             if isinstance(a, torch.Tensor):
-                assert_close_to_reference(a, b, rel=1e-5)
+                assert torch.equal(a, b)
+        assert not any(is_packed(layer) for layer in packed.model.condition_encoder.modules())
     layers = packed.packed_weights.packed_layers
     assert any(isinstance(layer, torch.nn.Conv2d) for layer in layers)
     assert any(isinstance(layer, torch.nn.Linear) for layer in layers)
