@@ -144,3 +144,13 @@ def test_prompt_file_errors_name_the_file_and_line(tmp_path):
     path.write_text("# only a comment\n", encoding="utf-8")
     with pytest.raises(ValueError, match="prompts.txt holds no prompts"):
         read_prompt_file(path)
+
+
+def test_eval_shapes_scores_any_shapes_file_at_the_built_in_guidance(tmp_path):
+    # A trained file given with -c is a shapes-world model too: SD's 7.5 would oversaturate it.
+    from latent_diffusion.cli import _build_parser
+    from latent_diffusion.pipelines.commands import _guidance
+
+    for argv in (["eval-shapes"], ["eval-shapes", "-c", str(tmp_path / "model.safetensors")]):
+        assert _guidance(_build_parser().parse_args(argv)) == 3.0
+    assert _guidance(_build_parser().parse_args(["eval-shapes", "--cfg-scale", "5"])) == 5.0
