@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from latent_diffusion.checkpoints.io import _file_mapped, read_state_dict
-from latent_diffusion.nn.packed import PackedWeights, is_packed, packing_available
+from latent_diffusion.nn.packed import PackedWeights, is_packed, packing_available, unpacked
 from latent_diffusion.pipelines.common import Pipeline
 from conftest import assert_close_to_reference
 from pipeline_tiny import TINY_SD1, TINY_SDXL, TINY_X4, write_checkpoint
@@ -126,3 +126,22 @@ def test_a_layer_mapped_from_its_file_packs_with_its_values(checkpoints):
         expected = torch.nn.functional.conv2d(x, layer.weight.clone(), layer.bias, padding=1)
         assert_close_to_reference(layer(x), expected, rel=1e-5)
     assert packed.packed_layers == [layer]
+
+
+def test_a_strided_convolution_is_packed_for_its_first_size_and_runs_at_every_size():
+    generator = torch.Generator().manual_seed(3)
+    layer = torch.nn.Conv2d(32, 48, 3, stride=2, padding=1)
+    plain = torch.nn.Conv2d(32, 48, 3, stride=2, padding=1)
+    plain.load_state_dict(layer.state_dict())
+    PackedWeights(layer)
+    with torch.no_grad():
+        for size in [(8, 8), (16, 12), (8, 8)]:
+            x = torch.randn(2, 32, *size, generator=generator)
+            assert_close_to_reference(layer(x), plain(x), rel=1e-5)
+        assert layer._packed_nominal == [1, 32, 8, 8]  # the first call's size, not the nominal 32x32
+        with unpacked(layer):
+            layer.weight.data = layer.weight.data * 2
+        assert is_packed(layer) and layer._packed_nominal == [1, 32, 8, 8]  # packed again for that size
+        x = torch.randn(1, 32, 8, 8, generator=generator)
+        assert_close_to_reference(layer(x), torch.nn.functional.conv2d(x, plain.weight * 2, plain.bias, stride=2,
+                                                                       padding=1), rel=1e-5)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latent_diffusion.nn.layers import normalization, zero_init
-from latent_diffusion.nn.packed import runs_packed
+from latent_diffusion.nn.packed import packed_geglu, runs_packed
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
@@ -23,10 +23,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     choice lives in one place.
     """
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        # bf16 mode (nn/bf16.py): attention is a small share of a step's time on a CPU, and in
-        # fp32 it brings the 20-step image from 29.2 to 30.0 dB of the exact one.
-        with torch.autocast("cpu", enabled=False):
-            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
+        # bf16 mode (nn/bf16.py): the products in bfloat16, softmax and sums in fp32 inside the fused
+        # kernel. On a CPU with AMX that is 1.5x faster than fp32 attention at 32x32 latents and 3x at
+        # 64x64 (a third of SD 1.5's step there), for the same step error (53.4 dB PSNR either way).
+        low = torch.get_autocast_dtype("cpu")
+        return F.scaled_dot_product_attention(q.to(low), k.to(low), v.to(low), is_causal=causal)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
@@ -71,6 +72,9 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = packed_geglu(self.proj, x)
+        if fused is not None:
+            return fused
         value, gate = self.proj(x).chunk(2, dim=-1)
         return value * F.gelu(gate)
 

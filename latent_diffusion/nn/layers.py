@@ -29,6 +29,11 @@ class GroupNorm32(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            # bf16 mode: the CPU kernel reads bf16 and sums in fp32 itself, so the same result comes
+            # without a fp32 copy of the input and a bf16 copy of the output (autocast would add them).
+            with torch.autocast("cpu", enabled=False):
+                return F.group_norm(x, self.num_groups, self.weight.float(), self.bias.float(), self.eps)
         out = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
         return out.to(x.dtype)
 
