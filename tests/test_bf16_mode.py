@@ -27,6 +27,7 @@ def test_bf16_mode_makes_nearly_the_fp32_image(checkpoint):
     pipe = Pipeline.from_checkpoint(checkpoint, progress=False, bf16=True)
     assert next(pipe.model.unet.parameters()).dtype == torch.bfloat16
     assert pipe.dtype == torch.float32  # latents and images stay fp32
+    assert pipe.tiled_vae  # the small mode decodes in bands
     fast = pipe.txt2img("a red circle", **options)
     a, b = (np.asarray(result.images[0], np.float64) / 255 for result in (exact, fast))
     assert not np.array_equal(a, b)  # bf16 really ran
@@ -38,7 +39,7 @@ def test_bf16_mode_on_a_device_without_native_bf16_says_so_and_runs_fp32(checkpo
     exact = Pipeline.from_checkpoint(checkpoint, progress=False).txt2img("a red circle", **options)
     monkeypatch.setattr(bf16_module, "has_native_bf16", lambda device: False)
     pipe = Pipeline.from_checkpoint(checkpoint, progress=False, bf16=True)
-    assert not pipe.bf16 and next(pipe.model.unet.parameters()).dtype == torch.float32
+    assert not pipe.bf16 and next(pipe.model.unet.parameters()).dtype == torch.float32 and not pipe.tiled_vae
     result = pipe.txt2img("a red circle", **options)
     assert any("native bfloat16" in warning and "fp32 path instead" in warning for warning in result.warnings)
     np.testing.assert_array_equal(np.asarray(result.images[0]), np.asarray(exact.images[0]))

@@ -1,4 +1,4 @@
-"""pipelines/cpu_heap.py: a generation's large CPU buffers stay in the heap, and go back after it."""
+"""nn/cpu_heap.py: a generation's large CPU buffers stay in the heap, and go back after it."""
 from __future__ import annotations
 
 import os
@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from latent_diffusion.pipelines import cpu_heap
+from latent_diffusion.nn import cpu_heap
 
 
 def _resident_bytes() -> int:

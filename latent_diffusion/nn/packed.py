@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from latent_diffusion.checkpoints.io import release_file_pages
+from latent_diffusion.nn import cpu_heap
 
 # oneDNN picks the packed layout from a nominal input; 3x3 convolutions and linear layers so packed
 # run at the same speed at any actual size (measured; 1x1 convolutions do not, see _pack; nor do
@@ -184,10 +185,11 @@ def _pack_layer(layer: nn.Module, first_input: Tensor | None = None, gated: bool
         if first_input is not None or getattr(layer, "_packed_nominal", None) is None:
             layer._packed_nominal = _nominal_input(layer, first_input)
     layer._packed_gated = gated or getattr(layer, "_packed_gated", False)
-    if layer._packed_gated:
-        layer._packed_weight = tuple(_pack(half, layer, None) for half in plain.chunk(2))
-    else:
-        layer._packed_weight = _pack(plain, layer, getattr(layer, "_packed_nominal", None))
+    with cpu_heap.own_pages():  # kept for the model's life: not among a step's activations
+        if layer._packed_gated:
+            layer._packed_weight = tuple(_pack(half, layer, None) for half in plain.chunk(2))
+        else:
+            layer._packed_weight = _pack(plain, layer, getattr(layer, "_packed_nominal", None))
     layer.weight.data = plain.new_empty(0)  # the packed copy holds the values now
     release_file_pages(plain)  # a weight mapped from its file would otherwise stay resident too
 

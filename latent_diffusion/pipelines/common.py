@@ -37,7 +37,7 @@ from latent_diffusion.models.autoencoder import AutoencoderKL
 from latent_diffusion.models.vae_tiling import decode_tiled, encode_tiled
 from latent_diffusion.nn import bf16 as bf16_mode
 from latent_diffusion.nn.packed import PACKED_DTYPES, PackedWeights, packing_available, unpacked
-from latent_diffusion.pipelines import cpu_heap
+from latent_diffusion.nn import cpu_heap
 from latent_diffusion.pipelines.images import check_size, tensor_to_images
 from latent_diffusion.pipelines.memory import check_encoding, check_sampling
 from latent_diffusion.pipelines.png_info import format_parameters, model_hash
@@ -216,8 +216,10 @@ class Pipeline:
         self.name = name or (loaded.source.stem if loaded.source else self.spec.family)
         self.hash = hash_
         self.progress = progress
-        # Decode in bands of rows (models/vae_tiling.py): bounded memory for large images.
-        self.tiled_vae = tiled_vae
+        # Decode in bands of rows (models/vae_tiling.py): bounded memory for large images. bf16 mode,
+        # the small mode, always does: the same image (142 dB), a 256 px image's peak 0.18 GiB lower
+        # (SD 1.5: 2.34 GiB against 2.52) for 0.5 s more decoding.
+        self.tiled_vae = tiled_vae or bf16
         if lean:
             _make_pipeline_lean(self.model)
         # Latents, conditioning and images stay fp32 in bf16 mode; only the UNet's insides are bf16.
@@ -429,6 +431,8 @@ class Pipeline:
         """
         vae = self.model.first_stage_model
         tiled = self.tiled_vae if tiled is None else tiled
+        if self.device.type == "cpu":
+            cpu_heap.give_back_free_heap()  # the sampling's buffers, whose sizes the VAE's do not fit
         with torch.no_grad():
             z = latents.to(self.dtype) / self.spec.scale_factor
             images = decode_tiled(vae, z, progress=self.progress) if tiled else vae.decode(z)
