@@ -152,5 +152,7 @@ def test_eval_shapes_scores_any_shapes_file_at_the_built_in_guidance(tmp_path):
     from latent_diffusion.pipelines.commands import _guidance
 
     for argv in (["eval-shapes"], ["eval-shapes", "-c", str(tmp_path / "model.safetensors")]):
-        assert _guidance(_build_parser().parse_args(argv)) == 3.0
+        assert _guidance(_build_parser().parse_args(argv)) == 2.0  # what `ldm txt2img` uses with it
     assert _guidance(_build_parser().parse_args(["eval-shapes", "--cfg-scale", "5"])) == 5.0
+    assert _guidance(_build_parser().parse_args(["txt2img", "a red circle"])) == 2.0
+    assert _guidance(_build_parser().parse_args(["img2img", "a red circle", "--init-image", "x.png"])) == 3.0

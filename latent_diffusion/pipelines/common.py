@@ -36,8 +36,8 @@ from latent_diffusion.families.distilled import sampling_defaults_for
 from latent_diffusion.models.autoencoder import AutoencoderKL
 from latent_diffusion.models.vae_tiling import decode_tiled, encode_tiled
 from latent_diffusion.nn import bf16 as bf16_mode
-from latent_diffusion.nn.packed import PACKED_DTYPES, PackedWeights, packing_available, unpacked
 from latent_diffusion.nn import cpu_heap
+from latent_diffusion.nn.packed import PACKED_DTYPES, PackedWeights, packing_available, unpacked
 from latent_diffusion.pipelines.images import check_size, tensor_to_images
 from latent_diffusion.pipelines.memory import check_encoding, check_sampling
 from latent_diffusion.pipelines.png_info import format_parameters, model_hash
