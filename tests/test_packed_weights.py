@@ -57,6 +57,8 @@ def test_packed_unet_and_vae_compute_what_the_plain_ones_do(checkpoints, name):
                 assert torch.equal(a, b)
         assert not any(is_packed(layer) for layer in packed.model.condition_encoder.modules())
     layers = packed.packed_weights.packed_layers
+    geglus = [m.proj for m in packed.model.unet.modules() if type(m).__name__ == "GEGLU"]
+    assert geglus and all(isinstance(proj._packed_weight, tuple) for proj in geglus)  # ran fused, as halves
     assert any(isinstance(layer, torch.nn.Conv2d) for layer in layers)
     assert any(isinstance(layer, torch.nn.Linear) for layer in layers)
     # Packed, the plain storage is given up; the state dict still reads the file's values, bitwise.

@@ -66,7 +66,7 @@ def own_pages() -> Iterator[None]:
 
 
 def give_back_free_heap() -> None:
-    """Returns the heap's free pages to the system (after a generation), where the settings were made."""
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
+    """Returns the heap's free pages to the system (after a generation); nothing where malloc keeps
+    its defaults, which give large buffers back on free already."""
+    if _reusing:
+        _libc.malloc_trim(0)

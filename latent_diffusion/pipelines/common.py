@@ -431,8 +431,7 @@ class Pipeline:
         """
         vae = self.model.first_stage_model
         tiled = self.tiled_vae if tiled is None else tiled
-        if self.device.type == "cpu":
-            cpu_heap.give_back_free_heap()  # the sampling's buffers, whose sizes the VAE's do not fit
+        cpu_heap.give_back_free_heap()  # the sampling's buffers, whose sizes the VAE's do not fit
         with torch.no_grad():
             z = latents.to(self.dtype) / self.spec.scale_factor
             images = decode_tiled(vae, z, progress=self.progress) if tiled else vae.decode(z)
@@ -539,8 +538,7 @@ class Pipeline:
                 self.prompt_warnings = []
                 result.warnings += [w for w in taken if w not in result.warnings]
         finally:
-            if self.device.type == "cpu":
-                cpu_heap.give_back_free_heap()  # what the generation's activations left free
+            cpu_heap.give_back_free_heap()  # what the generation's activations left free
         return result
 
     # ------------------------------------------------------------------ parameters text
