@@ -63,3 +63,33 @@ def test_attention_runs_in_bf16_under_cpu_autocast():
     exact = attention(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float())
     torch.testing.assert_close(out.float(), exact, rtol=0.02, atol=0.02)  # bf16 rounding of the result only
     assert not torch.equal(out.float(), exact)
+
+
+@native
+def test_bf16_mode_sums_the_residual_streams_in_fp32(checkpoint):
+    from latent_diffusion.nn.attention import BasicTransformerBlock
+    from latent_diffusion.nn.layers import ResBlock
+
+    exact = Pipeline.from_checkpoint(checkpoint, progress=False).model.unet
+    pipe = Pipeline.from_checkpoint(checkpoint, progress=False, bf16=True)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 16, 16, generator=generator)
+    context = torch.randn(2, 77, exact.config.context_dim, generator=generator)
+    t = torch.tensor([300.0, 700.0])
+    blocks = [m for m in pipe.model.unet.modules() if isinstance(m, ResBlock | BasicTransformerBlock)]
+    seen: list[torch.dtype] = []
+    hooks = [block.register_forward_hook(lambda m, args, out: seen.append(out.dtype)) for block in blocks]
+    with torch.no_grad():
+        reference = exact(x, t, context)
+        fp32_streams = pipe.unet_forward(x, t, context)
+        for hook in hooks:
+            hook.remove()
+        assert blocks and seen == [torch.float32] * len(seen) and len(seen) >= len(blocks)
+        for hook in pipe.unet_forward.fp32_hooks:  # the streams in bf16, as autocast alone keeps them
+            hook.remove()
+        bf16_streams = pipe.unet_forward(x, t, context)
+
+    def error(out: torch.Tensor) -> float:
+        return ((out - reference).norm() / reference.norm()).item()
+
+    assert 0 < error(fp32_streams) < error(bf16_streams)

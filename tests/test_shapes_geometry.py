@@ -128,3 +128,19 @@ def test_cli_eval_shapes_reports_both_judges_and_their_agreement():
     assert set(report["geometric_accuracy"]) == {"single_seen", "two_seen", "held_out", *SPOKEN_GROUPS}
     # The renderer draws what every caption states, three-object scenes included: geometry sees that.
     assert all(row["scene"] == 1.0 for row in report["geometric_accuracy"].values())
+
+
+def test_eval_shapes_round_trip_scores_renders_through_the_first_stage(capsys):
+    from latent_diffusion import cli
+    from latent_diffusion.pipelines.commands import _through_first_stage
+    from latent_diffusion.pipelines.common import Pipeline
+
+    render = rendering_generator(seed=4)
+    round_trip = _through_first_stage(Pipeline.from_checkpoint(None, progress=False), rendering_generator(seed=4))
+    caption = "a small red star left of a blue square on a gray background"
+    original, decoded = render(caption), round_trip(caption)
+    error = (decoded - original).square().mean().item() / 4  # images in [-1, 1]
+    assert 0 < error < 10 ** -3.5  # changed by the autoencoder, and closer than 35 dB PSNR
+    assert cli.main(["eval-shapes", "--round-trip", "--judge", "both", "--prompts-per-group", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["accuracy"]["single_seen"]["scene"] == 1.0

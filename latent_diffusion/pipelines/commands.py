@@ -529,8 +529,10 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
     if args.control is not None:
         _eval_shapes_control(args)
         return
-    if args.renderer:
+    if args.renderer or args.round_trip:
         generate = rendering_generator(seed=args.seed, resolution=args.size)
+        if args.round_trip:
+            generate = _through_first_stage(_pipeline(args), generate)
     else:
         pipe = _pipeline(args)
         counter = iter(range(args.seed, args.seed + 10**9))
@@ -554,14 +556,24 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
         print(format_report(evaluation))
 
 
+def _through_first_stage(pipe, generate: Callable[[str], torch.Tensor]) -> Callable[[str], torch.Tensor]:
+    """``generate``'s images encoded by ``pipe``'s first stage and decoded again (posterior means)."""
+    def round_trip(caption: str) -> torch.Tensor:
+        image = generate(caption)[None]
+        return pipe.decode(pipe.encode_images(image, None))[0].clamp(-1, 1)
+
+    return round_trip
+
+
 def _eval_shapes_control(args: argparse.Namespace) -> None:
     """``eval-shapes --control FILE``: maps put the object at P, prompts at Q; scored with and without the ControlNet."""
     from latent_diffusion.evaluation.shapes_classifier import load_shapes_classifier
     from latent_diffusion.evaluation.shapes_control import control_cases, evaluate_control, format_control_report
     from latent_diffusion.pipelines.control import ControlUnit, load_controlnet_for, unit_settings
 
-    if args.renderer:
-        raise ValueError("--renderer and --control exclude each other: the renderer has no ControlNet to score")
+    if args.renderer or args.round_trip:
+        option = "--renderer" if args.renderer else "--round-trip"
+        raise ValueError(f"{option} and --control exclude each other: the renderer has no ControlNet to score")
     if not Path(args.control).exists():
         raise FileNotFoundError(f"--control {args.control}: ControlNet not found")
     cases = control_cases(args.control_cases, seed=2024 + args.seed)
@@ -697,6 +709,9 @@ def _add_eval_shapes_parser(add: Callable[..., argparse.ArgumentParser]) -> None
             "Score a text-to-image model on the shapes world: per-attribute accuracy and a Fréchet distance.")
     p.add_argument("--renderer", action="store_true",
                    help="score the perfect renderer instead of a model (the ceiling of the scores)")
+    p.add_argument("--round-trip", action="store_true",
+                   help="score the perfect renderer's images sent through the model's autoencoder and back "
+                        "(the ceiling its first stage allows)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.add_argument("--images-per-prompt", type=int, default=1, help="images generated per evaluation prompt")
     p.add_argument("--prompts-per-group", type=int, default=None,
