@@ -93,3 +93,11 @@ def test_bf16_mode_sums_the_residual_streams_in_fp32(checkpoint):
         return ((out - reference).norm() / reference.norm()).item()
 
     assert 0 < error(fp32_streams) < error(bf16_streams)
+
+
+@native
+def test_large_unets_keep_bf16_streams(checkpoint, monkeypatch):
+    monkeypatch.setattr(bf16_module, "FP32_STREAMS_BELOW", 1000)  # the tiny UNet counts as large
+    pipe = Pipeline.from_checkpoint(checkpoint, progress=False, bf16=True)
+    assert pipe.unet_forward.fp32_hooks == []
+    assert all(parameter.dtype == torch.bfloat16 for parameter in pipe.model.unet.parameters())
