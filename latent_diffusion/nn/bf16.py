@@ -10,8 +10,9 @@ gives fp32, so the branches' rounding does not pile up over the network's depth;
 the streams keep fp32 weights. A UNet step's error against fp32: 1.07% instead of 1.44% (the built-in
 model), 1.41% instead of 1.67% (random SD 1.5 weights; not the default there, see
 FP32_STREAMS_BELOW). That is the price of the mode: a 20-step SD image is about 30 dB PSNR from the
-exact one. On CPUs without native bfloat16 the same arithmetic is emulated and many times slower (MEASURED.md: 30x), so this
-mode refuses them (a Pipeline asked for bf16 mode there says so and runs the exact fp32 path).
+exact one. On CPUs without native bfloat16 the same arithmetic is emulated and many times slower
+(MEASURED.md: 30x), so this mode refuses them (a Pipeline asked for bf16 mode there says so and runs
+the exact fp32 path).
 """
 from __future__ import annotations
 
