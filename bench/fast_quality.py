@@ -3,7 +3,9 @@
 Only the UNet differs between the rows: the same text conditioning, sampler (DPM++ 2M, 20 steps),
 noise and VAE decode (ours, fp32) make every image, so the PSNR is what the UNet's precision costs.
 
-Rows: ``exact`` (ours, fp32; the reference), ``ours-bf16`` (``--bf16``), ``openvino`` (our UNet
+Rows: ``exact`` (ours, fp32; the reference), ``ours-bf16`` (``--bf16``), ``ours-compiled``
+(``--compile``: fp32, compiled ahead of time; its first image includes the compile, or loading the
+package a previous run left in the disk cache), ``openvino`` (our UNet
 converted by ``openvino.convert_model``, OpenVINO's default precision: bf16 where the CPU has it)
 and ``openvino-f32`` (the same, f32 precision hint). OpenVINO is a peer only (``pip install openvino``).
 Seconds are per image, median (the rows run one after another, not alternating; the first image of
@@ -30,7 +32,7 @@ sys.path.insert(0, str(HERE.parent))
 from bench.few_step import BUILTIN_GUIDANCE, BUILTIN_PROMPTS, SD_PROMPTS, psnr  # noqa: E402
 from bench.results_file import write_table  # noqa: E402
 
-ROWS = ("exact", "ours-bf16", "openvino", "openvino-f32")
+ROWS = ("exact", "ours-bf16", "ours-compiled", "openvino", "openvino-f32")
 
 
 class _UNetGraph(torch.nn.Module):
@@ -87,8 +89,9 @@ def pipeline(row: str, path: Path | None, size: int, prompt: str, notes: list[st
     """The pipeline of one row, or None where it cannot run here."""
     from latent_diffusion.pipelines.common import Pipeline
 
-    if row in ("exact", "ours-bf16"):
-        pipe = Pipeline.from_checkpoint(path, progress=False, bf16=row == "ours-bf16")
+    if row in ("exact", "ours-bf16", "ours-compiled"):
+        pipe = Pipeline.from_checkpoint(path, progress=False, bf16=row == "ours-bf16",
+                                        compile_unet=row == "ours-compiled")
         notes += [f"{row}: {warning}" for warning in pipe.mode_warnings]
         return pipe
     try:
@@ -111,6 +114,7 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=2, help="seeds per prompt")
     parser.add_argument("--size", type=int, default=None, help="image side; default: the model's (256 for sd15)")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="rows to run (exact always)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache", type=Path, default=HERE / ".cache")
     parser.add_argument("--results", type=Path, default=HERE / "results")
@@ -120,7 +124,8 @@ def main(argv=None) -> int:
     size = args.size or (256 if args.model == "sd15" and not args.checkpoint else None)
     path, notes = checkpoint_path(args), []
     images, seconds = {}, {}
-    for row in ROWS:  # one pipeline at a time: four full-size fp32 models do not fit 24 GiB together
+    for row in [row for row in ROWS if row == "exact" or row in args.rows]:  # one model at a time: four
+        # full-size fp32 models do not fit 24 GiB together
         pipe = pipeline(row, path, size or 64, prompts[0], notes)
         if pipe is None:
             continue
@@ -134,6 +139,7 @@ def main(argv=None) -> int:
                                       seed=seed, guidance_scale=guidance)
                 seconds[row].append(time.perf_counter() - started)
                 images[row].append(np.asarray(result.images[0]))
+        notes.append(f"{row}: first image {seconds[row][0]:.2f} s")
         del pipe
     model = (f"`{args.checkpoint.name}`" if args.checkpoint else
              "the built-in model" if builtin else "full-size SD 1.5, random weights")

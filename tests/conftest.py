@@ -7,6 +7,18 @@ import torch
 torch.set_num_threads(int(os.environ.get("LDM_TEST_THREADS", "2")))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _compile_cache(tmp_path_factory):
+    """Compiled UNets (nn/compiled.py) go to a folder of the test run, not the user's cache."""
+    previous = os.environ.get("LDM_COMPILE_CACHE")
+    os.environ["LDM_COMPILE_CACHE"] = str(tmp_path_factory.mktemp("compile-cache"))
+    yield
+    if previous is None:
+        del os.environ["LDM_COMPILE_CACHE"]
+    else:
+        os.environ["LDM_COMPILE_CACHE"] = previous
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

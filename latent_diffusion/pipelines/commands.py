@@ -34,7 +34,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lean", action="store_true",
                        help="keep UNet/VAE weights in float16 and compute in float32, block by block (about half the memory)")
     group.add_argument("--compile", action="store_true",
-                       help="compile the UNet with frozen weights (torch.compile): faster steps after minutes of compiling")
+                       help="run the UNet compiled ahead of time with frozen weights (the same images; with --bf16 "
+                            "its bf16 graph): a compile of a minute or more per image size and batch, kept on disk "
+                            "($LDM_COMPILE_CACHE, default ~/.cache/latent-diffusion/compiled) for later runs")
     group.add_argument("--plain-weights", action="store_true",
                        help="on a CPU, run the layers on their weights as loaded instead of packing them for oneDNN "
                             "once (slower; the same images to float rounding)")

@@ -195,8 +195,8 @@ class Pipeline:
                  progress: bool = True, tiled_vae: bool = False, lean: bool = False,
                  compile_unet: bool = False, bf16: bool = False, lora_dir: str | os.PathLike | None = None,
                  embeddings_dir: str | os.PathLike | None = None, packed: bool | None = None) -> None:
-        if sum((lean, compile_unet, bf16)) > 1:
-            raise ValueError("lean mode, bf16 mode and a compiled UNet do not combine: lean swaps the weights "
+        if lean and (compile_unet or bf16):
+            raise ValueError("lean mode does not combine with bf16 mode or a compiled UNet: lean swaps the weights "
                              "per block, bf16 converts them, a compiled UNet has them frozen in")
         if bf16 and next(loaded.model.first_stage_model.parameters()).dtype != torch.float32:
             raise ValueError("bf16 mode keeps everything but the UNet in fp32; load without --half")
@@ -244,9 +244,9 @@ class Pipeline:
 
             network = BF16Autocast(self.model.unet)  # converts the UNet's weights in place
         if compile_unet:
-            from latent_diffusion.nn.compiled import FrozenCompiled
+            from latent_diffusion.nn.compiled import CompiledUNet
 
-            network = FrozenCompiled(network)
+            network = CompiledUNet(network, self.model.unet, progress=self.progress)  # bf16's graph, if on
         return network
 
     def _pack(self, packed: bool | None, other_modes: bool) -> PackedWeights | None:
@@ -270,10 +270,9 @@ class Pipeline:
 
     def weights_changed(self) -> None:
         """The UNet's weights were replaced (LoRAs merged or removed): a compiled UNet, which froze
-        the old ones into its graph, is compiled again on its next call."""
+        the old ones into its graph, is compiled (or loaded from the disk cache) again on its next call."""
         if self.compile_unet:
-            torch.compiler.reset()
-            self.unet_forward = self._unet_stack(compile_unet=True, bf16=self.bf16)
+            self.unet_forward.weights_changed()
 
     @classmethod
     def from_checkpoint(

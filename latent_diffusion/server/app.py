@@ -52,8 +52,9 @@ class ServerConfig:
     preview_every: int = 5  # decode a live preview every n sampler steps (0 = never)
     device: str = "cpu"
     half: bool = False
-    # Further Pipeline modes for every model the server loads: lean, bf16, tiled_vae, packed (see
-    # `ldm txt2img -h`). Packed weights serve every image size: their layout does not depend on it.
+    # Further Pipeline modes for every model the server loads: lean, bf16, tiled_vae, packed, compile_unet
+    # (see `ldm txt2img -h`). Packed weights serve every image size: their layout does not depend on it;
+    # a compiled UNet keeps a package per size on disk and the last two loaded (nn/compiled.py).
     pipeline_options: dict[str, bool] = field(default_factory=dict)
     upscalers: list[Path] | None = None  # super-resolution checkpoints; None: the built-in one if installed
     host: str = "127.0.0.1"  # the address the server is bound to; a loopback one answers to loopback names only

@@ -25,6 +25,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--half", action="store_true", help="float16 weights (for GPUs; slow on CPUs)")
     parser.add_argument("--lean", action="store_true", help="float16 weights computed in float32 block by block")
     parser.add_argument("--bf16", action="store_true", help="UNet in bfloat16, VAE decoded in bands (CPUs with AMX: about a third of the time)")
+    parser.add_argument("--compile", action="store_true",
+                        help="UNet compiled per image size, the packages kept on disk; the last two sizes stay loaded")
     parser.add_argument("--tiled-vae", action="store_true", help="decode in bands of rows (bounded memory, same image)")
     parser.add_argument("--plain-weights", action="store_true",
                         help="on a CPU, do not pack the weights for oneDNN (slower; the same images to float rounding)")
@@ -82,6 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_queue=args.max_queue, api_auth=parse_auth(args.api_auth), preview_every=max(args.preview_every, 0),
         device=args.device, half=args.half,
         pipeline_options={**{name: True for name in ("lean", "bf16", "tiled_vae") if getattr(args, name)},
+                          **({"compile_unet": True} if args.compile else {}),
                           **({"packed": False} if args.plain_weights else {})},
         upscalers=[Path(p) for p in args.upscaler] if args.upscaler else None,
         host=host, allowed_hosts=list(args.allow_host),
