@@ -5,7 +5,7 @@ noise and VAE decode (ours, fp32) make every image, so the PSNR is what the UNet
 
 Rows: ``exact`` (ours, fp32; the reference), ``ours-bf16`` (``--bf16``), ``ours-compiled``
 (``--compile``: fp32, compiled ahead of time; its first image includes the compile, or loading the
-package a previous run left in the disk cache), ``openvino`` (our UNet
+package a previous run left in the disk cache), ``ours-bf16-compiled`` (both), ``openvino`` (our UNet
 converted by ``openvino.convert_model``, OpenVINO's default precision: bf16 where the CPU has it)
 and ``openvino-f32`` (the same, f32 precision hint). OpenVINO is a peer only (``pip install openvino``).
 Seconds are per image, median (the rows run one after another, not alternating; the first image of
@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE.parent))
 from bench.few_step import BUILTIN_GUIDANCE, BUILTIN_PROMPTS, SD_PROMPTS, psnr  # noqa: E402
 from bench.results_file import write_table  # noqa: E402
 
-ROWS = ("exact", "ours-bf16", "ours-compiled", "openvino", "openvino-f32")
+ROWS = ("exact", "ours-bf16", "ours-compiled", "ours-bf16-compiled", "openvino", "openvino-f32")
 
 
 class _UNetGraph(torch.nn.Module):
@@ -89,9 +89,8 @@ def pipeline(row: str, path: Path | None, size: int, prompt: str, notes: list[st
     """The pipeline of one row, or None where it cannot run here."""
     from latent_diffusion.pipelines.common import Pipeline
 
-    if row in ("exact", "ours-bf16", "ours-compiled"):
-        pipe = Pipeline.from_checkpoint(path, progress=False, bf16=row == "ours-bf16",
-                                        compile_unet=row == "ours-compiled")
+    if row.startswith("ours") or row == "exact":
+        pipe = Pipeline.from_checkpoint(path, progress=False, bf16="bf16" in row, compile_unet="compiled" in row)
         notes += [f"{row}: {warning}" for warning in pipe.mode_warnings]
         return pipe
     try:
