@@ -4,10 +4,10 @@ input shape, kept on disk so that a shape is compiled once, not once per process
 Freezing turns the weights into constants of the compiled graph, so Inductor packs them in oneDNN's
 blocked layouts once and fuses the small ops around the products; the package is C++ that calls the
 kernels directly, without PyTorch's per-layer dispatch in Python, which is most of a small UNet's
-eager step (the built-in model: 8.7 ms against 15 ms, the same fp32 results to 2e-6). The price is a
-compile per input shape (batch, latent size, context length): about 35 s for the built-in model, a
-minute or more for SD-size UNets, paid the first time a shape is seen on a machine; afterwards the
-package loads in milliseconds. Packages live in ``$LDM_COMPILE_CACHE`` (default
+eager step (the built-in model: 8.8 ms against 15.9 ms, the same fp32 results to 2e-5; bf16 mode's
+graph 7.3 ms). The price is a compile per input shape (batch, latent size, context length): about
+a minute for the built-in model, more for SD-size UNets, paid the first time a shape is seen on a
+machine; afterwards the package loads in milliseconds. Packages live in ``$LDM_COMPILE_CACHE`` (default
 ``~/.cache/latent-diffusion/compiled``), named by a digest of everything the compiled code depends
 on: the weights, the inputs' shapes and dtypes, the torch version and the CPU's vector instructions.
 A package is kept only once its output on the inputs it was compiled for matches the eager UNet's.
@@ -30,8 +30,9 @@ from torch.utils import _pytree as pytree
 
 KEEP_LOADED = 2
 # Below this many UNet parameters Inductor also times its own matmul kernels against oneDNN's and
-# keeps the faster (the built-in model: 7.8 ms a step against 8.7, for a 140 s compile instead of
-# 35 s). On SD-size UNets the search would multiply a compile of minutes.
+# keeps the faster: on the built-in model's small products its bf16 AMX micro-kernels are several
+# times faster (a bf16 step 5.7 ms against 9.6; fp32 7.8 against 8.7, measured alone), for a compile
+# of 70-140 s instead of 35 s. On SD-size UNets the search would multiply a compile of minutes.
 AUTOTUNE_BELOW = 100_000_000
 PLAIN = {"freezing": True}
 AUTOTUNED = {**PLAIN, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
@@ -83,7 +84,7 @@ class CompiledUNet:
             autotune = sum(parameter.numel() for parameter in unet.parameters()) < AUTOTUNE_BELOW
         self.options = AUTOTUNED if autotune and next(unet.parameters()).device.type == "cpu" else PLAIN
         self.loaded: OrderedDict[str, Callable[..., Tensor]] = OrderedDict()
-        self._weights: str | None = None  # digest, taken on the first call
+        self._described: str | None = None  # the weights and the code, described on the first call
 
     def __call__(self, x: Tensor, timesteps: Tensor, context: Tensor | None = None, y: Tensor | None = None,
                  **kwargs: Any) -> Tensor:
@@ -106,21 +107,19 @@ class CompiledUNet:
         """The UNet's weights were changed in place (LoRAs merged or taken out): the packages in
         memory hold the old ones; later calls find, or compile, those of the new weights."""
         self.loaded.clear()
-        self._weights = None
+        self._described = None
 
     def _key(self, leaves: list[Any], spec: pytree.TreeSpec) -> str:
-        from torch._inductor.cpu_vec_isa import pick_vec_isa
+        if self._described is None:  # what every package of these weights shares, taken once (not per step)
+            from torch._inductor.cpu_vec_isa import pick_vec_isa
 
-        if self._weights is None:
-            self._weights = weights_digest(self.unet)
-        described = {
-            "torch": torch.__version__, "isa": str(pick_vec_isa()), "weights": self._weights,
-            "network": type(self.network).__name__, "structure": str(self.unet), "options": self.options,
-            "inputs": [None if leaf is None else [list(leaf.shape), str(leaf.dtype), str(leaf.device)]
-                       for leaf in leaves],
-            "spec": str(spec),
-        }
-        return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
+            self._described = json.dumps({
+                "torch": torch.__version__, "isa": str(pick_vec_isa()), "weights": weights_digest(self.unet),
+                "network": type(self.network).__name__, "structure": str(self.unet), "options": self.options,
+            }, sort_keys=True)
+        inputs = [None if leaf is None else [list(leaf.shape), str(leaf.dtype), str(leaf.device)] for leaf in leaves]
+        described = self._described + json.dumps({"inputs": inputs, "spec": str(spec)})
+        return hashlib.sha256(described.encode()).hexdigest()[:32]
 
     def _load_or_compile(self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[..., Tensor]:
         path = self.cache_dir / f"unet-{key}.pt2"
