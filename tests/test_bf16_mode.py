@@ -48,7 +48,7 @@ def test_bf16_mode_on_a_device_without_native_bf16_says_so_and_runs_fp32(checkpo
 
 
 def test_bf16_mode_does_not_combine_with_lean_or_half(checkpoint):
-    with pytest.raises(ValueError, match="do not combine"):
+    with pytest.raises(ValueError, match="lean mode does not combine with bf16 mode"):
         Pipeline.from_checkpoint(checkpoint, progress=False, bf16=True, lean=True)
     with pytest.raises(ValueError, match="without --half"):
         Pipeline.from_checkpoint(checkpoint, progress=False, bf16=True, half=True)
