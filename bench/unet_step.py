@@ -1,8 +1,8 @@
 """One UNet step of a model at the inputs its txt2img calls it with, per engine, in one process.
 
 Engines: ``exact`` (ours, fp32, eager), ``ours-bf16``, ``ours-compiled`` (``--compile``: packages
-from the disk cache, compiled first where missing), ``ours-bf16-compiled`` (both), ``openvino`` (our UNet converted, OpenVINO's
-default precision: bf16 where the CPU has it) and ``openvino-f32``. The engines take turns, round
+from the disk cache, compiled first where missing), ``ours-bf16-compiled`` (both), ``openvino``
+(our UNet converted, OpenVINO's default precision: bf16 where the CPU has it) and ``openvino-f32``. The engines take turns, round
 after round, so a busy moment of the machine falls on all of them; the median of the rounds is
 reported with each engine's relative difference to the exact output. Reported, not asserted.
 

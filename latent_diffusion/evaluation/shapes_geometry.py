@@ -2,10 +2,11 @@
 
 Pixels far from the background colour are objects; each connected region is one object. Its hue
 names the colour; its bounding-box fill (measured on partial pixels, see ``_coverage``), solidity
-(area over convex-hull area) and the corners of its convex hull name the shape; its area (over the area that shape has at each size) names the
-size, and its centre the position. The expected measurements follow from the outlines the renderer
-draws (data/shapes.py), not from examples, so this judge is a second opinion beside the learned
-classifier: where the two disagree, one of them misreads the image.
+(area over convex-hull area) and the corners of its convex hull name the shape; its area (over the
+area that shape has at each size) names the size, and its centre the position. The expected
+measurements follow from the outlines the renderer draws (data/shapes.py), not from examples, so
+this judge is a second opinion beside the learned classifier: where the two disagree, one of them
+misreads the image.
 """
 from __future__ import annotations
 
