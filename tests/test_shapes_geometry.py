@@ -168,3 +168,4 @@ def test_eval_shapes_round_trip_scores_renders_through_the_first_stage(capsys):
     assert cli.main(["eval-shapes", "--round-trip", "--judge", "both", "--prompts-per-group", "1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["accuracy"]["single_seen"]["scene"] == 1.0
+    assert 35 < report["round_trip_psnr"] < 80  # changed by the autoencoder, and close

@@ -6,6 +6,8 @@ written atomically with their A1111 ``parameters`` chunk as soon as each batch i
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 from pathlib import Path
 from typing import Any, Callable
 
@@ -531,10 +533,11 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
     if args.control is not None:
         _eval_shapes_control(args)
         return
+    psnrs: list[float] = []  # the round trip's, image by image
     if args.renderer or args.round_trip:
         generate = rendering_generator(seed=args.seed, resolution=args.size)
         if args.round_trip:
-            generate = _through_first_stage(_pipeline(args), generate)
+            generate = _through_first_stage(_pipeline(args), generate, psnrs)
     else:
         pipe = _pipeline(args)
         counter = iter(range(args.seed, args.seed + 10**9))
@@ -551,18 +554,28 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
         judged = {"judge": evaluation.judge}
         if evaluation.judge == "both":
             judged.update(geometric_accuracy=evaluation.geometric_accuracy, agreement=evaluation.agreement)
+        if psnrs:
+            judged["round_trip_psnr"] = statistics.mean(psnrs)
         print(json.dumps({"accuracy": evaluation.accuracy, "frechet_distance": evaluation.frechet_distance,
                           "images": evaluation.image_count, "references": evaluation.reference_count, **judged},
                          indent=2))
     else:
         print(format_report(evaluation))
+        if psnrs:
+            print(f"round trip: PSNR {statistics.mean(psnrs):.1f} dB against the renders (mean of {len(psnrs)})")
 
 
-def _through_first_stage(pipe, generate: Callable[[str], torch.Tensor]) -> Callable[[str], torch.Tensor]:
-    """``generate``'s images encoded by ``pipe``'s first stage and decoded again (posterior means)."""
+def _through_first_stage(pipe, generate: Callable[[str], torch.Tensor],
+                         psnrs: list[float] | None = None) -> Callable[[str], torch.Tensor]:
+    """``generate``'s images encoded by ``pipe``'s first stage and decoded again (posterior means);
+    each one's PSNR against the image it came from is appended to ``psnrs``."""
     def round_trip(caption: str) -> torch.Tensor:
         image = generate(caption)[None]
-        return pipe.decode(pipe.encode_images(image, None))[0].clamp(-1, 1)
+        decoded = pipe.decode(pipe.encode_images(image, None))[0].clamp(-1, 1)
+        if psnrs is not None:
+            error = ((decoded - image[0]) / 2).square().mean().item()  # images in [-1, 1]: a range of 2
+            psnrs.append(float("inf") if error == 0 else -10 * math.log10(error))
+        return decoded
 
     return round_trip
 
