@@ -123,8 +123,8 @@ def main(argv=None) -> int:
     size = args.size or (256 if args.model == "sd15" and not args.checkpoint else None)
     path, notes = checkpoint_path(args), []
     images, seconds = {}, {}
-    for row in [row for row in ROWS if row == "exact" or row in args.rows]:  # one model at a time: four
-        # full-size fp32 models do not fit 24 GiB together
+    rows = [row for row in ROWS if row == "exact" or row in args.rows]
+    for row in rows:  # one pipeline at a time: four full-size fp32 models do not fit 24 GiB together
         pipe = pipeline(row, path, size or 64, prompts[0], notes)
         if pipe is None:
             continue

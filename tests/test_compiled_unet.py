@@ -9,6 +9,7 @@ from latent_diffusion.nn import compiled as compiled_module
 from latent_diffusion.nn.bf16 import has_native_bf16
 from latent_diffusion.nn.compiled import CompiledUNet, weights_digest
 from latent_diffusion.pipelines.common import Pipeline
+from latent_diffusion.training.metrics import psnr
 from pipeline_tiny import TINY_SD1, write_checkpoint
 
 OPTIONS = dict(seed=3, width=32, height=32, steps=3, sampler="dpmpp_2m")
@@ -37,8 +38,7 @@ def _pixels(result) -> np.ndarray:
 
 
 def _psnr(image: np.ndarray, reference: np.ndarray) -> float:
-    error = np.mean((image.astype(np.float64) - reference) ** 2)
-    return float("inf") if error == 0 else 10 * np.log10(255.0 ** 2 / error)
+    return float(psnr(*(torch.from_numpy(pixels).float()[None] / 255 for pixels in (image, reference))))
 
 
 @pytest.mark.slow  # one compile of the tiny UNet: about a minute on 2 cores

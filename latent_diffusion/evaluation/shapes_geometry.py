@@ -92,15 +92,20 @@ def _background(image: np.ndarray) -> str:
     return min(BACKGROUND_RGB, key=lambda name: np.linalg.norm(median - BACKGROUND_RGB[name]))
 
 
+def _neighbourhood_max(array: np.ndarray) -> np.ndarray:
+    """Each pixel's largest value over itself and its 8 neighbours."""
+    height, width = array.shape
+    padded = np.pad(array, 1)
+    return np.max([padded[dr:dr + height, dc:dc + width] for dr in range(3) for dc in range(3)], axis=0)
+
+
 def _regions(mask: np.ndarray) -> list[np.ndarray]:
     """The 8-connected regions of a boolean mask, each as an (N, 2) array of (row, column)."""
     height, width = mask.shape
     labels = np.where(mask, np.arange(1, height * width + 1).reshape(height, width), 0)
     # Every pixel takes the largest label of its neighbourhood until none changes: one label per region.
     while True:
-        padded = np.pad(labels, 1)
-        spread = np.max([padded[dr:dr + height, dc:dc + width] for dr in range(3) for dc in range(3)], axis=0)
-        spread = np.where(mask, spread, 0)
+        spread = np.where(mask, _neighbourhood_max(labels), 0)
         if np.array_equal(spread, labels):
             break
         labels = spread
@@ -177,12 +182,9 @@ def _coverage(image: np.ndarray, region: np.ndarray, background_rgb: np.ndarray)
     for what it covers.
     """
     distance = np.linalg.norm(image.astype(np.float64) - background_rgb, axis=2)
-    height, width = distance.shape
-    own = np.zeros((height, width), dtype=bool)
+    own = np.zeros(distance.shape, dtype=bool)
     own[region[:, 0], region[:, 1]] = True
-    padded = np.pad(own, 1)
-    around = np.max([padded[dr:dr + height, dc:dc + width] for dr in range(3) for dc in range(3)], axis=0)
-    ring = around & (distance <= FOREGROUND_DISTANCE)
+    ring = _neighbourhood_max(own) & (distance <= FOREGROUND_DISTANCE)
     contrast = max(float(np.median(distance[own])), FOREGROUND_DISTANCE)
     return np.where(own | ring, np.clip(distance / contrast, 0.0, 1.0), 0.0)
 

@@ -6,7 +6,6 @@ written atomically with their A1111 ``parameters`` chunk as soon as each batch i
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 from pathlib import Path
 from typing import Any, Callable
@@ -573,8 +572,9 @@ def _through_first_stage(pipe, generate: Callable[[str], torch.Tensor],
         image = generate(caption)[None]
         decoded = pipe.decode(pipe.encode_images(image, None))[0].clamp(-1, 1)
         if psnrs is not None:
-            error = ((decoded - image[0]) / 2).square().mean().item()  # images in [-1, 1]: a range of 2
-            psnrs.append(float("inf") if error == 0 else -10 * math.log10(error))
+            from latent_diffusion.training.metrics import psnr
+
+            psnrs.append(float(psnr((decoded[None] + 1) / 2, (image + 1) / 2)))  # metrics take [0, 1]
         return decoded
 
     return round_trip
