@@ -49,6 +49,16 @@ def test_jobs_run_one_at_a_time_and_get_their_own_results(queue):
     assert max(overlaps) == 1
 
 
+def test_a_job_is_no_longer_current_when_its_client_hears_back(queue):
+    seen_when_done = []
+    for work in (lambda job: "done", lambda job: 1 / 0):
+        job = queue.submit("one", work)
+        # Callbacks run as the future resolves, as a response handler would wake.
+        job.future.add_done_callback(lambda _: seen_when_done.append(queue.current))
+        concurrent.futures.wait([job.future], timeout=10)
+    assert seen_when_done == [None, None]
+
+
 def test_cancel_waiting_job_and_interrupt_running_one(queue):
     work, started, release = blocker()
     first = queue.submit("blocking", work)

@@ -137,15 +137,19 @@ class JobQueue:
 
     def _run(self) -> None:
         while (job := self._next()) is not None:
-            try:
-                if not job.future.set_running_or_notify_cancel():
-                    continue
-                job.started = time.time()
-                try:
-                    result = job.work(job)
-                except BaseException as error:  # noqa: BLE001 - a job's failure belongs to its client alone
-                    job.future.set_exception(error)
-                else:
-                    job.future.set_result(result)
-            finally:
+            if not job.future.set_running_or_notify_cancel():
                 self._current = None
+                continue
+            job.started = time.time()
+            result, failure = None, None
+            try:
+                result = job.work(job)
+            except BaseException as error:  # noqa: BLE001 - a job's failure belongs to its client alone
+                failure = error
+            # No longer current before its client hears back: a progress request sent after the
+            # response must not still find the job running.
+            self._current = None
+            if failure is not None:
+                job.future.set_exception(failure)
+            else:
+                job.future.set_result(result)
