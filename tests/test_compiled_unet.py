@@ -1,6 +1,9 @@
 """The optional compiled UNet (compiled ahead of time per input shape, kept on disk) against the eager one."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -47,6 +50,7 @@ def test_compiled_unet_makes_the_eager_image_and_a_later_process_loads_it(checkp
     compiled_pipe = Pipeline.from_checkpoint(checkpoint, progress=False, compile_unet=True)
     assert np.abs(_pixels(compiled_pipe.txt2img("a red circle", **OPTIONS)) - eager).max() <= 1
     (package,) = cache.glob("*.pt2")  # one shape (batch 2 under guidance), nothing half-written left
+    assert list(cache.iterdir()) == [package]  # nor Inductor's work files
     with pytest.raises(RuntimeError, match="inference"):
         compiled_pipe.unet_forward(torch.zeros(2, 4, 8, 8), torch.zeros(2))
     # The model keeps its plain UNet, so its state dict keeps the checkpoint's names.
@@ -117,6 +121,8 @@ def test_a_package_that_disagrees_with_the_eager_network_is_dropped(tmp_path, mo
 
     def fake_compile(exported, package_path, inductor_configs):
         compiled_paths.append(inductor_configs)
+        work = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])  # Inductor's work files go beside the packages
+        assert work.parent == Path(package_path).parent and work.is_dir()
         open(package_path, "wb").close()
 
     def fake_load(path):
@@ -125,6 +131,7 @@ def test_a_package_that_disagrees_with_the_eager_network_is_dropped(tmp_path, mo
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fake_compile)
     monkeypatch.setattr(torch._inductor, "aoti_load_package", fake_load)
+    inductor_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     x = torch.randn(2, 3)
 
     def network(x, timesteps, context=None, y=None):
@@ -135,6 +142,8 @@ def test_a_package_that_disagrees_with_the_eager_network_is_dropped(tmp_path, mo
         assert torch.equal(compiled(x, torch.zeros(2)), unet(x))  # the searched kernels' NaN dropped, plain kept
         assert [options.get("max_autotune", False) for options in compiled_paths] == [True, False]
         assert len(list(tmp_path.glob("*.pt2"))) == 1
+        assert len(list(tmp_path.iterdir())) == 1  # and are gone after each compile
+        assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == inductor_dir
         other = CompiledUNet(network, unet, cache_dir=tmp_path / "other", progress=False, autotune=False)
         with pytest.raises(RuntimeError, match="from the eager UNet's.*without --compile"):
             other(x, torch.zeros(2))  # its only compile disagrees: nothing kept

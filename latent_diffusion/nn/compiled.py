@@ -16,10 +16,12 @@ server that sees many sizes loads the others from disk as they come back.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import sys
+import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
@@ -152,15 +154,32 @@ class CompiledUNet:
         partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
         try:
             exported = torch.export.export(_Forward(self.network, self.unet), args, kwargs, strict=False)
-            # A copy: the compiler adds its own entries to the dict it is given.
-            torch._inductor.aoti_compile_and_package(exported, package_path=str(partial),
-                                                     inductor_configs=dict(options))
+            with _inductor_work_dir(self.cache_dir):
+                # A copy: the compiler adds its own entries to the dict it is given.
+                torch._inductor.aoti_compile_and_package(exported, package_path=str(partial),
+                                                         inductor_configs=dict(options))
             os.replace(partial, path)  # whole or not at all: another process may be reading the cache
         except Exception as error:
             raise RuntimeError(f"compiling the UNet failed ({type(error).__name__}: {error}); "
                                "run without --compile (it needs a C++ compiler, e.g. g++)") from error
         finally:
             partial.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _inductor_work_dir(cache_dir: Path):
+    """Inductor's work files for one compile, in a folder of ``cache_dir`` deleted afterwards.
+
+    Left to itself Inductor keeps them in ``/tmp/torchinductor_$USER`` for good: several GB per shape of
+    an SD-size UNet (45 GB after one session of benchmarks), none of it needed once the package is written.
+    """
+    try:
+        from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+    except ImportError:  # another torch: Inductor's own folder
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="inductor-work-", dir=cache_dir) as work, temporary_cache_dir(work):
+        yield
 
 
 def _relative_difference(output: Tensor, expected: Tensor) -> float:
