@@ -42,6 +42,27 @@ def test_every_written_caption_reads_back_to_what_its_scene_shows():
     assert counts == {1, 2, 3}
 
 
+def test_lists_in_reading_order_name_the_upper_or_left_object_first():
+    options = dict(seed=4, two_object_probability=1.0, spoken_share=1.0, same_kind_probability=0.0)
+    scene_order = ShapesDataset(600, **options)
+    reading_order = ShapesDataset(600, lists_in_reading_order=True, **options)
+    swapped = 0
+    for index in range(600):
+        scene, caption, render_seed = reading_order.scene(index)
+        assert scene_order.scene(index)[0] == scene and scene_order.scene(index)[2] == render_seed
+        before = scene_order.scene(index)[1]
+        description = read_description(caption)
+        if description.relation is not None or any(obj.position for obj in description.objects):
+            assert caption == before  # only "X and Y" captions change
+            continue
+        first = min(scene.objects, key=lambda obj: ("top", "left", "right", "bottom").index(obj.position))
+        assert (description.objects[0].shape, description.objects[0].colour) == (first.shape, first.colour), caption
+        words = sorted(caption.lower().strip(".").split())
+        assert words == sorted(before.lower().strip(".").split())  # the same words, swapped
+        swapped += caption != before
+    assert swapped > 30
+
+
 def test_the_grammar_s_own_captions_read_in_full():
     rng = np.random.default_rng(1)
     for _ in range(200):

@@ -524,10 +524,12 @@ class ShapesDataset(torch.utils.data.Dataset):
         three_object_probability: float = 0.0,
         spoken_share: float = 0.0,
         same_kind_probability: float = 0.0,
+        lists_in_reading_order: bool = False,
     ) -> None:
         """``three_object_probability``, ``same_kind_probability`` (see sample_scene) and
         ``spoken_share`` (the share of captions written as people write them, shapes_speech.describe)
-        are opt-in: at 0 every item is what it always was."""
+        are opt-in: at 0 every item is what it always was. ``lists_in_reading_order``: those captions
+        name the objects of "X and Y" in reading order (describe's ``reading_order``)."""
         if length < 1:
             raise ValueError(f"length must be positive, got {length}")
         _check_word(split, SPLITS, "split")
@@ -549,6 +551,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         self.three_object_probability = three_object_probability
         self.spoken_share = spoken_share
         self.same_kind_probability = same_kind_probability
+        self.lists_in_reading_order = lists_in_reading_order
 
     def __len__(self) -> int:
         return self.length
@@ -564,7 +567,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         if self.spoken_share > 0 and (len(scene.objects) == 3 or rng.random() < self.spoken_share):
             from latent_diffusion.data.shapes_speech import describe
 
-            caption = describe(scene, rng)
+            caption = describe(scene, rng, reading_order=self.lists_in_reading_order)
         else:
             caption = caption_for(scene, self.phrasings[rng.integers(len(self.phrasings))])
         return scene, caption, int(rng.integers(2**63 - 1))

@@ -19,7 +19,7 @@ from latent_diffusion.data.shapes import PHRASINGS, SPLITS, ShapesDataset, rende
 def render_folder(root: str | Path, count: int, *, seed: int = 0, resolution: int = 64, split: str = "train",
                   two_object_probability: float = 0.5, three_object_probability: float = 0.0,
                   same_kind_probability: float = 0.0, spoken_share: float = 0.0,
-                  phrasings: tuple[str, ...] = PHRASINGS) -> Path:
+                  phrasings: tuple[str, ...] = PHRASINGS, lists_in_reading_order: bool = False) -> Path:
     """Write ``count`` training renders (``NNNNNN.png`` + ``NNNNNN.txt``) under ``root``; returns the folder."""
     if count < 1:
         raise ValueError(f"count must be positive, got {count}")
@@ -30,7 +30,8 @@ def render_folder(root: str | Path, count: int, *, seed: int = 0, resolution: in
     dataset = ShapesDataset(count, seed=seed, split=split, resolution=resolution,
                             two_object_probability=two_object_probability, phrasings=phrasings,
                             three_object_probability=three_object_probability,
-                            same_kind_probability=same_kind_probability, spoken_share=spoken_share)
+                            same_kind_probability=same_kind_probability, spoken_share=spoken_share,
+                            lists_in_reading_order=lists_in_reading_order)
     for index in range(count):
         scene, caption, render_seed = dataset.scene(index)
         image = render_scene(scene, resolution, seed=render_seed, jitter=dataset.jitter)
@@ -55,13 +56,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="share of captions written as people write them (three-object scenes: all)")
     parser.add_argument("--phrasings", nargs="+", default=list(PHRASINGS), choices=PHRASINGS,
                         help="the grammar's phrasings for the other captions")
+    parser.add_argument("--lists-in-reading-order", action="store_true",
+                        help='captions as people write them name the objects of "X and Y" as one reads the image '
+                             "(the upper or left one first) rather than in a random order")
     args = parser.parse_args(argv)
     try:
         folder = render_folder(args.root, args.count, seed=args.seed, resolution=args.resolution, split=args.split,
                                two_object_probability=args.two_object_probability,
                                three_object_probability=args.three_object_probability,
                                same_kind_probability=args.same_kind_probability, spoken_share=args.spoken_share,
-                               phrasings=tuple(args.phrasings))
+                               phrasings=tuple(args.phrasings),
+                               lists_in_reading_order=args.lists_in_reading_order)
     except ValueError as error:
         parser.error(str(error))
     print(folder)

@@ -93,7 +93,11 @@ def _same_kind(objects) -> bool:
     return len({(obj.shape, obj.colour, obj.size) for obj in objects}) == 1
 
 
-def _body(scene: Scene, rng: np.random.Generator) -> str:
+# Where an object stands in reading order: the top row first, then left to right.
+_READING_ORDER = {"top": 0, "left": 1, "center": 2, "right": 3, "bottom": 4}
+
+
+def _body(scene: Scene, rng: np.random.Generator, reading_order: bool) -> str:
     objects = scene.objects
     if len(objects) == 1:
         place = f" {_choice(rng, PLACE_WORDS[objects[0].position])}" if rng.random() < 0.5 else ""
@@ -107,15 +111,24 @@ def _body(scene: Scene, rng: np.random.Generator) -> str:
         return f"{nouns[0]}, {nouns[1]} and {nouns[2]}{layout}"
     kind = rng.integers(3)
     if kind == 0:
+        if reading_order:
+            nouns = [noun for _, noun in sorted(zip((_READING_ORDER[o.position] for o in objects), nouns))]
         return f"{nouns[0]} and {nouns[1]}"
     if kind == 1 and scene.relation in ("left of", "right of"):
         return f"{nouns[0]} {_choice(rng, BESIDE_WORDS)} {nouns[1]}"
     return f"{nouns[0]} {_choice(rng, RELATION_WORDS[scene.relation])} {nouns[1]}"
 
 
-def describe(scene: Scene, rng: np.random.Generator) -> str:
-    """A caption of ``scene`` as a person might write it: true of the scene, silent on some of it."""
-    text = _body(scene, rng)
+def describe(scene: Scene, rng: np.random.Generator, *, reading_order: bool = False) -> str:
+    """A caption of ``scene`` as a person might write it: true of the scene, silent on some of it.
+
+    ``reading_order`` names the two objects of an "X and Y" caption as one reads the image (the upper
+    or left one first) rather than in the scene's order; the words drawn are the same. A caption then
+    says which object goes where in the convention three-object lists already follow (their layouts
+    run left to right and top to bottom), which a model can learn where a random order leaves it to
+    pair each object's words with a place of its own choosing (MODEL_CARD.md, version 5).
+    """
+    text = _body(scene, rng, reading_order)
     if scene.background != DEFAULT_BACKGROUND or rng.random() < 0.3:
         text += f" on a {_choice(rng, BACKGROUND_WORDS[scene.background])} background"
     if rng.random() < 0.3:
