@@ -63,6 +63,24 @@ def test_lists_in_reading_order_name_the_upper_or_left_object_first():
     assert swapped > 30
 
 
+def test_beside_share_sets_how_often_a_level_pair_is_written_beside():
+    options = dict(seed=6, two_object_probability=1.0, spoken_share=1.0, same_kind_probability=0.0)
+
+    def beside_share_of_level_pairs(dataset):
+        level = [dataset.scene(index) for index in range(600)]
+        level = [(scene, caption) for scene, caption, _ in level if scene.relation in ("left of", "right of")]
+        return np.mean([read_description(caption).relation == BESIDE for _, caption in level])
+
+    default, boosted = ShapesDataset(600, **options), ShapesDataset(600, beside_share=0.8, **options)
+    assert all(default.scene(i)[0] == boosted.scene(i)[0] for i in range(600))  # the same scenes
+    assert 0.2 < beside_share_of_level_pairs(default) < 0.45
+    assert 0.7 < beside_share_of_level_pairs(boosted) < 0.9
+    vertical = [boosted.scene(i)[1] for i in range(600) if boosted.scene(i)[0].relation in ("above", "below")]
+    assert not any(read_description(caption).relation == BESIDE for caption in vertical)
+    with pytest.raises(ValueError, match="beside_share"):
+        ShapesDataset(10, beside_share=1.5, **options)
+
+
 def test_the_grammar_s_own_captions_read_in_full():
     rng = np.random.default_rng(1)
     for _ in range(200):

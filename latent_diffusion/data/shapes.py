@@ -525,11 +525,13 @@ class ShapesDataset(torch.utils.data.Dataset):
         spoken_share: float = 0.0,
         same_kind_probability: float = 0.0,
         lists_in_reading_order: bool = False,
+        beside_share: float | None = None,
     ) -> None:
         """``three_object_probability``, ``same_kind_probability`` (see sample_scene) and
         ``spoken_share`` (the share of captions written as people write them, shapes_speech.describe)
         are opt-in: at 0 every item is what it always was. ``lists_in_reading_order``: those captions
-        name the objects of "X and Y" in reading order (describe's ``reading_order``)."""
+        name the objects of "X and Y" in reading order (describe's ``reading_order``); ``beside_share``
+        is describe's too (None: its own mix)."""
         if length < 1:
             raise ValueError(f"length must be positive, got {length}")
         _check_word(split, SPLITS, "split")
@@ -548,10 +550,13 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise ValueError(f"spoken_share must be in [0, 1], got {spoken_share}")
         if three_object_probability > 0 and spoken_share == 0:
             raise ValueError("three-object scenes have no caption in the grammar; give spoken_share > 0 too")
+        if beside_share is not None and not 0.0 <= beside_share <= 1.0:
+            raise ValueError(f"beside_share must be in [0, 1], got {beside_share}")
         self.three_object_probability = three_object_probability
         self.spoken_share = spoken_share
         self.same_kind_probability = same_kind_probability
         self.lists_in_reading_order = lists_in_reading_order
+        self.beside_share = beside_share
 
     def __len__(self) -> int:
         return self.length
@@ -567,7 +572,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         if self.spoken_share > 0 and (len(scene.objects) == 3 or rng.random() < self.spoken_share):
             from latent_diffusion.data.shapes_speech import describe
 
-            caption = describe(scene, rng, reading_order=self.lists_in_reading_order)
+            caption = describe(scene, rng, reading_order=self.lists_in_reading_order, beside_share=self.beside_share)
         else:
             caption = caption_for(scene, self.phrasings[rng.integers(len(self.phrasings))])
         return scene, caption, int(rng.integers(2**63 - 1))

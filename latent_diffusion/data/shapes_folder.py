@@ -19,7 +19,8 @@ from latent_diffusion.data.shapes import PHRASINGS, SPLITS, ShapesDataset, rende
 def render_folder(root: str | Path, count: int, *, seed: int = 0, resolution: int = 64, split: str = "train",
                   two_object_probability: float = 0.5, three_object_probability: float = 0.0,
                   same_kind_probability: float = 0.0, spoken_share: float = 0.0,
-                  phrasings: tuple[str, ...] = PHRASINGS, lists_in_reading_order: bool = False) -> Path:
+                  phrasings: tuple[str, ...] = PHRASINGS, lists_in_reading_order: bool = False,
+                  beside_share: float | None = None) -> Path:
     """Write ``count`` training renders (``NNNNNN.png`` + ``NNNNNN.txt``) under ``root``; returns the folder."""
     if count < 1:
         raise ValueError(f"count must be positive, got {count}")
@@ -31,7 +32,7 @@ def render_folder(root: str | Path, count: int, *, seed: int = 0, resolution: in
                             two_object_probability=two_object_probability, phrasings=phrasings,
                             three_object_probability=three_object_probability,
                             same_kind_probability=same_kind_probability, spoken_share=spoken_share,
-                            lists_in_reading_order=lists_in_reading_order)
+                            lists_in_reading_order=lists_in_reading_order, beside_share=beside_share)
     for index in range(count):
         scene, caption, render_seed = dataset.scene(index)
         image = render_scene(scene, resolution, seed=render_seed, jitter=dataset.jitter)
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lists-in-reading-order", action="store_true",
                         help='captions as people write them name the objects of "X and Y" as one reads the image '
                              "(the upper or left one first) rather than in a random order")
+    parser.add_argument("--beside-share", type=float, default=None,
+                        help='the chance that a caption as people write it calls a side-by-side pair "X beside Y" '
+                             "or \"X next to Y\" (default: a third)")
     args = parser.parse_args(argv)
     try:
         folder = render_folder(args.root, args.count, seed=args.seed, resolution=args.resolution, split=args.split,
@@ -66,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
                                three_object_probability=args.three_object_probability,
                                same_kind_probability=args.same_kind_probability, spoken_share=args.spoken_share,
                                phrasings=tuple(args.phrasings),
-                               lists_in_reading_order=args.lists_in_reading_order)
+                               lists_in_reading_order=args.lists_in_reading_order,
+                               beside_share=args.beside_share)
     except ValueError as error:
         parser.error(str(error))
     print(folder)

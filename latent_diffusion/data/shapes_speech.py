@@ -97,7 +97,7 @@ def _same_kind(objects) -> bool:
 _READING_ORDER = {"top": 0, "left": 1, "center": 2, "right": 3, "bottom": 4}
 
 
-def _body(scene: Scene, rng: np.random.Generator, reading_order: bool) -> str:
+def _body(scene: Scene, rng: np.random.Generator, reading_order: bool, beside_share: float | None) -> str:
     objects = scene.objects
     if len(objects) == 1:
         place = f" {_choice(rng, PLACE_WORDS[objects[0].position])}" if rng.random() < 0.5 else ""
@@ -110,6 +110,8 @@ def _body(scene: Scene, rng: np.random.Generator, reading_order: bool) -> str:
         layout = f" {scene.relation}" if rng.random() < 0.5 else ""
         return f"{nouns[0]}, {nouns[1]} and {nouns[2]}{layout}"
     kind = rng.integers(3)
+    if beside_share is not None and scene.relation in ("left of", "right of"):
+        kind = 1 if rng.random() < beside_share else _choice(rng, (0, 2))
     if kind == 0:
         if reading_order:
             nouns = [noun for _, noun in sorted(zip((_READING_ORDER[o.position] for o in objects), nouns))]
@@ -119,7 +121,8 @@ def _body(scene: Scene, rng: np.random.Generator, reading_order: bool) -> str:
     return f"{nouns[0]} {_choice(rng, RELATION_WORDS[scene.relation])} {nouns[1]}"
 
 
-def describe(scene: Scene, rng: np.random.Generator, *, reading_order: bool = False) -> str:
+def describe(scene: Scene, rng: np.random.Generator, *, reading_order: bool = False,
+             beside_share: float | None = None) -> str:
     """A caption of ``scene`` as a person might write it: true of the scene, silent on some of it.
 
     ``reading_order`` names the two objects of an "X and Y" caption as one reads the image (the upper
@@ -127,8 +130,12 @@ def describe(scene: Scene, rng: np.random.Generator, *, reading_order: bool = Fa
     says which object goes where in the convention three-object lists already follow (their layouts
     run left to right and top to bottom), which a model can learn where a random order leaves it to
     pair each object's words with a place of its own choosing (MODEL_CARD.md, version 5).
+
+    ``beside_share``: the chance that a side-by-side pair of objects is written "X beside Y" (or "next
+    to"), rather than a third of the time. "beside" states no order, only that the pair is level, so a
+    model learns it from fewer cues than "left of" and needs to see it more (MODEL_CARD.md, version 6).
     """
-    text = _body(scene, rng, reading_order)
+    text = _body(scene, rng, reading_order, beside_share)
     if scene.background != DEFAULT_BACKGROUND or rng.random() < 0.3:
         text += f" on a {_choice(rng, BACKGROUND_WORDS[scene.background])} background"
     if rng.random() < 0.3:
