@@ -109,7 +109,7 @@ def _body(scene: Scene, rng: np.random.Generator, reading_order: bool, beside_sh
     if len(objects) == 3:
         layout = f" {scene.relation}" if rng.random() < 0.5 else ""
         return f"{nouns[0]}, {nouns[1]} and {nouns[2]}{layout}"
-    kind = rng.integers(3)
+    kind = rng.integers(3)  # drawn in any case, so that without beside_share the numbers stay as they were
     if beside_share is not None and scene.relation in ("left of", "right of"):
         kind = 1 if rng.random() < beside_share else _choice(rng, (0, 2))
     if kind == 0:
@@ -133,7 +133,8 @@ def describe(scene: Scene, rng: np.random.Generator, *, reading_order: bool = Fa
 
     ``beside_share``: the chance that a side-by-side pair of objects is written "X beside Y" (or "next
     to"), rather than a third of the time. "beside" states no order, only that the pair is level, so a
-    model learns it from fewer cues than "left of" and needs to see it more (MODEL_CARD.md, version 6).
+    model learns it from fewer cues than "left of" and may need to see it more (MODEL_CARD.md, version 5,
+    on version 6).
     """
     text = _body(scene, rng, reading_order, beside_share)
     if scene.background != DEFAULT_BACKGROUND or rng.random() < 0.3:
