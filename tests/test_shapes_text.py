@@ -43,6 +43,21 @@ def test_layout_targets_score_only_what_the_caption_says():
     assert under[len(POSITIONS) + 1:].tolist() == [[1, 1, 0], [1, 1, 1], [0, 0, 0]]
 
 
+def test_ruling_out_places_scores_the_places_beside_leaves_empty():
+    scene = Scene.pair(ShapeObject("circle", "red", "small", "left"), "left of",
+                       ShapeObject("square", "blue", "large", "right"))
+    caption = "a red dot beside a blue box"
+    assert (layout_targets(scene, caption)[:len(POSITIONS)] == IGNORED).all()  # the recipe's default
+    targets = layout_targets(scene, caption, rule_out_places=True)
+    for place in ("top", "bottom", "center"):
+        assert targets[POSITIONS.index(place)].tolist() == [0, 0, 0]
+    for place in ("left", "right"):  # either object may stand there
+        assert (targets[POSITIONS.index(place)] == IGNORED).all()
+    # A list states no placement at all: nothing to rule out.
+    listed = layout_targets(scene, "a red dot and a blue box", rule_out_places=True)
+    assert (listed[:len(POSITIONS)] == IGNORED).all()
+
+
 def _encoder(n_embed: int = 32, max_seq_len: int = 32) -> BERTTextEncoder:
     torch.manual_seed(0)
     return BERTTextEncoder(BERTTextConfig(vocab_size=CLIP_VOCAB_SIZE, max_seq_len=max_seq_len, n_embed=n_embed, n_layer=2,

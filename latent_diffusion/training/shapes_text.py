@@ -61,13 +61,18 @@ MAX_OBJECTS = 3
 IGNORED = -100  # a read the caption does not decide: not scored
 
 
-def layout_targets(scene: Scene, caption: str) -> torch.Tensor:
+def layout_targets(scene: Scene, caption: str, *, rule_out_places: bool = False) -> torch.Tensor:
     """``[len(POSITIONS) + 1 + MAX_OBJECTS, 3]`` class ids of the reads.
 
     Rows per position (shape, colour, size): 0 for "nothing here", 1 + the word's index otherwise,
     IGNORED where the caption leaves the places (or a size) open. Then the background row
     (background id, number of objects - 1), then one row per object in the caption's order:
     (shape, colour, size) with 0 for "no such object" and, for the size, "unsaid".
+
+    ``rule_out_places``: where a caption allows several placements ("X beside Y": left and right in
+    either order), the places none of them uses are scored as empty. Without it such a caption
+    teaches nothing about where its objects go, and a UNet reading places from the tokens draws
+    "beside" pairs one above the other a third of the time (MODEL_CARD.md, version 5).
     """
     described = read_description(caption)
     targets = torch.full((len(POSITIONS) + 1 + MAX_OBJECTS, 3), IGNORED, dtype=torch.long)
@@ -82,6 +87,11 @@ def layout_targets(scene: Scene, caption: str) -> torch.Tensor:
             row[:] = torch.tensor(_object_ids(obj.shape, obj.colour, obj.size))
             if obj.size is None:
                 row[2] = IGNORED  # either size fits the caption
+    elif rule_out_places and all(None not in placement for placement in places):
+        possible = {place for placement in places for place in placement}
+        for place in POSITIONS:
+            if place not in possible:
+                targets[POSITIONS.index(place)] = 0
     background = len(POSITIONS)
     targets[background, :2] = torch.tensor([BACKGROUNDS.index(scene.background), len(described.objects) - 1])
     slots = targets[background + 1:]
@@ -140,15 +150,16 @@ class CaptionSet:
 
 
 def caption_set(count: int, tokenizer: CLIPTokenizer, *, seed: int, split: str = "train",
-                mix: dict | None = None) -> CaptionSet:
+                mix: dict | None = None, rule_out_places: bool = False) -> CaptionSet:
     """``count`` captions of random scenes drawn as the built-in model's training set draws them
-    (``mix``: ShapesDataset options, CAPTION_MIX by default), tokenised, with their read targets."""
+    (``mix``: ShapesDataset options, CAPTION_MIX by default), tokenised, with their read targets
+    (``rule_out_places``: layout_targets')."""
     dataset = ShapesDataset(count, seed=seed, split=split, **(CAPTION_MIX if mix is None else mix))
     captions, targets, objects = [], [], []
     for index in range(count):
         scene, caption, _ = dataset.scene(index)
         captions.append(caption)
-        targets.append(layout_targets(scene, caption))
+        targets.append(layout_targets(scene, caption, rule_out_places=rule_out_places))
         objects.append(len(scene.objects))
     return CaptionSet(tokenizer(captions), torch.stack(targets), torch.tensor(objects))
 
@@ -167,15 +178,17 @@ def evaluate(encoder: nn.Module, probe: LayoutProbe, data: CaptionSet) -> dict[s
 
 
 def pretrain(encoder: BERTTextEncoder, tokenizer: CLIPTokenizer, *, steps: int = 1000, batch_size: int = 128,
-             lr: float = 1e-3, seed: int = 0, train_encoder: bool = True, pool: int = 50_000) -> tuple[LayoutProbe, dict]:
+             lr: float = 1e-3, seed: int = 0, train_encoder: bool = True, pool: int = 50_000,
+             probe: LayoutProbe | None = None, rule_out_places: bool = False) -> tuple[LayoutProbe, dict]:
     """Train ``encoder`` (or, with ``train_encoder=False``, only the probe) on the layout read.
 
-    Returns the probe and the held-out caption accuracy (fresh scenes, including the held-out
-    colour-shape pairs, which the training captions never contain).
+    ``probe``: one already trained over this encoder, so that a trained encoder learning more is not
+    pulled about by a random probe's first steps. Returns the probe and the held-out caption accuracy
+    (fresh scenes, including the held-out colour-shape pairs, which the training captions never contain).
     """
     torch.manual_seed(seed)
-    probe = LayoutProbe(encoder.config.n_embed)
-    train = caption_set(pool, tokenizer, seed=seed)
+    probe = LayoutProbe(encoder.config.n_embed) if probe is None else probe.train()
+    train = caption_set(pool, tokenizer, seed=seed, rule_out_places=rule_out_places)
     encoder.train(train_encoder).requires_grad_(train_encoder)
     # Linear warm-up over the first 5% of the steps, then cosine decay to a tenth.
     optim = OptimConfig(lr=lr, warmup_steps=max(1, steps // 20), schedule="cosine", min_lr_ratio=0.1)
@@ -192,7 +205,7 @@ def pretrain(encoder: BERTTextEncoder, tokenizer: CLIPTokenizer, *, steps: int =
             log.info("step %d: loss %.4f, captions read right %.3f", step + 1, loss.item(), right.float().mean().item())
     encoder.eval().requires_grad_(False)
     probe.eval()
-    fresh = caption_set(2000, tokenizer, seed=seed + 1, split="all")
+    fresh = caption_set(2000, tokenizer, seed=seed + 1, split="all", rule_out_places=rule_out_places)
     return probe, evaluate(encoder, probe, fresh)
 
 
