@@ -110,6 +110,24 @@ def test_ldm_starts_from_the_pretrained_encoder_frozen_or_slower(data):  # noqa:
     assert [group["lr_scale"] for group in state["optimizer"]["param_groups"]] == [1.0, 0.5]
 
 
+def test_retuning_the_encoder_of_a_file_changes_only_its_encoder(data, tmp_path):  # noqa: F811
+    from latent_diffusion.checkpoints.io import read_state_dict
+    from latent_diffusion.training.ldm import train_ldm
+    from latent_diffusion.training.shapes_text import retune_encoder_of
+
+    init, _ = _tiny_encoder_file(data / "text.safetensors")
+    model = train_ldm(load_experiment(TINY / "ldm-txt2img.yaml", ldm_overrides(
+        data, "model", "run.max_steps=1", f"ldm.conditioner.init={init}", "ldm.conditioner.lr_scale=0")))
+    output, figures = retune_encoder_of(model, tmp_path / "retuned.safetensors", steps=3, probe_steps=3,
+                                        batch_size=16, pool=200, rule_out_places=True)
+    before, after = read_state_dict(str(model)), read_state_dict(str(output))
+    assert before.keys() == after.keys() and 0 <= figures["all"] <= 1
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    assert changed and all(key.startswith("cond_stage_model.") for key in changed)
+    assert all(after[key].dtype == before[key].dtype for key in before)
+    assert _cond_weights(output).keys() == _cond_weights(model).keys()  # and it loads as a model
+
+
 def test_a_wrong_init_file_is_named(data, tmp_path):  # noqa: F811
     from latent_diffusion.training.ldm import train_ldm
 

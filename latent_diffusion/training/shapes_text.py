@@ -19,8 +19,13 @@ for how many objects there are. Every caption comes with its scene, so no image 
 (``ldm.conditioner.init``, ``lr_scale: 0``). ``--probe`` trains only the queries over a given
 model's encoder, which measures how much of the layout that encoder's tokens carry.
 
+``--init`` goes on training the encoder inside an LDM file and writes a copy of the file with it, for
+a UNet fine-tune; ``--rule-out-places`` also scores the places a "beside" caption leaves empty.
+
     python -m latent_diffusion.training.shapes_text runs/shapes/text-encoder.safetensors
     python -m latent_diffusion.training.shapes_text --probe latent_diffusion/assets/shapes-ldm.safetensors
+    python -m latent_diffusion.training.shapes_text OUT.safetensors --init LDM.safetensors --rule-out-places \
+        --steps 1500 --lr 2e-4
 """
 from __future__ import annotations
 
@@ -223,12 +228,45 @@ def save_text_encoder(encoder: BERTTextEncoder, path: str | Path, figures: dict)
     return path
 
 
+def retune_encoder_of(checkpoint: str | Path, output: str | Path, *, steps: int = 1500, probe_steps: int = 1500,
+                      lr: float = 2e-4, batch_size: int = 128, seed: int = 0, rule_out_places: bool = False,
+                      pool: int = 50_000) -> tuple[Path, dict]:
+    """Go on pre-training the text encoder of an LDM single file; write a copy of the file holding it.
+
+    A probe first learns over the file's encoder alone (``probe_steps``), then both learn at ``lr``,
+    so the encoder moves only as far as the reads ask. The file's UNet was fitted to the old tokens:
+    fine-tune it on the copy (``ldm.init_checkpoint``; MODEL_CARD.md, version 6).
+    """
+    from latent_diffusion.checkpoints.io import read_safetensors_metadata, read_state_dict, save_safetensors
+    from latent_diffusion.checkpoints.load import load_checkpoint
+
+    encoder = load_checkpoint(str(checkpoint)).model.cond_stage_model.float()
+    if not isinstance(encoder, BERTTextEncoder):
+        raise ValueError(f"{checkpoint} has no BERTEmbedder text encoder")
+    tokenizer = CLIPTokenizer(pad_with_eos=True, context_length=encoder.config.max_seq_len)
+    options = dict(batch_size=batch_size, pool=pool, rule_out_places=rule_out_places)
+    probe, _ = pretrain(encoder, tokenizer, steps=probe_steps, lr=1e-3, seed=seed, train_encoder=False, **options)
+    _, figures = pretrain(encoder, tokenizer, steps=steps, lr=lr, seed=seed + 1, probe=probe, **options)
+    tensors = read_state_dict(str(checkpoint))
+    for name, value in encoder.state_dict().items():
+        key = f"cond_stage_model.{name}"
+        tensors[key] = value.to(tensors[key].dtype).contiguous()
+    output = Path(output)
+    save_safetensors(tensors, output, read_safetensors_metadata(str(checkpoint)))
+    return output, figures
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output", nargs="?", help="where to write the pre-trained encoder (.safetensors)")
     parser.add_argument("--probe", metavar="CHECKPOINT",
                         help="instead: freeze the text encoder of this LDM single file and train only the probe, "
                              "to measure how much of the layout its tokens carry")
+    parser.add_argument("--init", metavar="CHECKPOINT",
+                        help="instead: go on training the text encoder of this LDM single file (a probe learns over "
+                             "it first) and write OUTPUT as a copy of the file with the new encoder")
+    parser.add_argument("--rule-out-places", action="store_true",
+                        help='score the places a caption that allows several placements ("X beside Y") leaves empty')
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -238,8 +276,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-seq-len", type=int, default=32)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if (args.output is None) == (args.probe is None):
-        parser.error("give either OUTPUT or --probe CHECKPOINT")
+    if (args.output is None) == (args.probe is None) or (args.init and args.probe):
+        parser.error("give either OUTPUT (with --init CHECKPOINT or not) or --probe CHECKPOINT")
+    if args.init:
+        try:
+            path, figures = retune_encoder_of(args.init, args.output, steps=args.steps, lr=args.lr,
+                                              batch_size=args.batch_size, seed=args.seed,
+                                              rule_out_places=args.rule_out_places)
+        except (OSError, ValueError) as error:
+            parser.error(str(error))
+        print(json.dumps({"written": str(path), "captions read right": figures}))
+        return
     if args.probe:
         from latent_diffusion.checkpoints.load import load_checkpoint
 
@@ -248,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(f"{args.probe} has no BERTEmbedder text encoder")
         tokenizer = CLIPTokenizer(pad_with_eos=True, context_length=encoder.config.max_seq_len)
         _, figures = pretrain(encoder, tokenizer, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                              seed=args.seed, train_encoder=False)
+                              seed=args.seed, train_encoder=False, rule_out_places=args.rule_out_places)
         print(json.dumps({"probe of": args.probe, "captions read right": figures}))
         return
     from latent_diffusion.training.ldm_model import CLIP_VOCAB_SIZE
@@ -256,7 +303,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     encoder = BERTTextEncoder(BERTTextConfig(vocab_size=CLIP_VOCAB_SIZE, max_seq_len=args.max_seq_len,
                                              n_embed=args.n_embed, n_layer=args.n_layer))
     tokenizer = CLIPTokenizer(pad_with_eos=True, context_length=args.max_seq_len)
-    _, figures = pretrain(encoder, tokenizer, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    _, figures = pretrain(encoder, tokenizer, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                          rule_out_places=args.rule_out_places)
     path = save_text_encoder(encoder, args.output, figures)
     print(json.dumps({"written": str(path), "captions read right": figures}))
 
