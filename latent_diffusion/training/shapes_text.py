@@ -24,8 +24,7 @@ a UNet fine-tune; ``--rule-out-places`` also scores the places a "beside" captio
 
     python -m latent_diffusion.training.shapes_text runs/shapes/text-encoder.safetensors
     python -m latent_diffusion.training.shapes_text --probe latent_diffusion/assets/shapes-ldm.safetensors
-    python -m latent_diffusion.training.shapes_text OUT.safetensors --init LDM.safetensors --rule-out-places \
-        --steps 1500 --lr 2e-4
+    python -m latent_diffusion.training.shapes_text OUT.safetensors --init LDM.safetensors --rule-out-places --steps 1500 --lr 2e-4
 """
 from __future__ import annotations
 
