@@ -133,8 +133,8 @@ def describe(scene: Scene, rng: np.random.Generator, *, reading_order: bool = Fa
 
     ``beside_share``: the chance that a side-by-side pair of objects is written "X beside Y" (or "next
     to"), rather than a third of the time. "beside" states no order, only that the pair is level, so a
-    model learns it from fewer cues than "left of" and may need to see it more (MODEL_CARD.md, version 5,
-    on version 6).
+    model learns it from fewer cues than "left of" and may need to see it more (MODEL_CARD.md, version 5:
+    a first try at "beside").
     """
     text = _body(scene, rng, reading_order, beside_share)
     if scene.background != DEFAULT_BACKGROUND or rng.random() < 0.3:
