@@ -156,3 +156,26 @@ def test_eval_shapes_scores_any_shapes_file_at_the_built_in_guidance(tmp_path):
     assert _guidance(_build_parser().parse_args(["eval-shapes", "--cfg-scale", "5"])) == 5.0
     assert _guidance(_build_parser().parse_args(["txt2img", "a red circle"])) == 2.0
     assert _guidance(_build_parser().parse_args(["img2img", "a red circle", "--init-image", "x.png"])) == 3.0
+
+
+def test_eval_shapes_lists_and_saves_the_images_a_judge_failed(tmp_path, capsys):
+    from PIL import Image
+
+    from latent_diffusion import cli
+
+    path = tmp_path / "prompts.txt"
+    # The renderer draws each line's prompt; the second is scored against another scene, so it fails.
+    path.write_text("a red circle on the left\na blue square at the top | a green star at the bottom\n", encoding="utf-8")
+    folder = tmp_path / "failed"
+    argv = ["eval-shapes", "--renderer", "--prompts", str(path), "--judge", "both", "--show-failures",
+            "--save-failures", str(folder)]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "1 of 2 images failed by a judge" in out
+    assert "[0] prompts: 'a blue square at the top' failed by classifier and geometric" in out
+    assert "classifier read: large blue square at top on white" in out, out
+    assert sorted(p.name for p in folder.iterdir()) == ["000.png", "failures.txt"]
+    assert Image.open(folder / "000.png").size == (64, 64)
+    assert "a blue square at the top" in (folder / "failures.txt").read_text()
+    assert cli.main(argv) == 2  # an earlier run's failures are not written over
+    assert "holds an earlier run's failures" in capsys.readouterr().err

@@ -271,6 +271,35 @@ def judge_agreement(first: Sequence[SceneReading], second: Sequence[SceneReading
 
 
 @dataclass(frozen=True)
+class Failure:
+    """One image some judge found not to show its caption: each judge's reading, and who failed it."""
+
+    caption: str
+    group: str
+    image: torch.Tensor  # (3, H, W) in [-1, 1]
+    readings: dict[str, SceneReading]  # judge name -> what it read
+    failed_by: tuple[str, ...]
+
+
+def describe_reading(reading: SceneReading) -> str:
+    """A reading in words: its objects (size, colour, shape, place) and the background."""
+    objects = ", ".join(f"{o.size} {o.colour} {o.shape} at {o.position}" for o in reading.objects)
+    return f"{objects or 'no object'} on {reading.background}"
+
+
+def find_failures(images: torch.Tensor, prompts: Sequence[EvalPrompt],
+                  readings: dict[str, Sequence[SceneReading]]) -> list[Failure]:
+    """The images whose whole scene at least one judge (name -> its readings) fails."""
+    failures = []
+    for index, prompt in enumerate(prompts):
+        read = {judge: judged[index] for judge, judged in readings.items()}
+        failed_by = tuple(judge for judge, reading in read.items() if not all(_score(reading, prompt)["scene"]))
+        if failed_by:
+            failures.append(Failure(prompt.caption, prompt.group, images[index], read, failed_by))
+    return failures
+
+
+@dataclass(frozen=True)
 class ShapesEvaluation:
     """Accuracy per group and attribute, and the Fréchet distance of classifier features to renders.
 
@@ -285,6 +314,7 @@ class ShapesEvaluation:
     judge: str = "classifier"
     geometric_accuracy: dict[str, dict[str, float]] | None = None
     agreement: dict[str, float] | None = None
+    failures: tuple[Failure, ...] = ()
 
 
 def render_reference(prompts: Sequence[EvalPrompt], per_prompt: int = 4, resolution: int = 64, seed: int = 0) -> torch.Tensor:
@@ -328,11 +358,14 @@ def evaluate_generator(
     measured = read_geometrically(images) if judge != "classifier" else None
     reference = render_reference(base_prompts, reference_per_prompt * images_per_prompt, seed=seed)
     distance = frechet_distance(extract_features(classifier, images), extract_features(classifier, reference))
+    readings = {name: judged for name, judged in (("classifier", learned), ("geometric", measured)) if judged is not None}
+    failures = tuple(find_failures(images, prompts, readings))
     if judge == "both":
         return ShapesEvaluation(score_readings(learned, prompts), distance, len(images), len(reference), judge,
-                                score_readings(measured, prompts), judge_agreement(learned, measured, prompts))
+                                score_readings(measured, prompts), judge_agreement(learned, measured, prompts),
+                                failures)
     accuracy = score_readings(learned if learned is not None else measured, prompts)
-    return ShapesEvaluation(accuracy, distance, len(images), len(reference), judge)
+    return ShapesEvaluation(accuracy, distance, len(images), len(reference), judge, failures=failures)
 
 
 def rendering_generator(seed: int = 0, resolution: int = 64) -> Callable[[str], torch.Tensor]:
@@ -356,6 +389,15 @@ def _accuracy_table(accuracy: dict[str, dict[str, float]]) -> list[str]:
             row = accuracy[group]
             lines.append(f"{group:<16}" + "".join(f"{row[name]:>11.3f}" for name in columns))
     return lines
+
+
+def format_failures(evaluation: ShapesEvaluation) -> str:
+    """One line per failed image: its group, caption, who failed it, and each judge's reading."""
+    lines = [f"{len(evaluation.failures)} of {evaluation.image_count} images failed by a judge:"]
+    for number, failure in enumerate(evaluation.failures):
+        lines.append(f"[{number}] {failure.group}: {failure.caption!r} failed by {' and '.join(failure.failed_by)}")
+        lines += [f"      {judge} read: {describe_reading(reading)}" for judge, reading in failure.readings.items()]
+    return "\n".join(lines)
 
 
 def format_report(evaluation: ShapesEvaluation) -> str:

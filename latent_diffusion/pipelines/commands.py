@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -509,7 +510,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 def cmd_eval_shapes(args: argparse.Namespace) -> None:
     from latent_diffusion.evaluation.shapes_eval import (
-        evaluate_generator, fixed_prompt_set, format_report, read_prompt_file, rendering_generator,
+        evaluate_generator, fixed_prompt_set, format_failures, format_report, read_prompt_file, rendering_generator,
         spoken_prompt_set,
     )
     from latent_diffusion.pipelines.images import check_size
@@ -524,11 +525,15 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
         raise ValueError("--prompts and --prompts-per-group exclude each other")
     if args.spoken_prompts < 0:
         raise ValueError(f"--spoken-prompts must be >= 0, got {args.spoken_prompts}")
+    if args.save_failures:  # checked before the minutes of generating, never written over
+        check_output_folder(args.save_failures)
+        if (Path(args.save_failures) / "failures.txt").exists():
+            raise ValueError(f"--save-failures {args.save_failures} holds an earlier run's failures: pick another folder")
     if args.prompts:
         prompts = read_prompt_file(args.prompts)
     else:
         prompts = fixed_prompt_set(counts, counts, counts) if counts else fixed_prompt_set()
-    prompts += spoken_prompt_set(args.spoken_prompts) if args.spoken_prompts else []
+    prompts += spoken_prompt_set(args.spoken_prompts, seed=args.prompt_seed) if args.spoken_prompts else []
     if args.control is not None:
         _eval_shapes_control(args)
         return
@@ -562,6 +567,24 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
         print(format_report(evaluation))
         if psnrs:
             print(f"round trip: PSNR {statistics.mean(psnrs):.1f} dB against the renders (mean of {len(psnrs)})")
+    if args.show_failures:
+        print(format_failures(evaluation), file=sys.stderr if args.json else sys.stdout)
+    if args.save_failures:
+        _save_failures(evaluation, Path(args.save_failures))
+
+
+def _save_failures(evaluation, folder: Path) -> None:
+    """Each failed image as NUMBER.png (its number in ``format_failures``' list), the list beside them."""
+    from PIL import Image
+
+    from latent_diffusion.data.shapes import tensor_to_image
+    from latent_diffusion.evaluation.shapes_eval import format_failures
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for number, failure in enumerate(evaluation.failures):
+        Image.fromarray(tensor_to_image(failure.image)).save(folder / f"{number:03d}.png")
+    (folder / "failures.txt").write_text(format_failures(evaluation) + "\n")
+    print(f"{len(evaluation.failures)} failed images written to {folder}", file=sys.stderr)
 
 
 def _through_first_stage(pipe, generate: Callable[[str], torch.Tensor],
@@ -737,7 +760,13 @@ def _add_eval_shapes_parser(add: Callable[..., argparse.ArgumentParser]) -> None
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="score these prompts instead of the fixed set: one a line, 'PROMPT | CAPTION' where CAPTION "
                         "in the shapes grammar names the scene asked for (e.g. a new word's meaning)")
+    p.add_argument("--prompt-seed", type=int, default=2025,
+                   help="the draw of --spoken-prompts captions (the image seeds are --seed's)")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
+    p.add_argument("--show-failures", action="store_true",
+                   help="list every image a judge failed, with each judge's reading")
+    p.add_argument("--save-failures", default=None, metavar="DIR",
+                   help="write every image a judge failed to DIR (NUMBER.png, and the list as failures.txt)")
     p.add_argument("--judge", choices=("classifier", "geometric", "both"), default="classifier",
                    help="who reads the images: the learned classifier, geometric measurements (nothing learned), "
                         "or both, with how often they agree")
