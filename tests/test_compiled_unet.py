@@ -111,6 +111,13 @@ def test_a_number_for_the_timestep_runs_eagerly_and_a_failed_compile_says_so(tmp
         monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", broken)
         with pytest.raises(RuntimeError, match="compiling the UNet failed .*no C\\+\\+ compiler.*without --compile"):
             compiled(torch.ones(2), torch.zeros(2))
+
+        def out_of_memory(*args, **kwargs):  # as Inductor reports it: its error, naming the MemoryError
+            raise RuntimeError("InductorError: MemoryError: ") from MemoryError()
+
+        monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", out_of_memory)
+        with pytest.raises(RuntimeError, match="without --compile \\(it ran out of memory: .*--bf16 halves them"):
+            compiled(torch.ones(2), torch.zeros(2))
     assert list(tmp_path.iterdir()) == []  # nothing half-written is left in the cache
 
 
@@ -153,3 +160,25 @@ def test_a_package_that_disagrees_with_the_eager_network_is_dropped(tmp_path, mo
 def test_lean_and_compiled_do_not_combine(checkpoint):
     with pytest.raises(ValueError, match="does not combine"):
         Pipeline.from_checkpoint(checkpoint, progress=False, lean=True, compile_unet=True)
+
+
+def test_weights_sharing_one_loaded_buffer_are_compiled_from_storages_of_their_own(tmp_path, monkeypatch):
+    # A file loaded without copying makes every weight a view of one file-sized buffer; the compiler
+    # writes each constant's whole storage (SD 1.5 in fp32: 686 x 4 GB, a MemoryError).
+    unet = torch.nn.Linear(3, 3)
+    buffer = torch.arange(100, dtype=torch.float32)
+    with torch.no_grad():
+        unet.weight.data = buffer[:9].view(3, 3)
+        unet.bias.data = buffer[9:12]
+    storages = []
+
+    def fake_compile(exported, package_path, inductor_configs):
+        storages.extend(p.untyped_storage().nbytes() for p in (unet.weight, unet.bias))
+        raise OSError("stop here")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fake_compile)
+    compiled = CompiledUNet(lambda x, t, context=None, y=None: unet(x), unet, cache_dir=tmp_path, progress=False)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="stop here"):
+        compiled(torch.randn(2, 3), torch.zeros(2))
+    assert storages == [36, 12]
+    assert torch.equal(unet.weight, buffer[:9].view(3, 3)) and torch.equal(unet.bias, buffer[9:12])
