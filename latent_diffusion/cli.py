@@ -241,7 +241,17 @@ def _is_out_of_memory(error: BaseException) -> bool:
         isinstance(error, RuntimeError) and ("out of memory" in str(error) or "not enough memory" in str(error)))
 
 
+def _is_compile_error(error: BaseException) -> bool:
+    if not isinstance(error, RuntimeError):
+        return False
+    from latent_diffusion.nn.compiled import CompileError  # torch is loaded by now: it raised the error
+
+    return isinstance(error, CompileError)
+
+
 def _error_line(error: BaseException) -> str:
+    if _is_compile_error(error):  # it names its own cause and remedy
+        return str(error)
     if _is_out_of_memory(error):
         return (f"ran out of memory ({str(error).splitlines()[0] if str(error) else 'MemoryError'}); "
                 "try --tiled-vae, a smaller size or a smaller --batch-size")
@@ -255,7 +265,8 @@ def _run(args: argparse.Namespace) -> int:
         args.func(args)
     except (UsageError, ValueError, OSError, FloatingPointError, MemoryError, RuntimeError) as error:
         # Our loaders and validators raise ValueError subclasses with a message meant for users.
-        if os.environ.get("LDM_DEBUG") or (isinstance(error, RuntimeError) and not _is_out_of_memory(error)):
+        expected = not isinstance(error, RuntimeError) or _is_out_of_memory(error) or _is_compile_error(error)
+        if os.environ.get("LDM_DEBUG") or not expected:
             raise
         print(f"ldm {args.command}: error: {_error_line(error)}", file=sys.stderr)
         return 2

@@ -182,3 +182,17 @@ def test_weights_sharing_one_loaded_buffer_are_compiled_from_storages_of_their_o
         compiled(torch.randn(2, 3), torch.zeros(2))
     assert storages == [36, 12]
     assert torch.equal(unet.weight, buffer[:9].view(3, 3)) and torch.equal(unet.bias, buffer[9:12])
+
+
+def test_the_command_line_reports_a_failed_compile_in_one_line(tmp_path, monkeypatch, capsys, cache):
+    from latent_diffusion import cli
+
+    def broken(*args, **kwargs):
+        raise OSError("no C++ compiler")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", broken)
+    code = cli.main(["txt2img", "a red circle", "--compile", "--steps", "1", "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "ldm txt2img: error: compiling the UNet failed (OSError: no C++ compiler); run without --compile" in err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

@@ -58,6 +58,10 @@ def weights_digest(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+class CompileError(RuntimeError):
+    """A compile that failed or made a package unlike the eager UNet; the message says what to do."""
+
+
 class _Forward(nn.Module):
     """What is exported: ``network`` (the UNet or a mode wrapped around it) with the UNet's signature;
     holding the UNet as a submodule makes its weights the graph's parameters, which freezing folds in."""
@@ -143,7 +147,7 @@ class CompiledUNet:
             if self.progress:
                 print(f"the compiled UNet is {difference:.2g} (relative) from the eager one: dropped",
                       file=sys.stderr, flush=True)
-        raise RuntimeError(f"the compiled UNet's output is {difference:.2g} (relative) from the eager UNet's, "
+        raise CompileError(f"the compiled UNet's output is {difference:.2g} (relative) from the eager UNet's, "
                            f"more than {tolerance:g}: run without --compile")
 
     def _compile(self, path: Path, args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any]) -> None:
@@ -161,7 +165,7 @@ class CompiledUNet:
                                                          inductor_configs=dict(options))
             os.replace(partial, path)  # whole or not at all: another process may be reading the cache
         except Exception as error:
-            raise RuntimeError(f"compiling the UNet failed ({type(error).__name__}: {error}); "
+            raise CompileError(f"compiling the UNet failed ({type(error).__name__}: {error}); "
                                f"run without --compile ({_compile_hint(error, self.unet)})") from error
         finally:
             partial.unlink(missing_ok=True)
