@@ -1,4 +1,6 @@
 """The shipped shapes classifier and the generator evaluation built on it."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -179,3 +181,7 @@ def test_eval_shapes_lists_and_saves_the_images_a_judge_failed(tmp_path, capsys)
     assert "a blue square at the top" in (folder / "failures.txt").read_text()
     assert cli.main(argv) == 2  # an earlier run's failures are not written over
     assert "holds an earlier run's failures" in capsys.readouterr().err
+    assert cli.main(["eval-shapes", "--renderer", "--prompts", str(path), "--show-failures", "--json"]) == 0
+    failures = json.loads(capsys.readouterr().out)["failures"]
+    assert [(f["caption"], f["failed_by"]) for f in failures] == [("a blue square at the top", ["classifier"])]
+    assert failures[0]["readings"]["classifier"] == "large blue square at top on white"

@@ -510,8 +510,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 def cmd_eval_shapes(args: argparse.Namespace) -> None:
     from latent_diffusion.evaluation.shapes_eval import (
-        evaluate_generator, fixed_prompt_set, format_failures, format_report, read_prompt_file, rendering_generator,
-        spoken_prompt_set,
+        describe_reading, evaluate_generator, fixed_prompt_set, format_failures, format_report, read_prompt_file,
+        rendering_generator, spoken_prompt_set,
     )
     from latent_diffusion.pipelines.images import check_size
 
@@ -560,6 +560,10 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
             judged.update(geometric_accuracy=evaluation.geometric_accuracy, agreement=evaluation.agreement)
         if psnrs:
             judged["round_trip_psnr"] = statistics.mean(psnrs)
+        if args.show_failures:
+            judged["failures"] = [{"caption": f.caption, "group": f.group, "failed_by": list(f.failed_by),
+                                   "readings": {judge: describe_reading(r) for judge, r in f.readings.items()}}
+                                  for f in evaluation.failures]
         print(json.dumps({"accuracy": evaluation.accuracy, "frechet_distance": evaluation.frechet_distance,
                           "images": evaluation.image_count, "references": evaluation.reference_count, **judged},
                          indent=2))
@@ -567,8 +571,8 @@ def cmd_eval_shapes(args: argparse.Namespace) -> None:
         print(format_report(evaluation))
         if psnrs:
             print(f"round trip: PSNR {statistics.mean(psnrs):.1f} dB against the renders (mean of {len(psnrs)})")
-    if args.show_failures:
-        print(format_failures(evaluation), file=sys.stderr if args.json else sys.stdout)
+    if args.show_failures and not args.json:
+        print(format_failures(evaluation))
     if args.save_failures:
         _save_failures(evaluation, Path(args.save_failures))
 
@@ -764,7 +768,7 @@ def _add_eval_shapes_parser(add: Callable[..., argparse.ArgumentParser]) -> None
                    help="the draw of --spoken-prompts captions (the image seeds are --seed's)")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
     p.add_argument("--show-failures", action="store_true",
-                   help="list every image a judge failed, with each judge's reading")
+                   help="list every image a judge failed, with each judge's reading (with --json: as 'failures')")
     p.add_argument("--save-failures", default=None, metavar="DIR",
                    help="write every image a judge failed to DIR (NUMBER.png, and the list as failures.txt)")
     p.add_argument("--judge", choices=("classifier", "geometric", "both"), default="classifier",
