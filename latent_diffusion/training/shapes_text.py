@@ -227,6 +227,16 @@ def save_text_encoder(encoder: BERTTextEncoder, path: str | Path, figures: dict)
     return path
 
 
+def encoder_of(checkpoint: str | Path) -> tuple[BERTTextEncoder, CLIPTokenizer]:
+    """The text encoder of an LDM single file (fp32) and its tokenizer; ValueError if it has none of ours."""
+    from latent_diffusion.checkpoints.load import load_checkpoint
+
+    encoder = load_checkpoint(str(checkpoint)).model.cond_stage_model.float()
+    if not isinstance(encoder, BERTTextEncoder):
+        raise ValueError(f"{checkpoint} has no BERTEmbedder text encoder")
+    return encoder, CLIPTokenizer(pad_with_eos=True, context_length=encoder.config.max_seq_len)
+
+
 def retune_encoder_of(checkpoint: str | Path, output: str | Path, *, steps: int = 1500, probe_steps: int = 1500,
                       lr: float = 2e-4, batch_size: int = 128, seed: int = 0, rule_out_places: bool = False,
                       pool: int = 50_000) -> tuple[Path, dict]:
@@ -237,12 +247,8 @@ def retune_encoder_of(checkpoint: str | Path, output: str | Path, *, steps: int 
     fine-tune it on the copy (``ldm.init_checkpoint``; MODEL_CARD.md, version 6).
     """
     from latent_diffusion.checkpoints.io import read_safetensors_metadata, read_state_dict, save_safetensors
-    from latent_diffusion.checkpoints.load import load_checkpoint
 
-    encoder = load_checkpoint(str(checkpoint)).model.cond_stage_model.float()
-    if not isinstance(encoder, BERTTextEncoder):
-        raise ValueError(f"{checkpoint} has no BERTEmbedder text encoder")
-    tokenizer = CLIPTokenizer(pad_with_eos=True, context_length=encoder.config.max_seq_len)
+    encoder, tokenizer = encoder_of(checkpoint)
     options = dict(batch_size=batch_size, pool=pool, rule_out_places=rule_out_places)
     probe, _ = pretrain(encoder, tokenizer, steps=probe_steps, lr=1e-3, seed=seed, train_encoder=False, **options)
     _, figures = pretrain(encoder, tokenizer, steps=steps, lr=lr, seed=seed + 1, probe=probe, **options)
@@ -287,12 +293,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(json.dumps({"written": str(path), "captions read right": figures}))
         return
     if args.probe:
-        from latent_diffusion.checkpoints.load import load_checkpoint
-
-        encoder = load_checkpoint(args.probe).model.cond_stage_model.float()
-        if not isinstance(encoder, BERTTextEncoder):
-            parser.error(f"{args.probe} has no BERTEmbedder text encoder")
-        tokenizer = CLIPTokenizer(pad_with_eos=True, context_length=encoder.config.max_seq_len)
+        try:
+            encoder, tokenizer = encoder_of(args.probe)
+        except (OSError, ValueError) as error:
+            parser.error(str(error))
         _, figures = pretrain(encoder, tokenizer, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                               seed=args.seed, train_encoder=False, rule_out_places=args.rule_out_places)
         print(json.dumps({"probe of": args.probe, "captions read right": figures}))
