@@ -9,7 +9,8 @@ convolutions ran at 260-400) and showed the 4x4 level bound by reading its weigh
     python bench/layer_profile.py --checkpoint FILE --latent 16
 
 Times come from the host clock around each layer's call (on a CPU the call returns when the work is
-done); the total is a step without the clocks, for scale. Reported, not asserted.
+done); the total is a step without the clocks, for scale. Rates count a convolution's direct FLOPs,
+also where it runs by Winograd's algorithm (nn/winograd.py), which does fewer. Reported, not asserted.
 """
 from __future__ import annotations
 

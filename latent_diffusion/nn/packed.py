@@ -13,6 +13,8 @@ Where a 3x3 convolution's weight is far larger than its feature map (SD's 1280-c
 8x8 and 4x4), oneDNN's convolution kernels read the weight at a third of the memory's speed; such a
 layer is packed as a linear map of each output pixel's 3x3 neighbourhood instead (the neighbourhoods
 gathered into rows first, a copy of a few hundred KB): 1.2-1.5x faster there, the same products.
+On maps of 16x16 and more, fp32 3x3 convolutions of 256 channels and more are not packed at all:
+they run by Winograd's algorithm from their plain weights (nn/winograd.py), 1.2-1.6x faster.
 
 A layer is packed on its first call, and its plain weight's storage is then given up, so the
 model takes no more memory than before; ``state_dict()`` still returns plain weights, and
