@@ -82,3 +82,9 @@ def test_a_weight_bound_convolution_runs_as_rows_at_every_size_and_gives_its_wei
         assert is_packed(layer) and layer._packed_as_rows
         x = torch.randn(1, 1280, 4, 4, generator=generator)
         assert_close_to_reference(layer(x), F.conv2d(x, plain.weight * 2, plain.bias, padding=1), rel=1e-5)
+    unpadded = torch.nn.Conv2d(1280, 8, 3)  # the rows' output is smaller than the map here
+    reference = F.conv2d(x, unpadded.weight, unpadded.bias)
+    PackedWeights(unpadded)
+    with torch.no_grad():
+        assert_close_to_reference(unpadded(x), reference, rel=1e-5)
+    assert unpadded._packed_as_rows

@@ -30,8 +30,8 @@ _KERNEL = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
 _OUTPUT_T = ((1, 1, 1, 0), (0, 1, -1, -1))
 TILE, OUT = 4, 2
 
-# Transient buffers of one call stay under this (the transformed input is 4x the input): larger
-# maps are done in bands of tile rows.
+# Transient buffers of one call stay under about this (the transformed input is 4x the input):
+# larger maps are done in bands of tile rows.
 _BAND_BYTES = 48 << 20
 # Where the direct kernel wins (measured, fp32): maps under 16x16, where a weight read once serves
 # too few tiles to pay for its 16/9-size transform (1280 channels at 8x8: 1.5x slower), and thin
@@ -83,30 +83,38 @@ def conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     out_channels = weight.shape[0]
     kernel_t = transform_weight(weight)
     tiles_h, tiles_w = -(-height // OUT), -(-width // OUT)
-    # Zero padding: 1 for the convolution, and up to an even size so every tile is whole.
-    pixels = x.permute(0, 2, 3, 1)  # [B, H, W, C]: a view where x is channels-last, else a copy below
-    padded = F.pad(pixels, (0, 0, 1, tiles_w * OUT + 1 - width, 1, tiles_h * OUT + 1 - height)).contiguous()
+    pixels = x.permute(0, 2, 3, 1)  # [B, H, W, C]: a view where x is channels-last
     out = x.new_empty(batch, tiles_h * OUT, tiles_w * OUT, out_channels)
     band = max(1, _BAND_BYTES // (TILE * TILE * batch * tiles_w * max(channels, out_channels) * x.element_size()))
     for first in range(0, tiles_h, band):
         rows = min(band, tiles_h - first)
-        _band(padded, first, rows, tiles_w, kernel_t, out)
+        outputs = _band(_padded_rows(pixels, first, rows, tiles_w), kernel_t)
+        out[:, first * OUT:(first + rows) * OUT].view(batch, rows, OUT, tiles_w, OUT, -1).copy_(outputs)
     if bias is not None:
         out += bias
     return out[:, :height, :width].permute(0, 3, 1, 2)
 
 
-def _band(padded: Tensor, first: int, rows: int, tiles_w: int, kernel_t: Tensor, out: Tensor) -> None:
-    """Tile rows ``first`` to ``first + rows`` of the output, written into ``out`` [B, H, W, O]."""
+def _padded_rows(pixels: Tensor, first: int, rows: int, tiles_w: int) -> Tensor:
+    """The input under tile rows ``first`` to ``first + rows``, zero-padded: by 1 for the convolution,
+    and up to whole tiles at the right and bottom edges. [B, 2 * rows + 2, 2 * tiles_w + 2, C], contiguous
+    (a band at a time: a large map is never copied whole)."""
+    height, width = pixels.shape[1:3]
+    top, bottom = first * OUT - 1, (first + rows) * OUT + 1  # input rows the band reads, padding included
+    inside = pixels[:, max(top, 0):min(bottom, height)]
+    return F.pad(inside, (0, 0, 1, tiles_w * OUT + 1 - width, max(-top, 0), max(bottom - height, 0))).contiguous()
+
+
+def _band(padded: Tensor, kernel_t: Tensor) -> Tensor:
+    """One band of tile rows (``padded`` from :func:`_padded_rows`): its output, [B, rows, 2, tiles_w, 2, O]."""
     input_t, _, output_t = _transforms(padded)
     batch, channels = padded.shape[0], padded.shape[-1]
+    rows, tiles_w = (padded.shape[1] - 2) // OUT, (padded.shape[2] - 2) // OUT
     s_b, s_h, s_w, _ = padded.stride()
     # [4, 4, B, rows, tiles_w, C]: the 16 positions of every tile, each a plane of tiles x channels.
-    tiles = padded.as_strided((TILE, TILE, batch, rows, tiles_w, channels),
-                              (s_h, s_w, s_b, OUT * s_h, OUT * s_w, 1), padded.storage_offset() + first * OUT * s_h)
+    tiles = padded.as_strided((TILE, TILE, batch, rows, tiles_w, channels), (s_h, s_w, s_b, OUT * s_h, OUT * s_w, 1))
     count = batch * rows * tiles_w
     transformed = torch.mm(input_t, tiles.reshape(TILE * TILE, -1)).view(TILE * TILE, count, channels)
     products = torch.bmm(transformed, kernel_t.transpose(1, 2))  # [16, tiles, O]
     outputs = torch.mm(output_t, products.view(TILE * TILE, -1))
-    outputs = outputs.view(OUT, OUT, batch, rows, tiles_w, -1).permute(2, 3, 0, 4, 1, 5)
-    out[:, first * OUT:(first + rows) * OUT].view(batch, rows, OUT, tiles_w, OUT, -1).copy_(outputs)
+    return outputs.view(OUT, OUT, batch, rows, tiles_w, -1).permute(2, 3, 0, 4, 1, 5)
