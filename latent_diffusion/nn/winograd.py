@@ -7,11 +7,10 @@ multiply-adds per input channel for 4 outputs, where the direct convolution need
 its VAE's convolutions on maps of 16x16 and larger run 1.2-1.6x faster on a Xeon's 2 cores (fp32,
 oneDNN's packed direct convolution against this, the weight's transform included).
 
-Exact in the sense that matters here: the transforms only add, subtract and halve (no rounding
-beyond fp32 sums), and each output sums 16 products per channel instead of 9 rounded partial
-sums; measured against a float64 convolution its error is 3-4x smaller than oneDNN's direct
-kernel's (6e-7 against 2-3e-6 relative). The larger tiles F(4x4, 3x3) would be faster still but
-their transforms divide by 6 and 24, with 20x the error (1.3e-5): not taken.
+Exact in the sense that matters here: the transforms only add, subtract and halve, and measured
+against a float64 convolution the result's error is 3-4x smaller than oneDNN's direct kernel's (6e-7
+against 2-3e-6 relative, SD's shapes). The larger tiles of F(4x4, 3x3) would be faster still but their
+transforms divide by 6 and 24, with 20x the error (1.3e-5): not taken.
 
 The layer keeps its plain weight (state dicts, LoRA merges and file-mapped pages as without this);
 the weight's transform, a matrix product of 9 values into 16, runs on each call: 2% of a call for
@@ -34,7 +33,7 @@ TILE, OUT = 4, 2
 # larger maps are done in bands of tile rows.
 _BAND_BYTES = 48 << 20
 # Where the direct kernel wins (measured, fp32): maps under 16x16, where a weight read once serves
-# too few tiles to pay for its 16/9-size transform (1280 channels at 8x8: 1.5x slower), and thin
+# too few tiles to pay for its 16/9-size transform (1280 channels at 8x8: 1.2-1.5x slower), and thin
 # layers (128 channels at 256x256: 1.3x slower; 256 there: 0.92x).
 MIN_PIXELS = 16 * 16
 MIN_CHANNELS = 256
