@@ -32,4 +32,6 @@ CASES = {case.name: case for case in [
     Case("vae512", "vae", 512, "VAE decode 512x512", 64),
     Case("vae1024", "vae", 1024, "VAE decode 1024x1024", 128),
     Case("sdxl_unet64", "unet", 64, "SDXL UNet step, batch 2 (CFG), 64x64 latents", 8, warmup=1, model="sdxl"),
+    Case("sdxl_unet128", "unet", 128, "SDXL UNet step, batch 2 (CFG), 128x128 latents (1024 px)", 16, warmup=1,
+         model="sdxl"),
 ]}
